@@ -1,0 +1,135 @@
+"""CycleGAN + gradient-consistency (GC) loss: the paper's setting and its variants.
+
+The default is the paper (Hiasa et al., "Cross-modality image synthesis from unpaired data
+using CycleGAN", SASHIMI 2018): 256x256 slices, batch 1, ResNet-9 generators, 70x70 PatchGAN
+discriminators, LSGAN, lambda_cycle = 3, lambda_GC = 0.3, Adam 2e-4 (beta1 0.5) constant for
+100k steps then linear to zero over 100k more.
+
+Usage:
+  python -m mr2ct_jax.main --config=configs/gc.py --workdir=runs/gc          # the paper
+  python -m mr2ct_jax.main --config=configs/gc.py:quick --workdir=runs/quick  # CPU, minutes
+  python -m mr2ct_jax.main --config=configs/gc.py:nogc --workdir=runs/nogc    # ablation
+  python -m mr2ct_jax.main --config=configs/gc.py:test --workdir=/tmp/t       # tests only
+
+Any field can be overridden on the command line, e.g. `--config.loss.gc_weight=0`.
+"""
+
+import ml_collections
+
+VARIANTS = ('paper', 'quick', 'nogc', 'test')
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config for a variant: '' / 'paper' (default), 'quick', 'nogc' or 'test'."""
+  variant = (arg or 'paper').strip()
+  if variant not in VARIANTS:
+    raise ValueError(f'configs/gc.py: unknown variant {variant!r}; choose one of {VARIANTS}')
+
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.seed = 0
+
+  # ---- Data ---------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  # Directory written by `python -m mr2ct_jax.data.prepare`. Empty: the built-in phantom is
+  # generated and prepared under WORKDIR/phantom (offline, deterministic from config.seed).
+  data.dir = ''
+  data.image_size = 256           # network input (square); must be divisible by 4
+  data.spacing_mm = 1.25          # in-plane resampling; 256 px * 1.25 mm = 320 mm (paper's MR FOV)
+  data.ct_window = (-150.0, 350.0)  # HU mapped to [0, 255] (paper); e.g. (-1024, 2000) keeps bone
+  data.mr_window = (0.0, 100.0)     # normalised MR range mapped to [0, 255] (paper)
+  # MR normalisation rule: the `mr_percentile` percentile of the body voxels maps to
+  # mr_window[1] (100); MR has no absolute unit, so a robust body percentile is the anchor.
+  data.mr_percentile = 99.5
+  data.n4 = False                 # N4 bias correction of MR at prepare time (paper: on)
+  # Augmentation (the reference's load 286 -> random crop 256): pad each slice by this
+  # fraction of the size, then crop a random window back to image_size.
+  data.crop_pad_fraction = 30 / 256
+  data.flip_lr = True
+  data.num_workers = 0            # grain worker processes; 0 = in-process threads
+  data.prefetch = 2               # batches read ahead
+  # The built-in phantom (used when data.dir is empty).
+  data.phantom = phantom = ml_collections.ConfigDict()
+  phantom.num_train_mr = 20       # the paper's small setting: 20 MR + 20 CT volumes
+  phantom.num_train_ct = 20
+  phantom.num_labeled = 4
+  phantom.num_test = 3            # paired MR/CT test subjects (the paper had 3)
+  phantom.num_slices = 24
+
+  # ---- Model --------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.ngf = 64                  # generator base filters
+  model.ndf = 64                  # discriminator base filters
+  model.num_res_blocks = 9
+  model.num_disc_layers = 3       # 3 stride-2 layers: the 70x70 PatchGAN
+  model.dtype = 'float32'         # compute dtype ('bfloat16' for mixed precision, params fp32)
+
+  # ---- Loss ---------------------------------------------------------------------------
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.cycle_weight = 3.0         # lambda_Cycle
+  loss.gc_weight = 0.3            # lambda_GC (0 disables the term)
+  loss.identity_weight = 0.0      # the paper uses no identity loss
+  loss.gc_signed = False          # False: correlate |gradient| (robust to MR/CT contrast inversion)
+  loss.gc_eps = 1e-8
+
+  # ---- Optimiser / schedule -----------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.lr = 2e-4
+  optim.b1 = 0.5
+  optim.b2 = 0.999
+  optim.decay_start_fraction = 0.5  # constant for this fraction of num_steps, then linear to 0
+
+  # ---- Training loop ------------------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.num_steps = 200_000
+  train.batch_size = 1            # global batch (split over devices and processes)
+  train.pool_size = 50            # fake-image pool per discriminator
+  train.log_every = 100
+  train.image_every = 1000
+  train.checkpoint_every = 5000
+  train.keep_checkpoints = 3
+
+  # ---- After training -----------------------------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.after_training = True        # translate + evaluate the paired test split at the end
+  ev.batch_size = 8               # slices per generator call when translating
+
+  if variant == 'nogc':
+    loss.gc_weight = 0.0
+  elif variant == 'quick':
+    # The whole pipeline on a 2-core CPU in a few minutes; learns visibly on the phantom.
+    data.image_size = 64
+    data.spacing_mm = 5.0
+    phantom.num_train_mr = 6
+    phantom.num_train_ct = 6
+    phantom.num_labeled = 2
+    phantom.num_test = 2
+    phantom.num_slices = 12
+    model.ngf = 16
+    model.ndf = 16
+    model.num_res_blocks = 3
+    train.num_steps = 600
+    train.batch_size = 4
+    train.pool_size = 20
+    train.log_every = 50
+    train.image_every = 200
+    train.checkpoint_every = 200
+  elif variant == 'test':
+    data.image_size = 32
+    data.spacing_mm = 10.0
+    phantom.num_train_mr = 2
+    phantom.num_train_ct = 2
+    phantom.num_labeled = 1
+    phantom.num_test = 1
+    phantom.num_slices = 6
+    model.ngf = 4
+    model.ndf = 4
+    model.num_res_blocks = 1
+    train.num_steps = 4
+    train.batch_size = 2
+    train.pool_size = 4
+    train.log_every = 2
+    train.image_every = 2
+    train.checkpoint_every = 2
+    ev.batch_size = 4
+  return config

@@ -1,0 +1,74 @@
+"""Validation of config values, so a bad value fails at start-up with the key named."""
+
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key."""
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{key}={value!r}: {why}')
+
+
+def _check_window(config: ml_collections.ConfigDict, key: str) -> None:
+  window = config.data[key]
+  _require(len(window) == 2 and float(window[0]) < float(window[1]), f'data.{key}', window,
+           'must be (low, high) with low < high')
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
+             num_processes: int = 1) -> None:
+  """Raises ConfigError naming the first invalid key of `config`.
+
+  Args:
+    config: a config from `configs/*.py`, possibly overridden on the command line.
+    num_devices: devices the global batch is split over.
+    num_processes: JAX processes the global batch is split over.
+  """
+  data, model, loss, optim, train = (config.data, config.model, config.loss, config.optim,
+                                     config.train)
+  _require(data.image_size >= 16 and data.image_size % 4 == 0, 'data.image_size',
+           data.image_size, 'must be >= 16 and divisible by 4 (two stride-2 downsamplings)')
+  _require(data.spacing_mm > 0, 'data.spacing_mm', data.spacing_mm, 'must be > 0')
+  _check_window(config, 'ct_window')
+  _check_window(config, 'mr_window')
+  _require(0 < data.mr_percentile <= 100, 'data.mr_percentile', data.mr_percentile,
+           'must be in (0, 100]')
+  _require(0 <= data.crop_pad_fraction < 1, 'data.crop_pad_fraction', data.crop_pad_fraction,
+           'must be in [0, 1)')
+  _require(data.num_workers >= 0, 'data.num_workers', data.num_workers, 'must be >= 0')
+  _require(data.prefetch >= 0, 'data.prefetch', data.prefetch, 'must be >= 0')
+  for key in ('num_train_mr', 'num_train_ct', 'num_labeled', 'num_test', 'num_slices'):
+    value = data.phantom[key]
+    _require(value >= 1, f'data.phantom.{key}', value, 'must be >= 1')
+
+  for key in ('ngf', 'ndf', 'num_disc_layers'):
+    _require(model[key] >= 1, f'model.{key}', model[key], 'must be >= 1')
+  _require(model.num_res_blocks >= 0, 'model.num_res_blocks', model.num_res_blocks, 'must be >= 0')
+  _require(model.dtype in ('float32', 'bfloat16', 'float16'), 'model.dtype', model.dtype,
+           "must be 'float32', 'bfloat16' or 'float16'")
+
+  for key in ('cycle_weight', 'gc_weight', 'identity_weight'):
+    _require(loss[key] >= 0, f'loss.{key}', loss[key], 'must be >= 0 (a loss weight)')
+  _require(loss.gc_eps > 0, 'loss.gc_eps', loss.gc_eps, 'must be > 0')
+
+  _require(optim.lr > 0, 'optim.lr', optim.lr, 'must be > 0')
+  for key in ('b1', 'b2'):
+    _require(0 <= optim[key] < 1, f'optim.{key}', optim[key], 'must be in [0, 1)')
+  _require(0 <= optim.decay_start_fraction <= 1, 'optim.decay_start_fraction',
+           optim.decay_start_fraction, 'must be in [0, 1]')
+
+  _require(train.num_steps >= 1, 'train.num_steps', train.num_steps, 'must be >= 1')
+  _require(train.batch_size >= 1, 'train.batch_size', train.batch_size, 'must be >= 1')
+  _require(train.batch_size % num_devices == 0, 'train.batch_size', train.batch_size,
+           f'must be divisible by the number of devices ({num_devices})')
+  _require(train.batch_size % num_processes == 0, 'train.batch_size', train.batch_size,
+           f'must be divisible by the number of processes ({num_processes})')
+  _require(train.pool_size >= 0, 'train.pool_size', train.pool_size, 'must be >= 0')
+  for key in ('log_every', 'image_every', 'checkpoint_every', 'keep_checkpoints'):
+    _require(train[key] >= 1, f'train.{key}', train[key], 'must be >= 1')
+  _require(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size, 'must be >= 1')

@@ -1,0 +1,1 @@
+"""Networks: ResNet generator and PatchGAN discriminator (flax linen)."""
