@@ -1,0 +1,167 @@
+"""Run directories: the saved config and Orbax checkpoints of the train state.
+
+Workdir layout:
+  WORKDIR/config.json      the run's config (written once, checked on resume)
+  WORKDIR/checkpoints/N/   Orbax checkpoint of step N: item 'state' (the CycleGANState pytree)
+                           and item 'data_iter' (the input pipeline's iterator state, JSON)
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointError(ValueError):
+  """A workdir or checkpoint cannot be used; the message names the path."""
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  """Serialises a config (tuples become lists) to indented JSON."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _restore_tuples(config_dict: dict[str, Any],
+                    reference: ml_collections.ConfigDict | None) -> dict[str, Any]:
+  """JSON has no tuples: convert lists back where the reference config holds tuples."""
+  for key, value in config_dict.items():
+    if isinstance(value, dict):
+      sub = reference.get(key) if reference is not None else None
+      _restore_tuples(value, sub)
+    elif isinstance(value, list):
+      config_dict[key] = tuple(value)
+  return config_dict
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes WORKDIR/config.json; on resume, refuses a config that changes the model or data.
+
+  Raises:
+    CheckpointError: the workdir already holds a run whose model/data/loss differ.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  new = json.loads(config_to_json(config))
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      old = json.load(f)
+    for section in ('model', 'data', 'loss', 'optim'):
+      if old.get(section) != new.get(section):
+        raise CheckpointError(
+            f'{path}: this workdir holds a run with a different config.{section} '
+            f'({old.get(section)} vs {new.get(section)}); use another --workdir')
+    # Loop settings (num_steps, logging cadence) may change on resume: record the new ones.
+  _atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """Loads the config a run in `workdir` was trained with."""
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f'{workdir}: workdir does not exist')
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: missing; {workdir} is not a mr2ct_jax training workdir')
+  try:
+    with open(path, encoding='utf-8') as f:
+      config_dict = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f'{path}: unreadable config ({e})') from e
+  return ml_collections.ConfigDict(_restore_tuples(config_dict, None))
+
+
+def make_manager(workdir: str, max_to_keep: int = 3,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """The Orbax CheckpointManager for WORKDIR/checkpoints (items 'state' and 'data_iter')."""
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data_iter'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         data_iter_state: dict[str, Any]) -> None:
+  """Saves the train state and the iterator state as checkpoint `step` (async)."""
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data_iter=ocp.args.JsonSave(data_iter_state)), force=True)
+
+
+def _shape_mismatch_message(path: str, target: Any, saved_meta: Any) -> str | None:
+  """Names the first parameter whose shape differs between `target` and the checkpoint."""
+  target_leaves = dict(jax.tree_util.tree_leaves_with_path(target))
+  try:
+    saved_leaves = dict(jax.tree_util.tree_leaves_with_path(saved_meta))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for key, leaf in target_leaves.items():
+    saved = saved_leaves.get(key)
+    name = jax.tree_util.keystr(key)
+    if saved is None:
+      return f'{path}: checkpoint has no entry {name}; it was written by another config'
+    if tuple(getattr(saved, 'shape', ())) != tuple(np.shape(leaf)):
+      return (f'{path}: parameter {name} has shape {tuple(saved.shape)} in the checkpoint but '
+              f'{tuple(np.shape(leaf))} in this config; it was written by another config')
+  return None
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+  """Restores (state, data_iter_state) of `step` into the structure/shardings of `abstract_state`.
+
+  Raises:
+    CheckpointError: the checkpoint does not match `abstract_state` (another config).
+  """
+  path = os.path.join(str(manager.directory), str(step))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_iter=ocp.args.JsonRestore()))
+  except (ValueError, KeyError, TypeError) as e:
+    meta = None
+    try:
+      meta = manager.item_metadata(step).state
+    except Exception:  # pylint: disable=broad-except
+      pass
+    message = _shape_mismatch_message(path, abstract_state, meta) if meta is not None else None
+    raise CheckpointError(message or f'{path}: cannot restore ({str(e).splitlines()[0]})') from e
+  return restored.state, restored.data_iter
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:
+  """Loads the four networks' parameters of a run (latest step unless `step` is given).
+
+  Returns:
+    (params, step): params is {'g_ct', 'g_mr', 'd_ct', 'd_mr'} of NumPy arrays.
+  Raises:
+    CheckpointError: missing workdir, no checkpoint, unknown step, or another config's shapes.
+  """
+  # Imported here: train_state pulls in the models, which the config reader does not need.
+  from mr2ct_jax import train_state  # pylint: disable=g-import-not-at-top
+
+  config = load_config(workdir)
+  manager = make_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f'{os.path.join(workdir, CHECKPOINT_DIR)}: no checkpoint found')
+  if step is None:
+    step = manager.latest_step()
+  elif step not in steps:
+    raise CheckpointError(f'{workdir}: no checkpoint for step {step} (have {sorted(steps)})')
+  abstract = jax.eval_shape(lambda: train_state.create(config, jax.random.PRNGKey(0)))
+  abstract = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+  state, _ = restore(manager, step, abstract)
+  manager.close()
+  return jax.tree.map(np.asarray, state.params), int(step)

@@ -1,0 +1,47 @@
+r"""Trains the CycleGAN + gradient-consistency model, then evaluates it on the test split.
+
+  python -m mr2ct_jax.main --config=configs/gc.py --workdir=runs/gc
+  python -m mr2ct_jax.main --config=configs/gc.py:quick --workdir=runs/quick
+  python -m mr2ct_jax.main --config=configs/gc.py --config.loss.gc_weight=0 --workdir=runs/nogc
+
+Running the same command again resumes from the latest checkpoint in --workdir.
+This is the only module that reads flags.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/gc.py or configs/gc.py:quick.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+_JAX_DISTRIBUTED = flags.DEFINE_bool(
+    'jax_distributed', False, 'Call jax.distributed.initialize() first (multi-host TPU/GPU).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax  # pylint: disable=g-import-not-at-top
+  if _JAX_DISTRIBUTED.value:
+    jax.distributed.initialize()
+  # grain worker processes re-import modules that define absl flags.
+  flags.FLAGS.mark_as_parsed()
+  from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax import train  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.data import volume  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (config_checks.ConfigError, checkpointing.CheckpointError, volume.VolumeError,
+          train.NonFiniteLossError) as e:
+    # One line, no traceback: these are the user's inputs, not our bugs.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

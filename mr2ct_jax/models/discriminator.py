@@ -1,0 +1,40 @@
+"""70x70 PatchGAN discriminator of the CycleGAN reference (`NLayerDiscriminator`)."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mr2ct_jax.models import layers
+from mr2ct_jax.models.generator import KERNEL_INIT
+
+Array = jax.Array
+
+
+class PatchDiscriminator(nn.Module):
+  """C64 (no norm) - C128 - C256 - C512 (stride 1) - 1-channel logits; LeakyReLU 0.2.
+
+  All convs are 4x4 with zero padding 1; the first `num_layers` have stride 2. Parameters
+  (1 input channel, ndf=64, 3 layers): 2,762,689, as the reference. Logits are float32.
+  """
+  ndf: int = 64
+  num_layers: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps NHWC images [B, H, W, C] to patch logits [B, h, w, 1] (h = H/8 - 2 for 3 layers)."""
+    conv = lambda f, stride, name: nn.Conv(f, (4, 4), strides=(stride, stride),
+                                           padding=((1, 1), (1, 1)), dtype=self.dtype,
+                                           kernel_init=KERNEL_INIT, name=name)
+    y = x.astype(self.dtype)
+    y = nn.leaky_relu(conv(self.ndf, 2, 'conv_0')(y), 0.2)
+    for i in range(1, self.num_layers + 1):
+      # The reference caps the width at 8 * ndf; the last of these layers has stride 1.
+      features = self.ndf * min(2 ** i, 8)
+      stride = 2 if i < self.num_layers else 1
+      y = conv(features, stride, f'conv_{i}')(y)
+      y = nn.leaky_relu(layers.instance_norm(y), 0.2)
+    y = conv(1, 1, 'logits')(y)
+    return y.astype(jnp.float32)

@@ -1,0 +1,99 @@
+"""Layers the CycleGAN reference uses that flax lacks, written for XLA's CPU/GPU conv paths.
+
+- `reflect_pad`: PyTorch `nn.ReflectionPad2d` (edge pixel not repeated).
+- `instance_norm`: PyTorch `nn.InstanceNorm2d(affine=False)` (per image and channel, biased
+  variance, eps 1e-5, no parameters); statistics in float32 whatever the compute dtype.
+- `UpConv2x`: PyTorch `nn.ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1)`,
+  computed as four small stride-1 convolutions on the input (one per output phase) that are
+  interleaved by depth-to-space. XLA lowers a stride-2 transposed conv to a conv over a
+  zero-dilated input, which does 4x the arithmetic and takes a slow path in the backward pass.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def reflect_pad(x: Array, pad: int) -> Array:
+  """Reflection-pads the two spatial axes of NHWC `x` by `pad` (like `nn.ReflectionPad2d`)."""
+  if pad == 0:
+    return x
+  if pad >= min(x.shape[1], x.shape[2]):
+    raise ValueError(f'reflect_pad: pad {pad} needs spatial size > pad, got {x.shape[1:3]}')
+  # Concatenating mirrored slices; equal to jnp.pad(mode='reflect') but built from a single
+  # concatenate per axis, which XLA fuses into one copy.
+  top = jnp.flip(x[:, 1:pad + 1], axis=1)
+  bottom = jnp.flip(x[:, -pad - 1:-1], axis=1)
+  x = jnp.concatenate([top, x, bottom], axis=1)
+  left = jnp.flip(x[:, :, 1:pad + 1], axis=2)
+  right = jnp.flip(x[:, :, -pad - 1:-1], axis=2)
+  return jnp.concatenate([left, x, right], axis=2)
+
+
+def instance_norm(x: Array, eps: float = 1e-5) -> Array:
+  """Normalises each image and channel of NHWC `x` over H, W (no affine parameters)."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+  centred = x32 - mean
+  var = jnp.mean(jnp.square(centred), axis=(1, 2), keepdims=True)
+  return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _conv(x: Array, kernel: Array, padding) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_DN)
+
+
+def upconv2x(x: Array, kernel: Array) -> Array:
+  """Transposed conv, k=3, stride 2, padding 1, output_padding 1, in PyTorch semantics.
+
+  Output pixel (2m + r, 2n + s) only receives kernel taps of one parity: rows with r = 0 take
+  tap row 1 at input row m; rows with r = 1 take tap row 2 at input row m and tap row 0 at
+  input row m + 1 (zero past the last row: that is the output_padding). The same holds for
+  columns, so each of the four output phases is a 1x1, 1x2, 2x1 or 2x2 stride-1 conv of the
+  input with a slice of the kernel: 9 taps per input pixel in total, exactly the transposed
+  conv's arithmetic.
+
+  Args:
+    x: [B, H, W, Cin].
+    kernel: [3, 3, Cin, Cout]; kernel[kh, kw, i, o] == torch weight[i, o, kh, kw].
+
+  Returns:
+    [B, 2H, 2W, Cout] (no bias).
+  """
+  even = kernel[1:2]      # tap rows (or columns) used by even output rows
+  odd = kernel[2::-2]     # taps 2 then 0: input row m, then m + 1
+  no_pad, pad_end = (0, 0), (0, 1)
+  ee = _conv(x, even[:, 1:2], (no_pad, no_pad))
+  eo = _conv(x, even[:, 2::-2], (no_pad, pad_end))
+  oe = _conv(x, odd[:, 1:2], (pad_end, no_pad))
+  oo = _conv(x, odd[:, 2::-2], (pad_end, pad_end))
+  b, h, w, c = ee.shape
+  rows_even = jnp.stack([ee, eo], axis=3)   # [B, H, W, 2, C]
+  rows_odd = jnp.stack([oe, oo], axis=3)
+  y = jnp.stack([rows_even, rows_odd], axis=2)  # [B, H, 2, W, 2, C]
+  return y.reshape(b, 2 * h, 2 * w, c)
+
+
+class UpConv2x(nn.Module):
+  """`nn.ConvTranspose2d(features, 3, stride=2, padding=1, output_padding=1)` with bias.
+
+  Parameters: `kernel` [3, 3, Cin, features] (kernel[kh, kw, i, o] == torch weight[i, o, kh,
+  kw]) and `bias` [features], the same count as the PyTorch layer.
+  """
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Upsamples [B, H, W, Cin] to [B, 2H, 2W, features]."""
+    kernel = self.param('kernel', nn.initializers.normal(0.02),
+                        (3, 3, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x = x.astype(self.dtype)
+    return upconv2x(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
