@@ -37,6 +37,7 @@ def main(argv: list[str]) -> None:
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (config_checks.ConfigError, checkpointing.CheckpointError, volume.VolumeError,
+          volume.DatasetError,
           train.NonFiniteLossError) as e:
     # One line, no traceback: these are the user's inputs, not our bugs.
     print(f'error: {e}', file=sys.stderr)

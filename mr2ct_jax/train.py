@@ -53,8 +53,15 @@ def _write_samples(writer: tb_logging.MetricWriter, sample_fn, params: Any,
     writer.image(step, tag, tb_logging.image_grid(rows))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, str]:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          stop_after: int | None = None) -> tuple[Any, str]:
   """Trains (or resumes) the CycleGAN in `workdir`.
+
+  Args:
+    config: the run's config (validated here).
+    workdir: checkpoints, TensorBoard logs, config.json; resumed from if it holds a run.
+    stop_after: stop (with a checkpoint) once this step is reached, as a pre-empted job would;
+      the learning-rate schedule still follows config.train.num_steps.
 
   Returns:
     (final train state, data_dir used).
@@ -95,12 +102,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, str]:
 
   last_saved = latest
   step = start_step
+  end_step = num_steps if stop_after is None else min(stop_after, num_steps)
   try:
-    while step < num_steps:
+    while step < end_step:
       batch = train_step_lib.shard_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
-      is_last = step == num_steps
+      is_last = step == end_step
       if step % config.train.log_every == 0 or is_last or step == start_step + 1:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(step, values)

@@ -1,0 +1,332 @@
+"""Reading and writing 3-D volumes: NIfTI (nibabel) and DICOM series folders (SimpleITK).
+
+Every volume comes back as a `Volume`: a float32 array in stored voxel order and the
+nibabel-style RAS+ voxel-to-world affine (mm). Anything that would make a volume unusable
+(wrong dimensionality, NaN/Inf, zero spacing, several DICOM series in one folder, a corrupt
+file) raises `VolumeError` with a one-line message that starts with the offending path.
+"""
+
+import dataclasses
+import os
+import uuid
+
+from absl import logging
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+NIFTI_SUFFIXES = ('.nii.gz', '.nii')
+_DICOM_SUFFIXES = ('.dcm', '.dicom', '.ima')
+# ITK reports physical points in LPS; nibabel affines are RAS: negate x and y.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+class VolumeError(ValueError):
+  """A volume (file or DICOM folder) cannot be used; the message starts with its path."""
+
+
+@dataclasses.dataclass
+class Volume:
+  """A 3-D scalar volume.
+
+  Attributes:
+    array: float32 [I, J, K] voxels in stored order.
+    affine: float64 [4, 4] voxel index -> RAS+ world (mm), nibabel convention.
+    path: where it was read from ('' for in-memory volumes).
+  """
+  array: np.ndarray
+  affine: np.ndarray
+  path: str = ''
+
+  @property
+  def spacing(self) -> np.ndarray:
+    """Voxel sizes in mm along the array axes (column norms of the affine)."""
+    return np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.array.shape)
+
+
+def is_nifti_path(path: str) -> bool:
+  """True for names ending in .nii or .nii.gz (case-insensitive)."""
+  return path.lower().endswith(NIFTI_SUFFIXES)
+
+
+def volume_id(path: str) -> str:
+  """The volume's name without folder and NIfTI suffix ('a/b/p01.nii.gz' -> 'p01')."""
+  name = os.path.basename(os.path.normpath(path))
+  for suffix in NIFTI_SUFFIXES:
+    if name.lower().endswith(suffix):
+      return name[:-len(suffix)]
+  return name
+
+
+def _looks_like_dicom_file(path: str) -> bool:
+  if path.lower().endswith(_DICOM_SUFFIXES):
+    return True
+  try:  # Part-10 files: 128-byte preamble then 'DICM'.
+    with open(path, 'rb') as f:
+      return f.read(132)[128:132] == b'DICM'
+  except OSError:
+    return False
+
+
+def is_dicom_dir(path: str) -> bool:
+  """True if `path` is a folder that directly holds at least one DICOM file."""
+  if not os.path.isdir(path):
+    return False
+  for entry in sorted(os.scandir(path), key=lambda e: e.name):
+    if entry.is_file() and not entry.name.startswith('.') and _looks_like_dicom_file(entry.path):
+      return True
+  return False
+
+
+def _check_geometry(path: str, array: np.ndarray, affine: np.ndarray,
+                    zooms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Squeezes trailing singleton axes and validates shape, values and spacing."""
+  shape = tuple(array.shape)
+  while array.ndim > 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim != 3 or min(array.shape) < 1:
+    raise VolumeError(f'{path}: expected a 3-D volume, got shape {shape}')
+  affine = np.asarray(affine, dtype=np.float64)
+  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  if zooms is not None:
+    spacing = np.concatenate([np.asarray(zooms, np.float64)[:3], spacing])
+  if not np.all(np.isfinite(affine)) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+    raise VolumeError(f'{path}: voxel spacing must be finite and > 0, got '
+                      f'{np.round(spacing[:3], 6).tolist()} mm')
+  if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    raise VolumeError(f'{path}: the voxel-to-world affine is singular')
+  bad = int(np.count_nonzero(~np.isfinite(array)))
+  if bad:
+    raise VolumeError(f'{path}: {bad} of {array.size} voxels are NaN or Inf')
+  return np.ascontiguousarray(array, dtype=np.float32), affine
+
+
+def _read_nifti(path: str) -> Volume:
+  try:
+    img = nib.load(path)
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+      raise VolumeError(f'{path}: not a NIfTI image ({type(img).__name__})')
+    zooms = np.asarray(img.header.get_zooms(), np.float64)
+    array = np.asarray(img.dataobj, dtype=np.float32)
+    affine = img.affine
+  except VolumeError:
+    raise
+  except Exception as e:  # nibabel raises many types for corrupt/truncated/non-image files.
+    msg = ' '.join(str(e).split()) or type(e).__name__
+    raise VolumeError(f'{path}: cannot read NIfTI (corrupt, truncated or not an image): '
+                      f'{msg}') from e
+  return Volume(*_check_geometry(path, array, affine, zooms), path=path)
+
+
+def sitk_to_ras(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+  """A SimpleITK image -> (array [I, J, K] in ITK index order, RAS+ affine)."""
+  array = sitk.GetArrayFromImage(image)  # [k, j, i]
+  array = np.transpose(array, tuple(range(array.ndim))[::-1])
+  dim = image.GetDimension()
+  direction = np.asarray(image.GetDirection(), np.float64).reshape(dim, dim)
+  affine = np.eye(4)
+  affine[:dim, :dim] = direction @ np.diag(image.GetSpacing())
+  affine[:dim, 3] = image.GetOrigin()
+  affine[:3] = _LPS_TO_RAS @ affine[:3]
+  return array, affine
+
+
+def _dicom_tag(reader: sitk.ImageFileReader, tag: str) -> list[float] | None:
+  if not reader.HasMetaDataKey(tag):
+    return None
+  try:
+    return [float(v) for v in reader.GetMetaData(tag).strip().split('\\')]
+  except ValueError:
+    return None
+
+
+def _check_dicom_slices(path: str, files: list[str]) -> None:
+  """Errors for mixed orientations or duplicate/irregular slice positions in one series."""
+  orients, positions = [], []
+  for f in files:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(f)
+    reader.ReadImageInformation()
+    orient, pos = _dicom_tag(reader, '0020|0037'), _dicom_tag(reader, '0020|0032')
+    if orient is None or pos is None or len(orient) != 6 or len(pos) != 3:
+      return  # No geometry tags to compare: leave it to ITK.
+    orients.append(orient)
+    positions.append(pos)
+  orients = np.asarray(orients)
+  if np.max(np.abs(orients - orients[0])) > 1e-3:
+    n = len(np.unique(np.round(orients, 3), axis=0))
+    raise VolumeError(f'{path}: DICOM series mixes {n} slice orientations; '
+                      'put each orientation in its own folder')
+  if len(files) < 2:
+    return
+  normal = np.cross(orients[0, :3], orients[0, 3:])
+  steps = np.diff(np.sort(np.asarray(positions) @ normal))
+  if np.min(steps) <= 1e-3:
+    raise VolumeError(f'{path}: DICOM series has {int(np.sum(steps <= 1e-3))} duplicate slice '
+                      'positions (zero slice spacing); is it several acquisitions in one folder?')
+  if np.max(steps) - np.min(steps) > max(0.01, 0.05 * np.median(steps)):
+    raise VolumeError(f'{path}: DICOM slice spacing is not uniform ({np.min(steps):.3g} to '
+                      f'{np.max(steps):.3g} mm); missing slices?')
+
+
+def _read_dicom_dir(path: str) -> Volume:
+  try:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(path)
+  except RuntimeError as e:
+    raise VolumeError(f'{path}: cannot scan for DICOM series: {" ".join(str(e).split())}') from e
+  if not series:
+    raise VolumeError(f'{path}: no readable DICOM series in the folder')
+  if len(series) > 1:
+    raise VolumeError(f'{path}: folder holds {len(series)} DICOM series ({", ".join(series)}); '
+                      'put each series in its own folder')
+  files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, series[0]))
+  try:
+    _check_dicom_slices(path, files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    image = reader.Execute()
+  except VolumeError:
+    raise
+  except RuntimeError as e:
+    raise VolumeError(f'{path}: cannot read DICOM series: {" ".join(str(e).split())}') from e
+  if image.GetNumberOfComponentsPerPixel() != 1:
+    raise VolumeError(f'{path}: expected a scalar (grey-level) image, got '
+                      f'{image.GetNumberOfComponentsPerPixel()} components per voxel')
+  array, affine = sitk_to_ras(image)
+  if array.ndim != 3:
+    raise VolumeError(f'{path}: expected a 3-D volume, got shape {tuple(array.shape)}')
+  return Volume(*_check_geometry(path, array, affine), path=path)
+
+
+def read_volume(path: str) -> Volume:
+  """Reads a .nii/.nii.gz file or a DICOM series folder.
+
+  Trailing singleton axes beyond the third are squeezed (e.g. [X, Y, Z, 1]).
+
+  Args:
+    path: a NIfTI file or a folder holding exactly one DICOM series.
+
+  Returns:
+    The volume: float32 voxels in stored order and the RAS+ affine.
+
+  Raises:
+    VolumeError: missing path, not an image, corrupt file, not 3-D, NaN/Inf voxels,
+      zero/negative spacing, several DICOM series or mixed orientations in one folder.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise VolumeError(f'{path}: no such file or folder')
+  if os.path.isdir(path):
+    if not is_dicom_dir(path):
+      raise VolumeError(f'{path}: folder holds no DICOM files (expected one DICOM series)')
+    return _read_dicom_dir(path)
+  if is_nifti_path(path):
+    return _read_nifti(path)
+  if _looks_like_dicom_file(path):
+    raise VolumeError(f'{path}: a single DICOM file; pass the folder holding the series')
+  raise VolumeError(f'{path}: not a volume (expected .nii, .nii.gz or a DICOM series folder)')
+
+
+def list_volumes(folder: str) -> list[str]:
+  """Lists the volumes in `folder`: NIfTI files and DICOM series sub-folders, sorted.
+
+  A folder that itself holds DICOM files (and no NIfTI) is one series: `[folder]`.
+  Other files are ignored with a logged warning.
+
+  Raises:
+    VolumeError: the folder is missing, not a folder, or holds no volume.
+  """
+  folder = os.fspath(folder)
+  if not os.path.exists(folder):
+    raise VolumeError(f'{folder}: no such folder')
+  if not os.path.isdir(folder):
+    raise VolumeError(f'{folder}: not a folder')
+  found, ignored, dicom_files = [], [], 0
+  for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    if entry.name.startswith('.'):
+      continue
+    if entry.is_dir():
+      if is_dicom_dir(entry.path):
+        found.append(entry.path)
+      else:
+        ignored.append(entry.name + '/')
+    elif is_nifti_path(entry.name):
+      found.append(entry.path)
+    elif _looks_like_dicom_file(entry.path):
+      dicom_files += 1
+    else:
+      ignored.append(entry.name)
+  if dicom_files and not found:
+    return [folder]
+  if dicom_files:
+    ignored.append(f'{dicom_files} loose DICOM files')
+  if ignored:
+    logging.warning('%s: ignored %d entries that are not NIfTI files or DICOM series folders: %s',
+                    folder, len(ignored), ', '.join(ignored[:5]) + (', ...' if len(ignored) > 5
+                                                                    else ''))
+  if not found:
+    raise VolumeError(f'{folder}: no NIfTI files (.nii, .nii.gz) or DICOM series folders found'
+                      + (f' ({len(ignored)} other entries ignored)' if ignored else ''))
+  return found
+
+
+def _cast(path: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  dtype = np.dtype(dtype)
+  if dtype.kind in 'iu':
+    if array.dtype.kind == 'f':
+      bad = int(np.count_nonzero(~np.isfinite(array)))
+      if bad:
+        raise VolumeError(f'{path}: cannot write {bad} NaN/Inf voxels as {dtype.name}')
+      info = np.iinfo(dtype)
+      array = np.clip(np.rint(array), info.min, info.max)
+    elif array.dtype.kind in 'iu':
+      info = np.iinfo(dtype)
+      array = np.clip(array, info.min, info.max)
+  return array.astype(dtype)
+
+
+def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16,
+                overwrite: bool = False) -> str:
+  """Writes `array` as NIfTI atomically (temporary name in the same folder, then rename).
+
+  Float data written to an integer dtype is rounded and clipped to the dtype's range.
+
+  Args:
+    path: destination (.nii or .nii.gz); its folder is created if needed.
+    array: voxels in the order the affine describes.
+    affine: [4, 4] voxel -> RAS+ world (mm).
+    dtype: on-disk data type (int16 for CT in HU, uint8 for masks/labels, float32 ...).
+    overwrite: replace an existing file; otherwise an existing path is an error.
+
+  Returns:
+    `path`.
+  """
+  path = os.fspath(path)
+  if not is_nifti_path(path):
+    raise VolumeError(f'{path}: output name must end in .nii or .nii.gz')
+  if os.path.exists(path) and not overwrite:
+    raise VolumeError(f'{path}: already exists (pass overwrite=True to replace it)')
+  affine = np.asarray(affine, np.float64)
+  if affine.shape != (4, 4):
+    raise VolumeError(f'{path}: affine must be 4x4, got shape {affine.shape}')
+  data = _cast(path, np.asarray(array), dtype)
+  img = nib.Nifti1Image(data, affine)
+  img.header.set_data_dtype(data.dtype)
+  img.header.set_xyzt_units('mm', 'sec')
+  img.set_qform(affine, code=1)  # scanner coordinates
+  img.set_sform(affine, code=1)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  # Keep the suffix so nibabel compresses .nii.gz; the leading dot hides it from list_volumes.
+  tmp = os.path.join(folder, f'.tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(path)}')
+  try:
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path

@@ -1,0 +1,255 @@
+"""Loads one trained generator and its run's config from a workdir or an exported .npz.
+
+`load_generator` is the single entry point translate and evaluate use, so a checkpoint and
+its export are interchangeable: both give `apply_fn(batch) -> batch` on NHWC float32 images in
+the model range [-1, 1], the config the generator was trained with, and where it came from.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from mr2ct_jax import models
+from mr2ct_jax import numpy_generator
+
+# Translation direction -> the CycleGAN network that performs it (G_ct: MR->CT, G_mr: CT->MR).
+DIRECTIONS = {'mr2ct': 'g_ct', 'ct2mr': 'g_mr'}
+BACKENDS = ('jax', 'numpy')
+
+ApplyFn = Callable[[np.ndarray], np.ndarray]
+
+
+class SourceError(ValueError):
+  """The source cannot provide the requested generator; the message starts with the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorInfo:
+  """Where a loaded generator came from.
+
+  Attributes:
+    source: the workdir or .npz path as given.
+    kind: 'workdir' or 'npz'.
+    direction: 'mr2ct' or 'ct2mr'.
+    network: 'g_ct' or 'g_mr'.
+    step: the training step of the weights (None if an export does not record it).
+    backend: 'jax' or 'numpy' (what runs the forward pass).
+  """
+  source: str
+  kind: str
+  direction: str
+  network: str
+  step: int | None
+  backend: str
+
+
+def network_for(direction: str) -> str:
+  """Returns the parameter-tree name ('g_ct'/'g_mr') of the generator for `direction`."""
+  if direction not in DIRECTIONS:
+    raise SourceError(f'direction={direction!r}: must be one of {tuple(DIRECTIONS)}')
+  return DIRECTIONS[direction]
+
+
+def source_kind(source: str) -> str:
+  """Returns 'npz' for an exported file, 'workdir' for a run directory (SourceError if neither)."""
+  if os.path.isdir(source):
+    return 'workdir'
+  if os.path.isfile(source):
+    if source.endswith('.npz'):
+      return 'npz'
+    raise SourceError(f'{source}: not a workdir (directory) or an exported .npz file')
+  raise SourceError(f'{source}: no such workdir or .npz file')
+
+
+def _strip_variables(tree: Any) -> Any:
+  """Accepts a params tree either bare or wrapped as flax variables {'params': ...}."""
+  if isinstance(tree, dict) and set(tree) == {'params'}:
+    return tree['params']
+  return tree
+
+
+def expected_param_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """Flattened 'Conv_0/kernel' -> shape of a generator built from `config.model` (no FLOPs)."""
+  generator, _ = models.build(config.model)
+  size = 16  # any size divisible by 4 works for a fully convolutional generator
+  shapes = jax.eval_shape(generator.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
+  flat = traverse_util.flatten_dict(_strip_variables(dict(shapes)), sep='/')
+  return {name: tuple(leaf.shape) for name, leaf in flat.items()}
+
+
+def check_params(params: Any, config: ml_collections.ConfigDict, where: str) -> None:
+  """Raises SourceError (one line) if `params` does not fit the generator of `config`.
+
+  A checkpoint written by a run with another model config (e.g. other ngf or number of
+  residual blocks) restores fine as raw arrays but would fail deep inside apply; naming the
+  first mismatching parameter here tells the user which config the weights belong to.
+  """
+  expected = expected_param_shapes(config)
+  flat = traverse_util.flatten_dict(_strip_variables(params), sep='/')
+  got = {name: tuple(np.shape(leaf)) for name, leaf in flat.items()}
+  missing = sorted(set(expected) - set(got))
+  extra = sorted(set(got) - set(expected))
+  if missing or extra:
+    detail = f'missing {missing[0]!r}' if missing else f'unexpected {extra[0]!r}'
+    raise SourceError(
+        f'{where}: parameters do not match the config (model.ngf={config.model.ngf}, '
+        f'model.num_res_blocks={config.model.num_res_blocks}): {detail} '
+        f'({len(missing)} missing, {len(extra)} unexpected); checkpoint from another config?')
+  for name in sorted(expected):
+    if expected[name] != got[name]:
+      raise SourceError(
+          f'{where}: parameter {name} has shape {got[name]} but the config '
+          f'(model.ngf={config.model.ngf}, model.num_res_blocks={config.model.num_res_blocks}) '
+          f'expects {expected[name]}; checkpoint from another config?')
+
+
+def _load_from_workdir(workdir: str, network: str,
+                       step: int | None) -> tuple[Any, ml_collections.ConfigDict, int | None]:
+  # Imported here: the checkpoint machinery (orbax) is only needed for workdir sources.
+  from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    raise SourceError(f'{workdir}: no config.json; not a training workdir')
+  try:
+    config = checkpointing.load_config(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SourceError(f'{workdir}/config.json: cannot read the run config: '
+                      f'{_one_line(e)}') from e
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir) or not any(
+      name.isdigit() for name in os.listdir(ckpt_dir)):
+    raise SourceError(f'{workdir}: no checkpoint in {ckpt_dir} (train first)')
+  try:
+    params, restored_step = checkpointing.restore_params(workdir, step=step)
+  except SourceError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    at = f'step {step}' if step is not None else 'the latest step'
+    raise SourceError(f'{ckpt_dir}: cannot restore {at}: {_one_line(e)}') from e
+  if network not in params:
+    raise SourceError(f'{ckpt_dir}: checkpoint has no generator {network!r} '
+                      f'(has {sorted(params)})')
+  net_params = _strip_variables(params[network])
+  check_params(net_params, config, f'{ckpt_dir} step {restored_step}')
+  return net_params, config, (None if restored_step is None else int(restored_step))
+
+
+def _load_from_npz(path: str, network: str,
+                   step: int | None) -> tuple[Any, ml_collections.ConfigDict, int | None]:
+  try:
+    export = numpy_generator.read_export(path)
+  except numpy_generator.ExportError as e:
+    raise SourceError(str(e)) from e
+  if network not in export.params:
+    raise SourceError(f'{path}: export has no generator {network!r} (has '
+                      f'{sorted(export.params)}); export with --direction=both or the other '
+                      f'direction')
+  export_step = export.meta.get('step')
+  if step is not None and step != export_step:
+    raise SourceError(f'{path}: --step={step} requested but this export holds step '
+                      f'{export_step}; step selects a checkpoint only for workdir sources')
+  config = ml_collections.ConfigDict(export.config)
+  tree = traverse_util.unflatten_dict(export.params[network], sep='/')
+  check_params(tree, config, path)
+  return tree, config, export_step
+
+
+def load_params(source: str, direction: str = 'mr2ct', step: int | None = None
+                ) -> tuple[Any, ml_collections.ConfigDict, GeneratorInfo]:
+  """Loads a generator's parameter tree (numpy/jax arrays) and its run's config.
+
+  Args:
+    source: a training workdir (WORKDIR/config.json + WORKDIR/checkpoints/) or an .npz written
+      by `mr2ct_jax.export`.
+    direction: 'mr2ct' (G_ct) or 'ct2mr' (G_mr).
+    step: checkpoint step for a workdir (None: the latest).
+
+  Returns:
+    (params tree without the 'params' wrapper, config, info with backend 'jax').
+  """
+  network = network_for(direction)
+  kind = source_kind(source)
+  if kind == 'workdir':
+    params, config, got_step = _load_from_workdir(source, network, step)
+  else:
+    params, config, got_step = _load_from_npz(source, network, step)
+  info = GeneratorInfo(source=source, kind=kind, direction=direction, network=network,
+                       step=got_step, backend='jax')
+  return params, config, info
+
+
+def make_apply_fn(params: Any, config: ml_collections.ConfigDict) -> ApplyFn:
+  """Returns a jitted NHWC [-1, 1] -> [-1, 1] forward of the generator of `config`.
+
+  Parameters are an argument of the jitted function (not closed-over constants), so XLA does
+  not fold 11M weights into the program; jit compiles once per batch shape.
+  """
+  generator, _ = models.build(config.model)
+  variables = {'params': jax.device_put(jax.tree.map(jnp.asarray, params))}
+  jitted = jax.jit(generator.apply)
+
+  def apply_fn(batch: np.ndarray) -> np.ndarray:
+    return np.asarray(jitted(variables, jnp.asarray(batch, jnp.float32)), np.float32)
+
+  return apply_fn
+
+
+def load_generator(source: str, direction: str = 'mr2ct', step: int | None = None,
+                   backend: str = 'jax') -> tuple[ApplyFn, ml_collections.ConfigDict,
+                                                  GeneratorInfo]:
+  """Loads a generator ready to run, from a workdir (latest or `step`) or an exported .npz.
+
+  Args:
+    source: a training workdir or an .npz from `mr2ct_jax.export`.
+    direction: 'mr2ct' (MR -> synthetic CT, G_ct) or 'ct2mr' (CT -> synthetic MR, G_mr).
+    step: checkpoint step of a workdir (None: the latest). For an .npz it must be None or
+      the exported step.
+    backend: 'jax' (jitted flax apply) or 'numpy' (the pure-NumPy forward of
+      `numpy_generator`; same numbers within 1e-4, slower).
+
+  Returns:
+    (apply_fn, config, info): apply_fn maps float32 [B, H, W, 1] in [-1, 1] (H, W divisible
+    by 4) to float32 [B, H, W, 1] in [-1, 1]; config is the training run's config.
+
+  Raises:
+    SourceError: one-line message for a missing/invalid source, no checkpoint, a checkpoint
+      whose shapes do not fit its config, or a missing direction in an export.
+  """
+  if backend not in BACKENDS:
+    raise SourceError(f'backend={backend!r}: must be one of {BACKENDS}')
+  params, config, info = load_params(source, direction, step)
+  if backend == 'numpy':
+    flat = traverse_util.flatten_dict(params, sep='/')
+    net = numpy_generator.NumpyGenerator(
+        {name: np.asarray(leaf, np.float32) for name, leaf in flat.items()},
+        num_res_blocks=config.model.num_res_blocks)
+    apply_fn = net
+  else:
+    apply_fn = make_apply_fn(params, config)
+  return apply_fn, config, dataclasses.replace(info, backend=backend)
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  """The config as a JSON string (tuples become lists; reload with ConfigDict(json.loads))."""
+  return json.dumps(config.to_dict(), sort_keys=True, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, (np.generic,)):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f'config value {value!r} is not JSON-serialisable')
+
+
+def _one_line(error: Exception) -> str:
+  text = f'{type(error).__name__}: {error}'
+  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  return first[:300]

@@ -1,0 +1,205 @@
+"""The CycleGAN + GC train step: a pure function, jitted over a data-parallel mesh.
+
+One step, as the CycleGAN reference's `optimize_parameters`:
+  1. forward both cycles: fake_ct = G_ct(mr), rec_mr = G_mr(fake_ct),
+     fake_mr = G_mr(ct), rec_ct = G_ct(fake_mr);
+  2. update both generators on LSGAN + lambda_cyc * cycle L1 + lambda_gc * (1 - GC)
+     (+ lambda_idt * identity L1) with the discriminators fixed;
+  3. pass the fakes of step 1 (pre-update generators, no gradient) through the image pools;
+  4. update both discriminators on real vs pooled fakes.
+
+The state is replicated and the batch sharded over the 'data' axis; XLA inserts the
+gradient all-reduce. Instance norm makes every example's output independent of the rest of
+the batch, so the numbers do not depend on the device count.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mr2ct_jax import image_pool
+from mr2ct_jax import losses
+from mr2ct_jax import models
+from mr2ct_jax import train_state as train_state_lib
+from mr2ct_jax.train_state import CycleGANState
+
+Batch = dict[str, jax.Array]
+METRIC_KEYS = ('loss/g_total', 'loss/gan_ct', 'loss/gan_mr', 'loss/cycle', 'loss/gc',
+               'loss/identity', 'loss/d_ct', 'loss/d_mr', 'lr')
+
+
+def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
+               tx: dict[str, optax.GradientTransformation],
+               learning_rate_fn: Callable[[jax.Array], jax.Array], cycle_weight: float,
+               gc_weight: float, identity_weight: float, gc_signed: bool,
+               gc_eps: float) -> tuple[CycleGANState, dict[str, jax.Array]]:
+  """One CycleGAN update of both generators and both discriminators.
+
+  Args:
+    state: the current train state.
+    batch: {'mr': [B, S, S, 1], 'ct': [B, S, S, 1]} unpaired images in [-1, 1].
+    gen: the generator module (shared architecture of G_ct and G_mr).
+    disc: the discriminator module (of D_ct and D_mr).
+    tx: {'g', 'd'} optimisers from `train_state.make_optimizers`.
+    learning_rate_fn: the schedule (for the 'lr' metric only; tx has its own copy).
+    cycle_weight: lambda_cycle.
+    gc_weight: lambda_GC. At 0 the GC is still computed for the metric (cheap), but outside
+      the gradient.
+    identity_weight: weight of L1(G_ct(ct), ct) + L1(G_mr(mr), mr); at 0 the two extra
+      generator passes are skipped and 'loss/identity' is 0. (The reference's
+      lambda_identity = 0.5 corresponds to identity_weight = 0.5 * cycle_weight.)
+    gc_signed: see `losses.gradient_correlation`.
+    gc_eps: see `losses.normalized_cross_correlation`.
+
+  Returns:
+    (new_state, metrics): scalar float32 metrics named by METRIC_KEYS; the loss terms are
+    unweighted ('loss/cycle' sums both directions) and 'loss/g_total' is the weighted
+    objective the generators minimise. Non-finite values are returned, not raised: the
+    loop decides what to do.
+  """
+  mr, ct = batch['mr'], batch['ct']
+  g_apply = lambda p, x: gen.apply({'params': p}, x)
+  d_apply = lambda p, x: disc.apply({'params': p}, x)
+  params = state.params
+
+  def generator_loss(g_params):
+    fake_ct = g_apply(g_params['g_ct'], mr)
+    fake_mr = g_apply(g_params['g_mr'], ct)
+    rec_mr = g_apply(g_params['g_mr'], fake_ct)
+    rec_ct = g_apply(g_params['g_ct'], fake_mr)
+    gan_ct = losses.lsgan_generator_loss(d_apply(params['d_ct'], fake_ct))
+    gan_mr = losses.lsgan_generator_loss(d_apply(params['d_mr'], fake_mr))
+    cycle = losses.cycle_l1(rec_mr, mr) + losses.cycle_l1(rec_ct, ct)
+    gc_args = (ct, fake_mr, mr, fake_ct)
+    if gc_weight == 0:
+      gc_args = jax.lax.stop_gradient(gc_args)
+    gc = losses.gc_loss(*gc_args, signed=gc_signed, eps=gc_eps)
+    if identity_weight:
+      identity = (losses.identity_l1(g_apply(g_params['g_ct'], ct), ct) +
+                  losses.identity_l1(g_apply(g_params['g_mr'], mr), mr))
+    else:
+      identity = jnp.zeros((), jnp.float32)
+    total = gan_ct + gan_mr + cycle_weight * cycle + identity_weight * identity
+    if gc_weight:
+      total = total + gc_weight * gc
+    terms = {'loss/g_total': total, 'loss/gan_ct': gan_ct, 'loss/gan_mr': gan_mr,
+             'loss/cycle': cycle, 'loss/gc': gc, 'loss/identity': identity}
+    return total, (terms, fake_ct, fake_mr)
+
+  g_params = {k: params[k] for k in train_state_lib.GENERATORS}
+  g_grads, (metrics, fake_ct, fake_mr) = jax.grad(generator_loss, has_aux=True)(g_params)
+  g_updates, g_opt_state = tx['g'].update(g_grads, state.opt_state['g'], g_params)
+  g_params = optax.apply_updates(g_params, g_updates)
+
+  rng, ct_key, mr_key = jax.random.split(state.rng, 3)
+  pool_ct, pooled_ct = image_pool.query(state.pools['ct'], jax.lax.stop_gradient(fake_ct),
+                                        ct_key)
+  pool_mr, pooled_mr = image_pool.query(state.pools['mr'], jax.lax.stop_gradient(fake_mr),
+                                        mr_key)
+
+  def discriminator_loss(d_params):
+    d_ct = losses.lsgan_discriminator_loss(d_apply(d_params['d_ct'], ct),
+                                           d_apply(d_params['d_ct'], pooled_ct))
+    d_mr = losses.lsgan_discriminator_loss(d_apply(d_params['d_mr'], mr),
+                                           d_apply(d_params['d_mr'], pooled_mr))
+    return d_ct + d_mr, {'loss/d_ct': d_ct, 'loss/d_mr': d_mr}
+
+  d_params = {k: params[k] for k in train_state_lib.DISCRIMINATORS}
+  d_grads, d_metrics = jax.grad(discriminator_loss, has_aux=True)(d_params)
+  d_updates, d_opt_state = tx['d'].update(d_grads, state.opt_state['d'], d_params)
+  d_params = optax.apply_updates(d_params, d_updates)
+
+  metrics.update(d_metrics)
+  metrics['lr'] = learning_rate_fn(state.step)
+  metrics = {k: jnp.asarray(metrics[k], jnp.float32) for k in METRIC_KEYS}
+  new_state = state.replace(
+      step=state.step + 1,
+      params={**g_params, **d_params},
+      opt_state={'g': g_opt_state, 'd': d_opt_state},
+      pools={'ct': pool_ct, 'mr': pool_mr},
+      rng=rng)
+  return new_state, metrics
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D data-parallel mesh ('data',) over `devices` (default: all devices)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ('data',))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The sharding of the train state and the metrics: a full copy on every device."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The sharding of a batch: split along its first (batch) dimension."""
+  return NamedSharding(mesh, P('data'))
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:
+  """Global batch arrays from this process's local batch (numpy or jax arrays).
+
+  Each process passes its own rows (local batch = global batch / process count); the result
+  is sharded over the mesh's 'data' axis.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      batch)
+
+
+def create_state(config: ml_collections.ConfigDict, rng: jax.Array, mesh: Mesh) -> CycleGANState:
+  """`train_state.create` run under jit with the state replicated over `mesh`.
+
+  Creating it inside jit places every leaf as a global replicated array, which also works
+  when the mesh spans several processes.
+  """
+  create = jax.jit(functools.partial(train_state_lib.create, config),
+                   out_shardings=replicated(mesh))
+  return create(rng)
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh
+                    ) -> Callable[[CycleGANState, Batch], tuple[CycleGANState, dict[str, jax.Array]]]:
+  """The jitted `train_step` for `config`, state replicated and batch sharded over `mesh`.
+
+  The state argument is donated: do not use it after the call.
+  """
+  gen, disc = models.build(config.model)
+  loss = config.loss
+  step = functools.partial(
+      train_step, gen=gen, disc=disc, tx=train_state_lib.make_optimizers(config),
+      learning_rate_fn=train_state_lib.learning_rate_schedule(config),
+      cycle_weight=float(loss.cycle_weight), gc_weight=float(loss.gc_weight),
+      identity_weight=float(loss.identity_weight), gc_signed=bool(loss.gc_signed),
+      gc_eps=float(loss.gc_eps))
+  return jax.jit(step,
+                 in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)),
+                 donate_argnums=0)
+
+
+def make_sample_fn(config: ml_collections.ConfigDict
+                   ) -> Callable[[dict[str, Any], Batch], dict[str, jax.Array]]:
+  """A jitted fn(params, batch) -> both cycles' images, for TensorBoard grids.
+
+  Returns {'mr', 'fake_ct', 'rec_mr', 'ct', 'fake_mr', 'rec_ct'}, each [B, S, S, 1] in
+  [-1, 1] (inputs included, so a grid row is MR | sCT | rec MR and CT | sMR | rec CT).
+  """
+  gen, _ = models.build(config.model)
+
+  @jax.jit
+  def sample(params: dict[str, Any], batch: Batch) -> dict[str, jax.Array]:
+    g = lambda name, x: gen.apply({'params': params[name]}, x)
+    fake_ct = g('g_ct', batch['mr'])
+    fake_mr = g('g_mr', batch['ct'])
+    return {'mr': batch['mr'], 'fake_ct': fake_ct, 'rec_mr': g('g_mr', fake_ct),
+            'ct': batch['ct'], 'fake_mr': fake_mr, 'rec_ct': g('g_ct', fake_mr)}
+
+  return sample

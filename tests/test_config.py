@@ -1,0 +1,67 @@
+"""Config variants are valid; bad values fail naming the key."""
+
+import pytest
+
+from configs import gc
+from mr2ct_jax import config_checks
+
+
+@pytest.mark.parametrize('variant', gc.VARIANTS)
+def test_variants_validate(variant):
+  config_checks.validate(gc.get_config(variant), num_devices=1)
+
+
+def test_paper_defaults():
+  config = gc.get_config()
+  assert config.data.image_size == 256
+  assert config.train.batch_size == 1
+  assert config.train.num_steps == 200_000
+  assert config.loss.cycle_weight == 3.0
+  assert config.loss.gc_weight == 0.3
+  assert config.loss.identity_weight == 0.0
+  assert config.loss.gc_signed is False
+  assert config.optim.lr == 2e-4 and config.optim.b1 == 0.5
+  assert config.optim.decay_start_fraction == 0.5
+  assert tuple(config.data.ct_window) == (-150.0, 350.0)
+  assert tuple(config.data.mr_window) == (0.0, 100.0)
+  assert config.model.num_res_blocks == 9 and config.model.num_disc_layers == 3
+  assert gc.get_config('nogc').loss.gc_weight == 0.0
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match='unknown variant'):
+    gc.get_config('bogus')
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('loss.gc_weight', -0.3, 'config.loss.gc_weight=-0.3'),
+    ('loss.cycle_weight', -1.0, 'config.loss.cycle_weight'),
+    ('data.image_size', 30, 'config.data.image_size=30: must be >= 16 and divisible by 4'),
+    ('data.spacing_mm', 0.0, 'config.data.spacing_mm'),
+    ('data.ct_window', (350.0, -150.0), 'config.data.ct_window'),
+    ('optim.lr', 0.0, 'config.optim.lr'),
+    ('train.num_steps', 0, 'config.train.num_steps'),
+    ('model.dtype', 'float64', 'config.model.dtype'),
+])
+def test_bad_values_name_the_key(key, value, message):
+  config = gc.get_config('test')
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(config_checks.ConfigError, match=message.replace('(', r'\(')):
+    config_checks.validate(config)
+
+
+def test_batch_must_divide_over_devices():
+  config = gc.get_config('test')
+  config.train.batch_size = 6
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'config.train.batch_size=6: must be divisible by the number of '
+                           r'devices \(8\)'):
+    config_checks.validate(config, num_devices=8)
+
+
+def test_unknown_key_rejected_by_locked_config():
+  config = gc.get_config('test')
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.loss.gc_wieght = 0.1

@@ -1,0 +1,187 @@
+"""Models: exact parameter counts, shapes, and the fast layers against naive references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import gc
+from mr2ct_jax import models
+from mr2ct_jax.models import layers
+from mr2ct_jax.models.discriminator import PatchDiscriminator
+from mr2ct_jax.models.generator import ResnetGenerator
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _count(params) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+
+
+def _torch_conv_transpose(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+  """PyTorch ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1) by scattering.
+
+  Input pixel (a, c) adds x[a, c] @ kernel[kh, kw] to output (2a - 1 + kh, 2c - 1 + kw);
+  outputs outside [0, 2H) x [0, 2W) are dropped.
+  """
+  b, h, w, _ = x.shape
+  out = np.zeros((b, 2 * h, 2 * w, kernel.shape[3]), np.float64)
+  for a in range(h):
+    for c in range(w):
+      for kh in range(3):
+        for kw in range(3):
+          i, j = 2 * a - 1 + kh, 2 * c - 1 + kw
+          if 0 <= i < 2 * h and 0 <= j < 2 * w:
+            out[:, i, j] += x[:, a, c].astype(np.float64) @ kernel[kh, kw]
+  return out
+
+
+def _naive_conv_transpose(x, kernel):
+  """The same layer through XLA's dilated-input transposed conv."""
+  return jax.lax.conv_transpose(x, jnp.swapaxes(kernel, 2, 3), (2, 2), ((1, 2), (1, 2)),
+                                dimension_numbers=_DN, transpose_kernel=True)
+
+
+def _naive_instance_norm(x):
+  mean = x.mean(axis=(1, 2), keepdims=True)
+  var = x.var(axis=(1, 2), keepdims=True)
+  return (x - mean) / jnp.sqrt(var + 1e-5)
+
+
+def _naive_generator(params, x, num_res_blocks):
+  """The ResNet generator written plainly: jnp.pad reflect, lax convs, lax.conv_transpose."""
+  def conv(p, y, stride=1, padding='VALID'):
+    return jax.lax.conv_general_dilated(y, p['kernel'], (stride, stride), padding,
+                                        dimension_numbers=_DN) + p['bias']
+  reflect = lambda y, n: jnp.pad(y, ((0, 0), (n, n), (n, n), (0, 0)), mode='reflect')
+  relu_in = lambda y: jax.nn.relu(_naive_instance_norm(y))
+  y = relu_in(conv(params['stem'], reflect(x, 3)))
+  for i in range(2):
+    y = relu_in(conv(params[f'down_{i}'], y, 2, ((1, 1), (1, 1))))
+  for i in range(num_res_blocks):
+    p = params[f'res_{i}']
+    r = relu_in(conv(p['conv_0'], reflect(y, 1)))
+    y = y + _naive_instance_norm(conv(p['conv_1'], reflect(r, 1)))
+  for i in range(2):
+    p = params[f'up_{i}']
+    y = relu_in(_naive_conv_transpose(y, p['kernel']) + p['bias'])
+  return jnp.tanh(conv(params['head'], reflect(y, 3)))
+
+
+def test_parameter_counts_match_reference():
+  x = jnp.zeros((1, 64, 64, 1))
+  generator, discriminator = models.build(gc.get_config().model)
+  g = jax.eval_shape(generator.init, jax.random.key(0), x)
+  d = jax.eval_shape(discriminator.init, jax.random.key(0), x)
+  assert _count(g) == 11_365_633
+  assert _count(d) == 2_762_689
+  # The transposed conv keeps the reference layer's shape (and so its export semantics).
+  assert g['params']['up_0']['kernel'].shape == (3, 3, 256, 128)
+
+
+def test_output_shapes_and_dtypes():
+  x = jnp.linspace(-1, 1, 2 * 32 * 32).reshape(2, 32, 32, 1)
+  generator = ResnetGenerator(ngf=4, num_res_blocks=1)
+  discriminator = PatchDiscriminator(ndf=4)
+  g_params = generator.init(jax.random.key(0), x)
+  d_params = discriminator.init(jax.random.key(1), x)
+  y = generator.apply(g_params, x)
+  assert y.shape == (2, 32, 32, 1) and y.dtype == jnp.float32
+  assert float(jnp.abs(y).max()) <= 1.0
+  logits = discriminator.apply(d_params, x)
+  assert logits.shape == (2, 2, 2, 1) and logits.dtype == jnp.float32  # 32/8 - 2
+  assert discriminator.apply(d_params, jnp.zeros((1, 256, 256, 1))).shape == (1, 30, 30, 1)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  x = jnp.linspace(-1, 1, 32 * 32).reshape(1, 32, 32, 1)
+  generator = ResnetGenerator(ngf=4, num_res_blocks=1, dtype=jnp.bfloat16)
+  params = generator.init(jax.random.key(0), x)
+  assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  y16 = generator.apply(params, x)
+  y32 = ResnetGenerator(ngf=4, num_res_blocks=1).apply(params, x)
+  assert y16.dtype == jnp.float32
+  np.testing.assert_allclose(y16, y32, atol=0.1)
+  logits = PatchDiscriminator(ndf=4, dtype=jnp.bfloat16).apply(
+      PatchDiscriminator(ndf=4).init(jax.random.key(1), x), x)
+  assert logits.dtype == jnp.float32
+
+
+def test_build_uses_config_fields(test_config):
+  generator, discriminator = models.build(test_config.model)
+  assert (generator.ngf, generator.num_res_blocks, generator.dtype) == (4, 1, jnp.float32)
+  assert (discriminator.ndf, discriminator.num_layers) == (4, 3)
+  config = gc.get_config('test')
+  config.model.dtype = 'bfloat16'
+  assert models.build(config.model)[0].dtype == jnp.bfloat16
+  config.model.dtype = 'int8'
+  with pytest.raises(ValueError, match='model.dtype'):
+    models.build(config.model)
+
+
+@pytest.mark.parametrize('pad', [1, 3])
+def test_reflect_pad_equals_jnp_pad(pad):
+  x = jnp.arange(2 * 5 * 6 * 3, dtype=jnp.float32).reshape(2, 5, 6, 3)
+  expected = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+  np.testing.assert_array_equal(layers.reflect_pad(x, pad), expected)
+  # Gradients too (the backward of the concatenation accumulates mirrored pixels).
+  w = jnp.cos(jnp.arange(expected.size, dtype=jnp.float32)).reshape(expected.shape)
+  g_fast = jax.grad(lambda v: jnp.sum(layers.reflect_pad(v, pad) * w))(x)
+  g_ref = jax.grad(lambda v: jnp.sum(
+      jnp.pad(v, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect') * w))(x)
+  np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6)
+
+
+def test_reflect_pad_rejects_too_large_pad():
+  with pytest.raises(ValueError, match='reflect_pad'):
+    layers.reflect_pad(jnp.zeros((1, 3, 3, 1)), 3)
+
+
+def test_instance_norm_matches_definition():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3)) * 4 + 2
+  np.testing.assert_allclose(layers.instance_norm(x), _naive_instance_norm(x), atol=1e-5)
+  y = layers.instance_norm(x)
+  np.testing.assert_allclose(y.mean(axis=(1, 2)), 0, atol=1e-5)
+  np.testing.assert_allclose(y.std(axis=(1, 2)), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 4, 5), (1, 1, 1, 2), (1, 4, 2, 3)])
+def test_upconv_equals_pytorch_semantics_and_lax_conv_transpose(shape):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(shape).astype(np.float32)
+  kernel = rng.standard_normal((3, 3, shape[3], 6)).astype(np.float32)
+  y = layers.upconv2x(jnp.asarray(x), jnp.asarray(kernel))
+  np.testing.assert_allclose(y, _torch_conv_transpose(x, kernel), atol=1e-5)
+  np.testing.assert_allclose(y, _naive_conv_transpose(x, kernel), atol=1e-5)
+
+
+def test_upconv_gradients_equal_lax_conv_transpose():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 4, 3))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  w = jax.random.normal(jax.random.key(2), (2, 10, 8, 4))
+  fast = jax.grad(lambda a, k: jnp.sum(layers.upconv2x(a, k) * w), argnums=(0, 1))(x, kernel)
+  naive = jax.grad(lambda a, k: jnp.sum(_naive_conv_transpose(a, k) * w),
+                   argnums=(0, 1))(x, kernel)
+  for f, n in zip(fast, naive):
+    np.testing.assert_allclose(f, n, atol=1e-4)
+
+
+def test_generator_equals_naive_reference():
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 20, 1), minval=-1, maxval=1)
+  generator = ResnetGenerator(ngf=4, num_res_blocks=2)
+  variables = generator.init(jax.random.key(1), x)
+  # Larger weights than the N(0, 0.02) init so every layer visibly matters.
+  variables = jax.tree.map(lambda a: a * 20, variables)
+  fast = generator.apply(variables, x)
+  naive = _naive_generator(variables['params'], x, 2)
+  np.testing.assert_allclose(fast, naive, atol=1e-5)
+  loss = lambda f: lambda v: jnp.sum(f(v) * x)
+  g_fast = jax.grad(loss(lambda v: generator.apply(v, x)))(variables)
+  g_naive = jax.grad(loss(lambda v: _naive_generator(v['params'], x, 2)))(variables)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_naive)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_generator_rejects_bad_input_shape():
+  with pytest.raises(ValueError, match='divisible by 4'):
+    ResnetGenerator(ngf=4, num_res_blocks=1).init(jax.random.key(0), jnp.zeros((1, 30, 32, 1)))

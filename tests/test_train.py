@@ -1,0 +1,120 @@
+"""The training loop: end to end through main, resume continues the same run, bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mr2ct_jax import checkpointing
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_main(workdir, *overrides, check=True):
+  """Runs `python -m mr2ct_jax.main` in a fresh process (8 fake CPU devices, via env)."""
+  cmd = [sys.executable, '-m', 'mr2ct_jax.main', '--config=configs/gc.py:test',
+         f'--workdir={workdir}', *overrides]
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'PYTHONPATH': str(REPO)})
+  if check and result.returncode != 0:
+    raise AssertionError(f'main failed ({result.returncode}):\n{result.stdout}\n{result.stderr}')
+  return result
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  """The `test` config trained end to end (4 steps) through main, with evaluation."""
+  workdir = tmp_path_factory.mktemp('run') / 'straight'
+  result = _run_main(workdir)
+  return workdir, result
+
+
+def test_main_end_to_end(trained_run):
+  workdir, result = trained_run
+  assert 'step 4/4' in result.stdout
+  assert 'steps/s' in result.stdout and 'ETA' in result.stdout
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['data']['image_size'] == 32
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  events = list((workdir / 'tb').glob('events.out.tfevents.*'))
+  assert events, 'no TensorBoard event file'
+  # Evaluation after training wrote its report.
+  assert (workdir / 'eval' / 'summary.md').exists()
+
+
+def test_tensorboard_has_losses_and_images(trained_run):
+  workdir, _ = trained_run
+  scalars, images = _read_event_tags(workdir / 'tb')
+  for tag in ('loss/g_total', 'loss/gc', 'loss/cycle', 'loss/d_ct', 'loss/d_mr', 'lr',
+              'perf/steps_per_sec'):
+    assert tag in scalars
+  assert {'samples/mr_to_ct', 'samples/ct_to_mr'} <= images
+
+
+def _read_event_tags(logdir):
+  """(scalar tags, image tags) of TensorBoard event files, read without TensorFlow."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars, images = set(), set()
+  for path in logdir.glob('events.out.tfevents.*'):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+      length = int.from_bytes(data[offset:offset + 8], 'little')
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      for value in event.summary.value:
+        (images if value.HasField('image') else scalars).add(value.tag)
+  return scalars, images
+
+
+def test_resume_continues_the_same_run(trained_run, tmp_path):
+  """4 steps straight == 2 steps, then a fresh process restoring and running 2 more."""
+  straight_dir, _ = trained_run
+  resumed_dir = tmp_path / 'resumed'
+  # Pre-empted after step 2 (its checkpoint), then the same command again in a new process.
+  code = ('import sys; sys.path.insert(0, %r)\n'
+          'from configs import gc\nfrom mr2ct_jax import train\n'
+          'config = gc.get_config("test")\nconfig.eval.after_training = False\n'
+          'train.train(config, %r, stop_after=2)\n') % (str(REPO), str(resumed_dir))
+  subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True, timeout=600)
+  assert sorted(os.listdir(resumed_dir / 'checkpoints')) == ['2']
+  result = _run_main(resumed_dir, '--config.eval.after_training=False')
+  assert 'Resumed from' in result.stdout and 'at step 2' in result.stdout
+
+  straight, step_a = checkpointing.restore_params(str(straight_dir))
+  resumed, step_b = checkpointing.restore_params(str(resumed_dir))
+  assert step_a == step_b == 4
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_config_value_is_one_line(tmp_path):
+  result = _run_main(tmp_path / 'bad', '--config.loss.gc_weight=-1', check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: config.loss.gc_weight=-1.0: must be >= 0 (a loss weight)')
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  result = _run_main(tmp_path / 'bad', '--config.loss.gc_wieght=0.1', check=False)
+  assert result.returncode != 0
+  assert 'gc_wieght' in result.stderr
+
+
+def test_resume_refuses_a_different_model(trained_run, tmp_path):
+  workdir, _ = trained_run
+  result = _run_main(workdir, '--config.model.ngf=8', check=False)
+  assert result.returncode == 1
+  assert 'different config.model' in result.stderr
+
+
+def test_missing_data_dir_is_named(tmp_path):
+  missing = tmp_path / 'no_such_data'
+  result = _run_main(tmp_path / 'run', f'--config.data.dir={missing}', check=False)
+  assert result.returncode == 1
+  assert str(missing) in result.stderr
