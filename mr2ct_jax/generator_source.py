@@ -6,7 +6,6 @@ the model range [-1, 1], the config the generator was trained with, and where it
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -111,34 +110,48 @@ def check_params(params: Any, config: ml_collections.ConfigDict, where: str) -> 
           f'expects {expected[name]}; checkpoint from another config?')
 
 
-def _load_from_workdir(workdir: str, network: str,
-                       step: int | None) -> tuple[Any, ml_collections.ConfigDict, int | None]:
-  # Imported here: the checkpoint machinery (orbax) is only needed for workdir sources.
+def restore_generators(workdir: str, networks: tuple[str, ...], step: int | None = None
+                       ) -> tuple[dict[str, Any], ml_collections.ConfigDict, int | None]:
+  """Restores generator parameter trees of a training workdir, checked against its config.
+
+  Args:
+    workdir: WORKDIR with config.json and checkpoints/.
+    networks: names among 'g_ct', 'g_mr'.
+    step: checkpoint step (None: the latest).
+
+  Returns:
+    ({network: params tree (NumPy arrays, no 'params' wrapper)}, config, restored step).
+
+  Raises:
+    SourceError: missing workdir/config, no checkpoint, unknown step, or weights that do not
+      fit the workdir's config (one line naming the path and the parameter).
+  """
+  # Imported here: the checkpoint machinery (orbax, the train state) is only needed for
+  # workdir sources, and checkpointing imports the models through train_state lazily.
   from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(workdir, 'config.json')):
-    raise SourceError(f'{workdir}: no config.json; not a training workdir')
-  try:
-    config = checkpointing.load_config(workdir)
-  except Exception as e:  # pylint: disable=broad-except
-    raise SourceError(f'{workdir}/config.json: cannot read the run config: '
-                      f'{_one_line(e)}') from e
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt_dir) or not any(
-      name.isdigit() for name in os.listdir(ckpt_dir)):
+  if not os.path.isdir(workdir):
+    raise SourceError(f'{workdir}: workdir does not exist')
+  if not os.path.isfile(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+    raise SourceError(f'{workdir}: no {checkpointing.CONFIG_FILE}; not a training workdir')
+  ckpt_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  if not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir)):
     raise SourceError(f'{workdir}: no checkpoint in {ckpt_dir} (train first)')
   try:
+    config = checkpointing.load_config(workdir)
     params, restored_step = checkpointing.restore_params(workdir, step=step)
-  except SourceError:
-    raise
+  except checkpointing.CheckpointError as e:
+    raise SourceError(str(e)) from e
   except Exception as e:  # pylint: disable=broad-except
     at = f'step {step}' if step is not None else 'the latest step'
     raise SourceError(f'{ckpt_dir}: cannot restore {at}: {_one_line(e)}') from e
-  if network not in params:
-    raise SourceError(f'{ckpt_dir}: checkpoint has no generator {network!r} '
-                      f'(has {sorted(params)})')
-  net_params = _strip_variables(params[network])
-  check_params(net_params, config, f'{ckpt_dir} step {restored_step}')
-  return net_params, config, (None if restored_step is None else int(restored_step))
+  trees = {}
+  for network in networks:
+    if network not in params:
+      raise SourceError(f'{ckpt_dir}: checkpoint has no generator {network!r} '
+                        f'(has {sorted(params)})')
+    trees[network] = _strip_variables(params[network])
+    check_params(trees[network], config, f'{ckpt_dir} step {restored_step} {network}')
+  return trees, config, (None if restored_step is None else int(restored_step))
 
 
 def _load_from_npz(path: str, network: str,
@@ -155,7 +168,7 @@ def _load_from_npz(path: str, network: str,
   if step is not None and step != export_step:
     raise SourceError(f'{path}: --step={step} requested but this export holds step '
                       f'{export_step}; step selects a checkpoint only for workdir sources')
-  config = ml_collections.ConfigDict(export.config)
+  config = config_from_dict(export.config)
   tree = traverse_util.unflatten_dict(export.params[network], sep='/')
   check_params(tree, config, path)
   return tree, config, export_step
@@ -177,7 +190,8 @@ def load_params(source: str, direction: str = 'mr2ct', step: int | None = None
   network = network_for(direction)
   kind = source_kind(source)
   if kind == 'workdir':
-    params, config, got_step = _load_from_workdir(source, network, step)
+    trees, config, got_step = restore_generators(source, (network,), step)
+    params = trees[network]
   else:
     params, config, got_step = _load_from_npz(source, network, step)
   info = GeneratorInfo(source=source, kind=kind, direction=direction, network=network,
@@ -236,17 +250,15 @@ def load_generator(source: str, direction: str = 'mr2ct', step: int | None = Non
   return apply_fn, config, dataclasses.replace(info, backend=backend)
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> str:
-  """The config as a JSON string (tuples become lists; reload with ConfigDict(json.loads))."""
-  return json.dumps(config.to_dict(), sort_keys=True, default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-  if isinstance(value, (np.generic,)):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f'config value {value!r} is not JSON-serialisable')
+def config_from_dict(config_dict: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A ConfigDict from JSON-decoded data; lists become tuples as in the Python configs."""
+  def convert(value: Any) -> Any:
+    if isinstance(value, dict):
+      return {key: convert(item) for key, item in value.items()}
+    if isinstance(value, list):
+      return tuple(convert(item) for item in value)
+    return value
+  return ml_collections.ConfigDict(convert(config_dict))
 
 
 def _one_line(error: Exception) -> str:

@@ -125,11 +125,11 @@ def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None,
   if a.ndim == 2:
     values = _select(smap, mask)
     return float(values.mean()) if values.size else float('nan')
-  finite = [v for v in _masked_slice_means(smap, mask) if not np.isnan(v)]
+  finite = [v for v in masked_slice_means(smap, mask) if not np.isnan(v)]
   return float(np.mean(finite)) if finite else float('nan')
 
 
-def _masked_slice_means(values: np.ndarray, mask: np.ndarray | None) -> list[float]:
+def masked_slice_means(values: np.ndarray, mask: np.ndarray | None) -> list[float]:
   """Per-slice mean of a `[N, H, W]` map inside `mask` (NaN for slices with an empty mask)."""
   out = []
   for k in range(values.shape[0]):

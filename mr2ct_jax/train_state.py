@@ -31,7 +31,8 @@ class CycleGANState:
       D_ct judges CT images, D_mr MR images.
     opt_state: {'g': Adam state of {'g_ct', 'g_mr'} jointly, 'd': of {'d_ct', 'd_mr'}}.
     pools: {'ct': pool of synthetic CTs (for D_ct), 'mr': of synthetic MRs (for D_mr)}.
-    rng: PRNG key for the pools, split every step.
+    rng: raw uint32[2] PRNG key (not a typed key array, so checkpoints stay plain arrays)
+      for the pools, split every step.
   """
   step: jax.Array
   params: dict[str, Any]
@@ -91,8 +92,11 @@ def create(config: ml_collections.ConfigDict, rng: jax.Array) -> CycleGANState:
 
   Args:
     config: a full config (model, data.image_size, optim, train.pool_size are read).
-    rng: PRNG key; split into the parameter key and the state's running key.
+    rng: PRNG key (raw uint32[2] or typed); split into the parameter key and the state's
+      running key.
   """
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
   params_rng, state_rng = jax.random.split(rng)
   params = init_params(config, params_rng)
   tx = make_optimizers(config)

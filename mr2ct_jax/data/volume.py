@@ -25,6 +25,10 @@ class VolumeError(ValueError):
   """A volume (file or DICOM folder) cannot be used; the message starts with its path."""
 
 
+class DatasetError(ValueError):
+  """A dataset-level problem (data dir, split, folder); one line naming the dir or key."""
+
+
 @dataclasses.dataclass
 class Volume:
   """A 3-D scalar volume.
@@ -105,18 +109,32 @@ def _check_geometry(path: str, array: np.ndarray, affine: np.ndarray,
   return np.ascontiguousarray(array, dtype=np.float32), affine
 
 
+def _raw_zooms(path: str, img: nib.Nifti1Image) -> np.ndarray | None:
+  """Spatial pixdim as stored, when the affine is built from it (else None).
+
+  nibabel silently repairs zero/negative pixdim on load (to 1 / abs); we would rather say the
+  header is broken than guess a spacing.
+  """
+  header = img.header
+  if header['sform_code'] > 0:
+    return None  # the affine comes from the sform; its column norms are checked instead
+  with nib.openers.ImageOpener(path) as f:
+    raw = type(header).from_fileobj(f, check=False)
+  return np.asarray(raw['pixdim'][1:4], np.float64)
+
+
 def _read_nifti(path: str) -> Volume:
   try:
     img = nib.load(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
       raise VolumeError(f'{path}: not a NIfTI image ({type(img).__name__})')
-    zooms = np.asarray(img.header.get_zooms(), np.float64)
+    zooms = _raw_zooms(path, img)
     array = np.asarray(img.dataobj, dtype=np.float32)
     affine = img.affine
   except VolumeError:
     raise
   except Exception as e:  # nibabel raises many types for corrupt/truncated/non-image files.
-    msg = ' '.join(str(e).split()) or type(e).__name__
+    msg = ' '.join(str(e).replace(path, 'the file').split()) or type(e).__name__
     raise VolumeError(f'{path}: cannot read NIfTI (corrupt, truncated or not an image): '
                       f'{msg}') from e
   return Volume(*_check_geometry(path, array, affine, zooms), path=path)

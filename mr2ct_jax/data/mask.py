@@ -1,0 +1,85 @@
+"""Body masks: threshold, keep the largest connected component, fill holes per slice.
+
+CT uses a fixed HU threshold (air is about -1000 HU, fat about -100). MR has no absolute
+unit, so its threshold is Otsu's, kept between 5% and 20% of the 99th percentile: Otsu
+alone may split fat from muscle when the body fills the field of view, and a fixed fraction
+alone may fall into the noise floor of a dim scan.
+"""
+
+import numpy as np
+from scipy import ndimage
+
+CT_BODY_THRESHOLD_HU = -500.0
+MR_FRACTION_RANGE = (0.05, 0.2)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+  """Otsu's threshold (maximum between-class variance) of `values`."""
+  values = np.asarray(values, np.float64).ravel()
+  low, high = float(values.min()), float(values.max())
+  if low == high:
+    return low
+  hist, edges = np.histogram(values, bins=bins, range=(low, high))
+  centres = (edges[:-1] + edges[1:]) / 2
+  weight0 = np.cumsum(hist)
+  weight1 = weight0[-1] - weight0
+  sum0 = np.cumsum(hist * centres)
+  mean0 = sum0 / np.maximum(weight0, 1)
+  mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
+  between = weight0 * weight1 * (mean0 - mean1) ** 2
+  return float(edges[1:][np.argmax(between)])
+
+
+def mr_threshold(array: np.ndarray) -> float:
+  """The MR foreground threshold: Otsu clipped to MR_FRACTION_RANGE x the 99th percentile."""
+  array = np.asarray(array)
+  p99 = float(np.percentile(array, 99))
+  return float(np.clip(otsu_threshold(array), MR_FRACTION_RANGE[0] * p99,
+                       MR_FRACTION_RANGE[1] * p99))
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+  """The largest face-connected component of a boolean mask (all False if empty)."""
+  labels, count = ndimage.label(mask)
+  if count == 0:
+    return np.zeros(mask.shape, bool)
+  sizes = np.bincount(labels.ravel())
+  sizes[0] = 0
+  return labels == int(np.argmax(sizes))
+
+
+def fill_holes_per_slice(mask: np.ndarray, slice_axis: int = 2) -> np.ndarray:
+  """Fills holes in every 2-D slice along `slice_axis` (a 2-D mask is one slice)."""
+  mask = np.asarray(mask, bool)
+  if mask.ndim == 2:
+    return ndimage.binary_fill_holes(mask)
+  moved = np.moveaxis(mask, slice_axis, 0)
+  filled = np.stack([ndimage.binary_fill_holes(s) for s in moved])
+  return np.moveaxis(filled, 0, slice_axis)
+
+
+def body_mask(array: np.ndarray, threshold: float | None = None, modality: str = 'ct',
+              slice_axis: int = 2) -> np.ndarray:
+  """Body mask of a CT (HU) or MR volume or slice.
+
+  Args:
+    array: 3-D volume (slices along `slice_axis`; canonical volumes: axis 2) or a 2-D slice.
+    threshold: foreground threshold; None: -500 HU for CT, `mr_threshold` for MR.
+    modality: 'ct' or 'mr'.
+    slice_axis: axis of the slices whose holes are filled (0 for [N, H, W] slice stacks).
+
+  Returns:
+    bool array of the input's shape; all False if nothing exceeds the threshold.
+  """
+  array = np.asarray(array)
+  if array.ndim not in (2, 3):
+    raise ValueError(f'body_mask expects a 2-D or 3-D array, got shape {array.shape}')
+  if threshold is None:
+    if modality == 'ct':
+      threshold = CT_BODY_THRESHOLD_HU
+    elif modality == 'mr':
+      threshold = mr_threshold(array)
+    else:
+      raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+  mask = largest_component(array > threshold)
+  return fill_holes_per_slice(mask, slice_axis)

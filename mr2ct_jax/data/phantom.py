@@ -1,0 +1,244 @@
+r"""The built-in hip/pelvis phantom: synthetic unpaired MR and CT, labeled CT, paired test pairs.
+
+  python -m mr2ct_jax.data.phantom OUT [--seed=0] [--num_train_mr=20] [--num_train_ct=20] \
+      [--num_labeled=4] [--num_test=3] [--num_slices=24] [--overwrite]
+
+Layout written under OUT (NIfTI, correct affines):
+  mr/<id>.nii.gz             T1-like MR, uint16, 256x256 at 1.25 mm, stored LAS
+  ct/<id>.nii.gz             CT in HU, int16, 224x224 over a 330-360 mm FOV, stored LPS
+  labeled/<id>_ct.nii.gz     CT of further subjects ...
+  labeled/<id>_label.nii.gz  ... and their label maps (uint8, LABELS) on the CT grid
+  paired/<id>_mr.nii.gz      paired test subjects: MR,
+  paired/<id>_ct.nii.gz      the same subject's CT rendered on the MR grid (exactly registered;
+                             same shape and affine as the MR),
+  paired/<id>_mask.nii.gz    body mask AND the CT's field of view (uint8),
+  paired/<id>_label.nii.gz   label map on the MR grid
+  subjects.json              seed, counts and the ids of each set
+Each set uses its own subjects (MR and CT training subjects are disjoint). Like a real pair
+(the paper's Fig. 3), the paired CT covers a slightly shorter range than the MR: its top
+slices are outside the CT's field of view and hold -1024 HU; the mask excludes them, so
+evaluation against the registered CT only counts voxels that both images cover.
+
+Every volume has `num_slices` axial slices spanning about 120-150 mm from the iliac crest to
+the proximal femoral shaft (the slice spacing adapts). Subjects differ in body size, fat
+thickness, bone sizes and positions, hip pose, bladder filling and bowel gas; everything is
+deterministic from the seed (each subject and image has its own numpy Generator).
+"""
+
+from concurrent import futures
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from mr2ct_jax.data import phantom_anatomy as anatomy
+from mr2ct_jax.data import phantom_render as render
+from mr2ct_jax.data import volume
+
+LABELS = anatomy.LABELS
+MR_SIZE, MR_SPACING = 256, 1.25   # the paper's MR grid: 320 mm field of view
+CT_SIZE = 224
+_STREAMS = {'anatomy': 0, 'mr_grid': 1, 'ct_grid': 2, 'mr': 3, 'ct': 4}
+
+
+def subject_id(index: int) -> str:
+  """The file id of subject `index`."""
+  return f'phantom{index:03d}'
+
+
+def _rng(seed: int, index: int, stream: str) -> np.random.Generator:
+  return np.random.default_rng([seed, index, _STREAMS[stream]])
+
+
+def subject(seed: int, index: int) -> anatomy.Subject:
+  """Subject `index` of the phantom with `seed`."""
+  return anatomy.sample_subject(_rng(seed, index, 'anatomy'), index)
+
+
+def mr_grid(s: anatomy.Subject, seed: int, num_slices: int) -> render.Grid:
+  """The MR grid of a subject: 256x256 at 1.25 mm, LAS storage order."""
+  rng = _rng(seed, s.index, 'mr_grid')
+  extent = rng.uniform(125, 145)
+  centre = [rng.uniform(-5, 5), s.body[2] + rng.uniform(-5, 5),
+            s.top_z + rng.uniform(-3, 3) - extent / 2]
+  return render.axial_grid('LAS', MR_SIZE, MR_SPACING, num_slices, extent / num_slices, centre)
+
+
+def ct_grid(s: anatomy.Subject, seed: int, num_slices: int) -> render.Grid:
+  """The CT grid of a subject: 224x224 over a 330-360 mm field of view, LPS storage order."""
+  rng = _rng(seed, s.index, 'ct_grid')
+  extent = rng.uniform(120, 150)
+  centre = [rng.uniform(-8, 8), s.body[2] + rng.uniform(-8, 8),
+            s.top_z + rng.uniform(-3, 3) - extent / 2]
+  return render.axial_grid('LPS', CT_SIZE, rng.uniform(330, 360) / CT_SIZE, num_slices,
+                           extent / num_slices, centre)
+
+
+def _check_args(counts: dict[str, int], num_slices: int, seed: int) -> None:
+  for name, value in {**counts, 'num_slices': num_slices, 'seed': seed}.items():
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f'phantom: {name} must be a non-negative integer, got {value!r}')
+  if num_slices < 2:
+    raise ValueError(f'phantom: num_slices must be >= 2, got {num_slices}')
+
+
+def _write_subject(folder: str, split: str, s: anatomy.Subject, seed: int,
+                   num_slices: int) -> None:
+  """Renders and writes one subject's files for `split` into `folder`."""
+  sid = subject_id(s.index)
+  if split == 'mr':
+    grid = mr_grid(s, seed, num_slices)
+    tissue, _ = render.tissue_volume(s, grid)
+    volume.write_nifti(os.path.join(folder, 'mr', f'{sid}.nii.gz'),
+                       render.mr_image(tissue, grid, _rng(seed, s.index, 'mr')), grid.affine,
+                       np.uint16)
+  elif split in ('ct', 'labeled'):
+    grid = ct_grid(s, seed, num_slices)
+    tissue, _ = render.tissue_volume(s, grid)
+    ct = render.ct_image(tissue, _rng(seed, s.index, 'ct'))
+    if split == 'ct':
+      volume.write_nifti(os.path.join(folder, 'ct', f'{sid}.nii.gz'), ct, grid.affine, np.int16)
+    else:
+      volume.write_nifti(os.path.join(folder, 'labeled', f'{sid}_ct.nii.gz'), ct, grid.affine,
+                         np.int16)
+      volume.write_nifti(os.path.join(folder, 'labeled', f'{sid}_label.nii.gz'),
+                         render.label_map(tissue), grid.affine, np.uint8)
+  else:  # paired: everything on the MR grid
+    grid = mr_grid(s, seed, num_slices)
+    tissue, body = render.tissue_volume(s, grid)
+    mr = render.mr_image(tissue, grid, _rng(seed, s.index, 'mr'))
+    ct = render.ct_image(tissue, _rng(seed, s.index, 'ct'))
+    # The CT's field of view ends a little below the MR's top (about 1 slice in 12).
+    in_fov = np.arange(num_slices) < num_slices - max(1, round(num_slices / 12))
+    if grid.affine[2, 2] < 0:  # slices stored top first
+      in_fov = in_fov[::-1]
+    ct[:, :, ~in_fov] = render.CT_FILL
+    mask = body & in_fov[None, None, :]
+    out = os.path.join(folder, 'paired', sid)
+    volume.write_nifti(f'{out}_mr.nii.gz', mr, grid.affine, np.uint16)
+    volume.write_nifti(f'{out}_ct.nii.gz', ct, grid.affine, np.int16)
+    volume.write_nifti(f'{out}_mask.nii.gz', mask.astype(np.uint8), grid.affine, np.uint8)
+    volume.write_nifti(f'{out}_label.nii.gz', render.label_map(tissue), grid.affine, np.uint8)
+
+
+def split_indices(num_train_mr: int, num_train_ct: int, num_labeled: int,
+                  num_test: int) -> dict[str, list[int]]:
+  """Subject indices of each set: consecutive and disjoint (mr, ct, labeled, paired)."""
+  out, start = {}, 0
+  for name, n in (('mr', num_train_mr), ('ct', num_train_ct), ('labeled', num_labeled),
+                  ('paired', num_test)):
+    out[name], start = list(range(start, start + n)), start + n
+  return out
+
+
+def generate(out_dir: str, num_train_mr: int, num_train_ct: int, num_labeled: int,
+             num_test: int, num_slices: int, seed: int, overwrite: bool = False) -> None:
+  """Writes the phantom data set (layout in the module docstring) to `out_dir`.
+
+  Everything is written to a temporary folder beside `out_dir` and renamed when complete.
+
+  Args:
+    out_dir: destination; must not exist or be empty, unless `overwrite`.
+    num_train_mr, num_train_ct: unpaired training subjects per modality (disjoint).
+    num_labeled: CT subjects with label maps.
+    num_test: paired test subjects (MR, registered CT, mask, labels).
+    num_slices: axial slices per volume.
+    seed: the data set is a deterministic function of the arguments.
+    overwrite: replace a non-empty `out_dir`.
+
+  Raises:
+    ValueError: bad counts; FileExistsError: `out_dir` is not empty and not `overwrite`.
+  """
+  _check_args({'num_train_mr': num_train_mr, 'num_train_ct': num_train_ct,
+               'num_labeled': num_labeled, 'num_test': num_test}, num_slices, seed)
+  splits = split_indices(num_train_mr, num_train_ct, num_labeled, num_test)
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir):
+    if not os.path.isdir(out_dir):
+      raise FileExistsError(f'{out_dir}: exists and is not a folder')
+    if os.listdir(out_dir) and not overwrite:
+      raise FileExistsError(f'{out_dir}: not empty (pass overwrite=True / --overwrite)')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
+  try:
+    for name in splits:
+      os.makedirs(os.path.join(tmp, name))
+    # Subjects are independent (own generators), so threads keep the output deterministic;
+    # numpy and zlib release the GIL for the heavy parts.
+    with futures.ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+      jobs = [pool.submit(_write_subject, tmp, name, subject(seed, index), seed, num_slices)
+              for name, indices in splits.items() for index in indices]
+      for job in jobs:
+        job.result()
+    meta = {'seed': int(seed), 'num_slices': int(num_slices),
+            'labels': {str(k): v for k, v in LABELS.items()},
+            'subjects': {k: [subject_id(i) for i in v] for k, v in splits.items()}}
+    with open(os.path.join(tmp, 'subjects.json'), 'w', encoding='utf-8') as f:
+      json.dump(meta, f, indent=1)
+    if os.path.exists(out_dir):  # empty, or being overwritten: move it aside first
+      old = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.old-', dir=parent)
+      os.replace(out_dir, os.path.join(old, 'x'))
+      os.replace(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summary(out_dir: str) -> str:
+  """A few lines describing a generated phantom folder (counts, shapes, spacings)."""
+  import nibabel as nib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(out_dir, 'subjects.json'), encoding='utf-8') as f:
+    meta = json.load(f)
+  lines = [f'{out_dir}: phantom, seed {meta["seed"]}, {meta["num_slices"]} slices/volume']
+  for name, ids in meta['subjects'].items():
+    files = sorted(os.listdir(os.path.join(out_dir, name)))
+    line = f'  {name + "/":9s} {len(ids):3d} subjects, {len(files):3d} files'
+    if files:
+      img = nib.load(os.path.join(out_dir, name, files[0]))
+      line += (f'; e.g. {files[0]}: {img.shape} {img.get_data_dtype()}, '
+               f'{"".join(nib.aff2axcodes(img.affine))}, '
+               f'spacing {tuple(round(float(v), 2) for v in img.header.get_zooms())} mm')
+    lines.append(line)
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> None:
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) != 2:
+    raise app.UsageError('usage: python -m mr2ct_jax.data.phantom OUT [--flags]')
+  f = flags.FLAGS
+  start = time.time()
+  try:
+    generate(argv[1], f.num_train_mr, f.num_train_ct, f.num_labeled, f.num_test,
+             f.num_slices, f.seed, overwrite=f.overwrite)
+  except (ValueError, FileExistsError) as e:
+    sys.exit(f'error: {e}')
+  print(summary(os.path.abspath(argv[1])))
+  print(f'generated in {time.time() - start:.1f} s')
+
+
+def _define_flags() -> None:
+  """CLI flags, defined only when run as a program (importers keep a clean flag namespace)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_integer('seed', 0, 'Random seed (the data set is deterministic from it).')
+  flags.DEFINE_integer('num_train_mr', 20, 'Unpaired MR training subjects.')
+  flags.DEFINE_integer('num_train_ct', 20, 'Unpaired CT training subjects (other subjects).')
+  flags.DEFINE_integer('num_labeled', 4, 'CT subjects with label maps.')
+  flags.DEFINE_integer('num_test', 3, 'Paired test subjects (MR + registered CT + mask + labels).')
+  flags.DEFINE_integer('num_slices', 24, 'Axial slices per volume.')
+  flags.DEFINE_bool('overwrite', False, 'Replace a non-empty OUT.')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

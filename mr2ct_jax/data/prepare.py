@@ -1,0 +1,537 @@
+r"""Prepares folders of MR / CT volumes as a TFDS slice dataset (array_record).
+
+  python -m mr2ct_jax.data.prepare --mr_dir=MR --ct_dir=CT [--labeled_dir=LAB] \
+      [--paired_dir=PAIRED] --out=DATA_DIR [--config=configs/gc.py] [--n4] [--overwrite]
+
+Every volume is preprocessed once: read (NIfTI or DICOM series folder) -> [N4 for MR] ->
+canonical RAS+, in-plane resampling to config.data.spacing_mm, centre crop/pad to
+config.data.image_size -> body mask -> MR normalisation (the config.data.mr_percentile
+percentile of the body = 100) or a check that the CT is in Hounsfield units. One example per
+axial slice is written; windows are applied later by the input pipeline.
+
+Folder layouts:
+  --mr_dir, --ct_dir   one volume per patient: <id>.nii.gz, <id>.nii or a DICOM series
+                       folder <id>/ (the patient id is the name without suffix).
+  --labeled_dir        CT with label maps: <id>_ct.nii.gz + <id>_label.nii.gz
+                       (labels: 0 background, 1..K structures; uint8).
+  --paired_dir         paired test subjects: <id>_mr.nii.gz, <id>_ct.nii.gz (the same
+                       subject's CT registered to the MR grid: same shape and affine),
+                       optional <id>_mask.nii.gz (body mask) and <id>_label.nii.gz.
+The built-in phantom (`python -m mr2ct_jax.data.phantom OUT`) writes exactly this layout
+under OUT/mr, OUT/ct, OUT/labeled and OUT/paired.
+
+A patient id belongs to exactly one split (test, then train_mr, train_ct, labeled); a bad
+file is skipped with a one-line warning "PATH: reason" and counted in the closing summary.
+
+Output (DATA_DIR, written to DATA_DIR.tmp-XXXX and renamed when complete):
+  mr2ct_slices/1.0.0/    the TFDS dataset: splits train_mr, train_ct, [labeled], [test]
+  geometry/<id>.json     SliceGeometry per patient (maps slices back to the input volume)
+  dataset_meta.json      preprocessing values, patients and record index per split
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Callable, Sequence
+
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from mr2ct_jax import cli_flags
+from mr2ct_jax.data import intensity
+from mr2ct_jax.data import mask as mask_lib
+from mr2ct_jax.data import preprocess
+from mr2ct_jax.data import tfds_builder
+from mr2ct_jax.data import volume as volume_lib
+
+META_FILE = 'dataset_meta.json'
+GEOMETRY_DIR = 'geometry'
+FORMAT_VERSION = 1
+PHANTOM_STAMP = 'phantom.json'
+# Order in which splits claim patient ids: the paired test subjects first, so a subject that
+# also appears in a training folder never leaks into training.
+_SPLIT_ORDER = ('test', 'train_mr', 'train_ct', 'labeled')
+_FIELD = {'train_mr': 'mr_dir', 'train_ct': 'ct_dir', 'labeled': 'labeled_dir',
+          'test': 'paired_dir'}
+# Roles of the files in the labeled / paired folders, by name suffix (<id>_<role>).
+_ROLES = {'labeled': (('ct', 'label'), ()), 'test': (('mr', 'ct'), ('mask', 'label'))}
+DatasetError = volume_lib.DatasetError
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Preprocessing values (recorded in dataset_meta.json)."""
+  spacing_mm: float
+  image_size: int
+  mr_percentile: float
+  n4: bool
+
+
+class _Skipped(Exception):
+  """A single input cannot be used; the message is 'PATH: reason'."""
+
+
+# ---------------------------------------------------------------------------------------
+# Listing inputs.
+
+
+def _entries(folder: str, flag: str) -> list[str]:
+  """All candidate volumes of a folder (every visible entry; bad ones are skipped later)."""
+  if not os.path.exists(folder):
+    raise DatasetError(f'{folder}: no such folder (--{flag})')
+  if not os.path.isdir(folder):
+    raise DatasetError(f'{folder}: not a folder (--{flag})')
+  names = sorted(n for n in os.listdir(folder) if not n.startswith('.'))
+  if not names:
+    raise DatasetError(f'{folder}: empty folder (--{flag}); expected NIfTI files or DICOM '
+                       'series folders')
+  paths = [os.path.join(folder, n) for n in names]
+  # A folder that directly holds one DICOM series (no NIfTI, no sub-folders) is one volume.
+  if volume_lib.is_dicom_dir(folder) and not any(
+      volume_lib.is_nifti_path(p) or os.path.isdir(p) for p in paths):
+    return [folder]
+  return paths
+
+
+def _group(paths: list[str], split: str, warn: Callable[[str], None]) -> dict[str, dict[str, str]]:
+  """Groups `<id>_<role>` files of a labeled/paired folder: id -> {role: path}."""
+  required, optional = _ROLES[split]
+  groups: dict[str, dict[str, str]] = {}
+  for path in paths:
+    pid, _, role = volume_lib.volume_id(path).rpartition('_')
+    if not pid or role.lower() not in required + optional:
+      warn(f'{path}: name is not <id>_<role> with role in {list(required + optional)}; '
+           'skipped')
+      continue
+    if role.lower() in groups.setdefault(pid, {}):
+      warn(f'{path}: duplicate {role} for patient {pid!r} '
+           f'(also {groups[pid][role.lower()]}); skipped')
+      continue
+    groups[pid][role.lower()] = path
+  complete = {}
+  for pid, files in groups.items():
+    missing = [r for r in required if r not in files]
+    if missing:
+      for path in files.values():
+        warn(f'{path}: patient {pid!r} has no {"/".join(missing)} file '
+             f'(<id>_{missing[0]}.nii.gz); skipped')
+      continue
+    complete[pid] = files
+  return complete
+
+
+# ---------------------------------------------------------------------------------------
+# Preprocessing of one patient (run once; the slices go to an .npz the builder reads).
+
+
+def _read(path: str) -> volume_lib.Volume:
+  try:
+    return volume_lib.read_volume(path)
+  except volume_lib.VolumeError as e:
+    raise _Skipped(str(e)) from e
+
+
+def _mr(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.ndarray,
+                                                      preprocess.SliceGeometry]:
+  """MR -> (normalised slices, body mask uint8, geometry)."""
+  if s.n4:
+    vol = preprocess.n4_correct(vol)
+  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size)
+  body = mask_lib.body_mask(slices, modality='mr', slice_axis=0)
+  if not body.any():
+    raise _Skipped(f'{vol.path}: empty body mask (blank MR?)')
+  slices = intensity.normalise_mr(slices, body, s.mr_percentile, path=vol.path)
+  return slices, body.astype(np.uint8), geom
+
+
+def _ct(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.ndarray,
+                                                      preprocess.SliceGeometry]:
+  """CT -> (slices in HU, body mask uint8, geometry); rejects CTs that are not in HU."""
+  intensity.check_ct_is_hu(vol.array, vol.path)
+  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size)
+  body = mask_lib.body_mask(slices, modality='ct', slice_axis=0)
+  if not body.any():
+    raise _Skipped(f'{vol.path}: empty body mask (no voxel above '
+                   f'{mask_lib.CT_BODY_THRESHOLD_HU} HU)')
+  return slices, body.astype(np.uint8), geom
+
+
+def _labels(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
+  """Label map -> uint8 slices; resampled one-hot per label (linear) + argmax, not blurred."""
+  values = np.rint(vol.array).astype(np.int64)
+  if np.any(np.abs(vol.array - values) > 1e-3) or values.min() < 0 or values.max() > 255:
+    raise _Skipped(f'{vol.path}: a label map must hold integers in [0, 255]')
+  labels = [int(v) for v in np.unique(values) if v != 0]
+  channels = []
+  for value in [0] + labels:
+    onehot = volume_lib.Volume((values == value).astype(np.float32), vol.affine, vol.path)
+    pad = 1.0 if value == 0 else 0.0  # outside the volume is background
+    channels.append(preprocess.to_network_grid(onehot, s.spacing_mm, s.image_size, pad)[0])
+  lut = np.asarray([0] + labels, np.uint8)
+  return lut[np.argmax(np.stack(channels), axis=0)]
+
+
+def _binary(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
+  """Binary mask volume -> uint8 slices (linear resampling, threshold at 0.5)."""
+  grid = preprocess.to_network_grid(
+      volume_lib.Volume((vol.array > 0).astype(np.float32), vol.affine, vol.path),
+      s.spacing_mm, s.image_size, 0.0)[0]
+  return (grid >= 0.5).astype(np.uint8)
+
+
+def _same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> None:
+  if a.array.shape != b.array.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
+    raise _Skipped(f'{b.path}: not on the MR grid of {a.path} (shape {b.array.shape} vs '
+                   f'{a.array.shape} or a different affine); a paired CT must be registered '
+                   'and resampled to its MR')
+
+
+def _ct_fov(ct_slices: np.ndarray) -> np.ndarray:
+  """bool [N,1,1]: slices where the registered CT has any tissue (inside its field of view).
+
+  Outside a CT's shorter field of view the registered CT holds only air/padding (-1024), so
+  MR-vs-CT errors there would measure the missing data, not the synthesis.
+  """
+  tissue = (ct_slices > mask_lib.CT_BODY_THRESHOLD_HU).any(axis=(1, 2))
+  return tissue[:, None, None]
+
+
+def _process(split: str, files: dict[str, str], s: Settings) -> tuple[
+    dict[str, np.ndarray], preprocess.SliceGeometry]:
+  """Preprocesses one patient of `split`; files: role -> path ('image' for train splits)."""
+  if split == 'train_mr':
+    image, body, geom = _mr(_read(files['image']), s)
+    return {'image': image, 'mask': body}, geom
+  if split == 'train_ct':
+    image, body, geom = _ct(_read(files['image']), s)
+    return {'image': image, 'mask': body}, geom
+  if split == 'labeled':
+    ct_vol, label_vol = _read(files['ct']), _read(files['label'])
+    if label_vol.array.shape != ct_vol.array.shape or not np.allclose(
+        label_vol.affine, ct_vol.affine, atol=1e-3):
+      raise _Skipped(f'{files["label"]}: label map is not on the grid of {files["ct"]}')
+    image, body, geom = _ct(ct_vol, s)
+    return {'image': image, 'mask': body, 'label': _labels(label_vol, s)}, geom
+  # test: MR + registered CT (+ body mask, labels) on the MR grid.
+  mr_vol, ct_vol = _read(files['mr']), _read(files['ct'])
+  _same_grid(mr_vol, ct_vol)
+  image, body, geom = _mr(mr_vol, s)
+  paired, _, _ = _ct(ct_vol, s)
+  arrays = {'image': image, 'paired': paired}
+  if 'mask' in files:
+    mask_vol = _read(files['mask'])
+    _same_grid(mr_vol, mask_vol)
+    body = _binary(mask_vol, s)
+  arrays['mask'] = (body.astype(bool) & _ct_fov(paired)).astype(np.uint8)
+  if 'label' in files:
+    label_vol = _read(files['label'])
+    _same_grid(mr_vol, label_vol)
+    arrays['label'] = _labels(label_vol, s)
+  return arrays, geom
+
+
+# ---------------------------------------------------------------------------------------
+# The whole dataset.
+
+
+def _record_index(data_dir: str, split: str) -> dict[str, list[int]]:
+  """patient id -> record indices of its slices in slice order (TFDS shuffles records)."""
+  source = tfds_builder.data_source(data_dir, split)
+  found: dict[str, dict[int, int]] = {}
+  for i in range(len(source)):
+    example = source[i]
+    pid = example['patient_id']
+    pid = pid.decode() if isinstance(pid, bytes) else str(pid)
+    found.setdefault(pid, {})[int(example['slice_index'])] = i
+  return {pid: [slices[k] for k in sorted(slices)] for pid, slices in found.items()}
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _build(tmp: str, inputs: dict[str, dict[str, dict[str, str]]], s: Settings,
+           warn: Callable[[str], None]) -> dict[str, Any]:
+  """Preprocesses all patients into `tmp` and writes the dataset; returns the meta dict."""
+  os.makedirs(os.path.join(tmp, GEOMETRY_DIR))
+  prepared: dict[str, list[tfds_builder.PreparedPatient]] = {}
+  sources: dict[str, dict[str, dict[str, str]]] = {}
+  for split in _SPLIT_ORDER:
+    for pid, files in inputs.get(split, {}).items():
+      try:
+        arrays, geom = _process(split, files, s)
+      except _Skipped as e:
+        warn(str(e))
+        continue
+      except volume_lib.VolumeError as e:  # e.g. not in HU, MR normalisation impossible
+        warn(str(e))
+        continue
+      folder = os.path.join(tmp, 'prepared', split)
+      os.makedirs(folder, exist_ok=True)
+      path = os.path.join(folder, f'{len(prepared.get(split, []))}.npz')
+      np.savez(path, **arrays)
+      _write_json(os.path.join(tmp, GEOMETRY_DIR, f'{pid}.json'), geom.to_dict())
+      prepared.setdefault(split, []).append(tfds_builder.PreparedPatient(pid, path))
+      sources.setdefault(split, {})[pid] = {
+          'files': {r: os.path.abspath(p) for r, p in files.items()},
+          'num_slices': int(arrays['image'].shape[0])}
+  for split, flag in (('train_mr', 'mr_dir'), ('train_ct', 'ct_dir')):
+    if not prepared.get(split):
+      modality = split[-2:].upper()
+      raise DatasetError(f'--{flag}: no usable {modality} volume (all skipped, see the '
+                         'warnings above)')
+  tfds_builder.build(tmp, s.image_size, prepared)
+  splits = {}
+  for split, patients in sources.items():
+    index = _record_index(tmp, split)
+    for pid, info in patients.items():
+      info['records'] = index[pid]
+    splits[split] = {'num_examples': sum(len(v) for v in index.values()),
+                     'patients': patients}
+  shutil.rmtree(os.path.join(tmp, 'prepared'))
+  shutil.rmtree(os.path.join(tmp, 'downloads'), ignore_errors=True)
+  return {'format_version': FORMAT_VERSION, 'tfds_dir': os.path.relpath(
+      tfds_builder.builder_dir(tmp), tmp), **dataclasses.asdict(s), 'splits': splits}
+
+
+def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = None,
+            paired_dir: str | None = None, *, spacing_mm: float, image_size: int,
+            mr_percentile: float, n4: bool, overwrite: bool = False) -> str:
+  """Builds the slice dataset of the given folders in `out_dir` (atomically).
+
+  Args:
+    mr_dir: unpaired MR volumes (train_mr).
+    ct_dir: unpaired CT volumes in HU (train_ct).
+    out_dir: the data dir to create (config.data.dir for training).
+    labeled_dir: optional `<id>_ct` + `<id>_label` volumes (labeled split).
+    paired_dir: optional `<id>_mr`, `<id>_ct` [, `<id>_mask`, `<id>_label`] (test split).
+    spacing_mm: in-plane pixel size of the slices.
+    image_size: slices are image_size x image_size.
+    mr_percentile: percentile of the MR body voxels mapped to 100.
+    n4: N4 bias correction of every MR (training and test).
+    overwrite: replace an existing `out_dir`.
+
+  Returns:
+    `out_dir`.
+
+  Raises:
+    DatasetError: missing/empty folder, no usable MR or CT volume, `out_dir` exists.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir) and not overwrite:
+    raise DatasetError(f'{out_dir}: already exists (pass --overwrite to replace it)')
+  settings = Settings(float(spacing_mm), int(image_size), float(mr_percentile), bool(n4))
+  skipped: list[str] = []
+
+  def warn(message: str) -> None:
+    skipped.append(message)
+    logging.warning('%s', message)
+
+  dirs = {'train_mr': mr_dir, 'train_ct': ct_dir, 'labeled': labeled_dir, 'test': paired_dir}
+  inputs: dict[str, dict[str, dict[str, str]]] = {}
+  owner: dict[str, tuple[str, str]] = {}  # patient id -> (split, path)
+  for split in _SPLIT_ORDER:
+    if not dirs[split]:
+      continue
+    paths = _entries(os.fspath(dirs[split]), _FIELD[split])
+    if split in _ROLES:
+      groups = _group(paths, split, warn)
+    else:
+      groups = {}
+      for path in paths:
+        pid = volume_lib.volume_id(path)
+        if pid in groups:
+          warn(f'{path}: duplicate patient id {pid!r} (also {groups[pid]["image"]}); skipped')
+          continue
+        groups[pid] = {'image': path}
+    for pid, files in groups.items():
+      first = next(iter(files.values()))
+      if pid in owner:
+        warn(f'{first}: patient id {pid!r} is already in split {owner[pid][0]!r} '
+             f'({owner[pid][1]}); skipped so no subject crosses splits')
+        continue
+      owner[pid] = (split, first)
+      inputs.setdefault(split, {})[pid] = files
+
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-', dir=parent)
+  try:
+    meta = _build(tmp, inputs, settings, warn)
+    meta['skipped'] = skipped
+    _write_json(os.path.join(tmp, META_FILE), meta)
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.old-', dir=parent)
+      os.replace(out_dir, os.path.join(old, 'data'))
+      os.replace(tmp, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, out_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  counts = {k: len(v['patients']) for k, v in meta['splits'].items()}
+  summary = (f'prepared {counts.get("train_mr", 0)} MR, {counts.get("train_ct", 0)} CT volumes'
+             + (f', {counts["labeled"]} labeled' if 'labeled' in counts else '')
+             + (f', {counts["test"]} paired test subjects' if 'test' in counts else '')
+             + (f'; skipped {len(skipped)} (see above)' if skipped else '; skipped none')
+             + f' -> {out_dir}')
+  logging.info('%s', summary)
+  print(summary, file=sys.stderr)
+  return out_dir
+
+
+# ---------------------------------------------------------------------------------------
+# Reading back what prepare wrote.
+
+
+def load_meta(data_dir: str) -> dict[str, Any]:
+  """dataset_meta.json of a prepared data dir.
+
+  Raises:
+    DatasetError: the dir is missing or was not written by `prepare`.
+  """
+  data_dir = os.fspath(data_dir)
+  if not os.path.isdir(data_dir):
+    raise DatasetError(f'{data_dir}: data dir does not exist (run python -m '
+                       'mr2ct_jax.data.prepare, or leave config.data.dir empty for the phantom)')
+  path = os.path.join(data_dir, META_FILE)
+  if not os.path.isfile(path):
+    raise DatasetError(f'{data_dir}: not a prepared data dir (no {META_FILE}; run python -m '
+                       'mr2ct_jax.data.prepare)')
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise DatasetError(f'{path}: unreadable ({e})') from e
+
+
+def load_geometry(data_dir: str, patient_id: str) -> preprocess.SliceGeometry:
+  """The SliceGeometry of one prepared patient."""
+  path = os.path.join(os.fspath(data_dir), GEOMETRY_DIR, f'{patient_id}.json')
+  if not os.path.isfile(path):
+    raise DatasetError(f'{path}: no geometry for patient {patient_id!r}')
+  with open(path, encoding='utf-8') as f:
+    return preprocess.SliceGeometry.from_dict(json.load(f))
+
+
+# ---------------------------------------------------------------------------------------
+# The built-in phantom.
+
+
+def _phantom_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  data = config.data
+  return {'format_version': FORMAT_VERSION, 'seed': int(config.seed),
+          'phantom': {k: int(v) for k, v in data.phantom.items()},
+          'spacing_mm': float(data.spacing_mm), 'image_size': int(data.image_size),
+          'mr_percentile': float(data.mr_percentile), 'n4': bool(data.n4)}
+
+
+def prepare_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
+  """Generates the phantom (config.data.phantom, config.seed) and prepares it; idempotent.
+
+  Layout: `directory/raw` (the phantom's NIfTI folders), `directory/data` (the prepared
+  dataset), `directory/phantom.json` (the parameters both were made with). A complete build
+  with the same parameters is reused; anything else is rebuilt.
+
+  Returns:
+    The data dir (`directory/data`).
+  """
+  from mr2ct_jax.data import phantom  # pylint: disable=g-import-not-at-top
+
+  directory = os.path.abspath(os.fspath(directory))
+  raw, data_dir = os.path.join(directory, 'raw'), os.path.join(directory, 'data')
+  stamp = os.path.join(directory, PHANTOM_STAMP)
+  params = _phantom_params(config)
+  if os.path.isfile(stamp) and os.path.isfile(os.path.join(data_dir, META_FILE)):
+    with open(stamp, encoding='utf-8') as f:
+      try:
+        if json.load(f) == params:
+          return data_dir
+      except ValueError:
+        pass
+  os.makedirs(directory, exist_ok=True)
+  if os.path.exists(stamp):
+    os.remove(stamp)  # the stamp is written last: no stamp = incomplete
+  for path in (raw, data_dir):
+    if os.path.exists(path):
+      shutil.rmtree(path)
+  p = config.data.phantom
+  raw_tmp = tempfile.mkdtemp(prefix='raw.tmp-', dir=directory)
+  try:
+    phantom.generate(raw_tmp, num_train_mr=p.num_train_mr, num_train_ct=p.num_train_ct,
+                     num_labeled=p.num_labeled, num_test=p.num_test,
+                     num_slices=p.num_slices, seed=config.seed)
+    os.replace(raw_tmp, raw)
+  finally:
+    if os.path.exists(raw_tmp):
+      shutil.rmtree(raw_tmp, ignore_errors=True)
+  prepare(os.path.join(raw, 'mr'), os.path.join(raw, 'ct'), data_dir,
+          labeled_dir=os.path.join(raw, 'labeled'), paired_dir=os.path.join(raw, 'paired'),
+          spacing_mm=params['spacing_mm'], image_size=params['image_size'],
+          mr_percentile=params['mr_percentile'], n4=params['n4'], overwrite=True)
+  _write_json(stamp, params)
+  return data_dir
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+
+
+def _default_config_path() -> str:
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), 'configs', 'gc.py')
+
+
+def _define_flags() -> flags.FlagValues:
+  # A private FlagValues: importing this module (train.py does) adds no global flags.
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      'config', _default_config_path(),
+      'Config file (configs/gc.py[:variant]); uses data.spacing_mm, data.image_size, '
+      'data.mr_percentile and data.n4.', flag_values=fv, lock_config=True)
+  flags.DEFINE_string('mr_dir', None, 'Folder of unpaired MR volumes.', flag_values=fv)
+  flags.DEFINE_string('ct_dir', None, 'Folder of unpaired CT volumes (HU).', flag_values=fv)
+  flags.DEFINE_string('labeled_dir', None, 'Optional folder of <id>_ct + <id>_label volumes.',
+                      flag_values=fv)
+  flags.DEFINE_string('paired_dir', None, 'Optional folder of paired test subjects: <id>_mr, '
+                      '<id>_ct (registered to the MR), optional <id>_mask, <id>_label.',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'Data dir to create (config.data.dir for training).',
+                      flag_values=fv)
+  flags.DEFINE_bool('n4', None, 'N4 bias correction of MR (default: config.data.n4).',
+                    flag_values=fv)
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.', flag_values=fv)
+  return fv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
+  argv = list(sys.argv if argv is None else argv)
+  if any(arg in ('-h', '--help', '-help', '--helpfull') for arg in argv[1:]):
+    print(__doc__)
+  fv = _define_flags()
+  cli_flags.parse(fv, argv, 'mr2ct_jax.data.prepare', required=('mr_dir', 'ct_dir', 'out'))
+  logging.set_verbosity(logging.WARNING)  # warnings (skipped files) and the summary only
+  data = fv.config.data
+  try:
+    prepare(fv.mr_dir, fv.ct_dir, fv.out, labeled_dir=fv.labeled_dir,
+            paired_dir=fv.paired_dir, spacing_mm=data.spacing_mm, image_size=data.image_size,
+            mr_percentile=data.mr_percentile, n4=data.n4 if fv.n4 is None else fv.n4,
+            overwrite=fv.overwrite)
+  except (volume_lib.VolumeError, DatasetError) as e:
+    raise SystemExit(f'error: {e}') from e
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,460 @@
+"""Evaluates trained generators on the paired test split; compares two evaluations.
+
+Usage:
+  python -m mr2ct_jax.evaluate --workdir=runs/gc [--data=DATA_DIR] [--output=runs/gc/eval]
+  python -m mr2ct_jax.evaluate --workdir=g.npz --data=DATA_DIR --output=eval_npz
+  python -m mr2ct_jax.evaluate --compare runs/nogc/eval runs/gc/eval   # paired t-tests
+
+For every test patient, sCT = G_ct(MR) is compared with the registered CT, and sMR = G_mr(CT)
+is computed for MI(real CT, sMR). Metrics (definitions in `mr2ct_jax.metrics`):
+  mae_255, psnr_255  the paper's MAE / PSNR: both CTs windowed with config.data.ct_window to
+                     [0, 255], over the evaluated region (`valid`, see below), whole volume
+  ssim               Gaussian SSIM on the 0-255 scale, per slice inside `valid`, slice mean
+  mae_hu             MAE in HU inside the body mask (= SynthRAD2023 MAE, no clipping)
+  psnr_synthrad,     SynthRAD2023: clip to [-1024, 3000] HU, data range 4024, inside the mask
+  ssim_synthrad
+  mi_mr_sct,         MI (nats, 64x64 bins over [0, 255]) between real MR and sCT and between
+  mi_ct_smr          real CT and sMR, per slice inside `valid`, averaged over slices (Fig. 4)
+Regions: voxels outside the MR/CT common field of view (FOV) are never evaluated.
+  `mask` (the test split's body mask AND common FOV) for mae_hu and the SynthRAD metrics;
+  `valid` = the common FOV for the paper's 0-255 MAE/PSNR, SSIM and MI (the paper computes
+  them over the whole common-FOV volume, air included). A record's `fov` array is used when
+  present; otherwise the FOV is the set of whole slices in which `mask` is non-empty, which
+  is how `mr2ct_jax.data.prepare` defines the common FOV (slices where the registered CT has
+  tissue).
+
+Outputs (written to a temporary directory, renamed when complete; an existing output is
+refused unless --overwrite): per_volume.csv/.json, per_slice.csv, summary.md, summary.json,
+figures/<patient>.png (MR | sCT | CT | |error| panels), figures/metrics_boxplot.png,
+figures/mi_boxplot.png.
+"""
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+import numpy as np
+import tqdm
+
+from mr2ct_jax import metrics
+from mr2ct_jax import reports
+from mr2ct_jax.data import intensity
+
+ApplyFn = Callable[[np.ndarray], np.ndarray]  # NHWC [-1, 1] -> NHWC [-1, 1]
+
+METRIC_KEYS = tuple(reports.METRICS)
+PER_VOLUME_FIELDS = ('patient_id', 'num_slices', 'region', 'valid_voxels',
+                     'mask_voxels') + METRIC_KEYS
+PER_SLICE_FIELDS = ('patient_id', 'slice_index', 'valid_voxels', 'mask_voxels') + METRIC_KEYS
+MI_RANGE = (0.0, 255.0)  # fixed histogram range: MI values are comparable between models
+ERROR_MAX_HU = 500.0     # top of the |error| colour scale in the panels
+
+
+class EvaluateError(ValueError):
+  """Evaluation cannot run; the one-line message names the path or patient."""
+
+
+def translate_slices(apply_fn: ApplyFn, slices: np.ndarray, batch_size: int) -> np.ndarray:
+  """Runs `apply_fn` over `[N, H, W]` model-range slices in batches of `batch_size`.
+
+  The last batch is padded to `batch_size` with -1 (background) so a jitted generator sees a
+  single batch shape and compiles once.
+  """
+  slices = np.asarray(slices, np.float32)
+  out = np.empty_like(slices)
+  for start in range(0, slices.shape[0], batch_size):
+    chunk = slices[start:start + batch_size]
+    n = chunk.shape[0]
+    if n < batch_size:
+      pad = np.full((batch_size - n,) + chunk.shape[1:], -1.0, np.float32)
+      chunk = np.concatenate([chunk, pad])
+    result = np.asarray(apply_fn(chunk[..., None]), np.float32)
+    if result.shape != chunk.shape + (1,):
+      raise EvaluateError(f'generator returned shape {result.shape} for input '
+                          f'{chunk.shape + (1,)}')
+    out[start:start + n] = result[:n, ..., 0]
+  return out
+
+
+def _patient_id(value: Any) -> str:
+  if isinstance(value, np.ndarray):
+    value = value.reshape(-1)[0] if value.size else ''
+  if isinstance(value, bytes):
+    value = value.decode('utf-8')
+  return str(value)
+
+
+def _check_volume(volume: Mapping[str, Any], pid: str) -> tuple[np.ndarray, ...]:
+  for key in ('image', 'paired', 'mask'):
+    if key not in volume:
+      raise EvaluateError(f'test patient {pid}: record has no {key!r} array')
+  mr = np.asarray(volume['image'], np.float32)
+  ct = np.asarray(volume['paired'], np.float32)
+  mask = np.asarray(volume['mask']).astype(bool)
+  if 'fov' in volume:
+    valid = np.asarray(volume['fov']).astype(bool)
+  else:
+    # prepare's common FOV is slice-wise, so the slices holding any mask voxel are the FOV.
+    valid = np.broadcast_to(mask.any(axis=tuple(range(1, mask.ndim)), keepdims=True),
+                            mask.shape)
+  for key, array in (('paired', ct), ('mask', mask), ('fov', valid)):
+    if array.shape != mr.shape:
+      raise EvaluateError(f'test patient {pid}: {key!r} has shape {array.shape}, image has '
+                          f'{mr.shape}')
+  if mr.ndim != 3:
+    raise EvaluateError(f'test patient {pid}: expected [slices, H, W] arrays, got {mr.shape}')
+  if not np.any(ct):
+    raise EvaluateError(f'test patient {pid}: the paired CT is all zeros (not a paired test '
+                        'split?)')
+  return mr, ct, mask, valid
+
+
+def volume_metrics(mr: np.ndarray, ct_hu: np.ndarray, sct_hu: np.ndarray,
+                   smr: np.ndarray | None, mask: np.ndarray, valid: np.ndarray,
+                   config: ml_collections.ConfigDict) -> tuple[dict[str, float],
+                                                               list[dict[str, float]]]:
+  """Metrics of one volume and of each of its slices.
+
+  Args:
+    mr: real MR `[N, H, W]` (MR-normalised units).
+    ct_hu: registered real CT (HU).
+    sct_hu: synthetic CT (HU).
+    smr: synthetic MR from the real CT (MR units), or None (MI(CT, sMR) not computed).
+    mask: body mask (AND common FOV).
+    valid: region of the 0-255 metrics, SSIM and MI.
+    config: the run's config (data.ct_window, data.mr_window).
+
+  Returns:
+    (volume record, list of slice records), keys as `reports.METRICS`.
+  """
+  ct_window, mr_window = config.data.ct_window, config.data.mr_window
+  ct_unit = intensity.ct_to_unit(ct_hu, ct_window)
+  sct_unit = intensity.ct_to_unit(sct_hu, ct_window)
+  mr_unit = intensity.mr_to_unit(mr, mr_window)
+  ssim_map = metrics.ssim_map(ct_unit, sct_unit, data_range=255.0)
+  synthrad_map = metrics.synthrad_ssim_map(ct_hu, sct_hu, mask)
+  ssim_slices = metrics.masked_slice_means(ssim_map, valid)
+  synthrad_slices = metrics.masked_slice_means(synthrad_map, mask)
+  mi_kwargs = dict(range_a=MI_RANGE, range_b=MI_RANGE)
+  mi_mr_sct = metrics.slice_mutual_information(mr_unit, sct_unit, valid, **mi_kwargs)
+  if smr is not None:
+    smr_unit = intensity.mr_to_unit(smr, mr_window)
+    mi_ct_smr = metrics.slice_mutual_information(ct_unit, smr_unit, valid, **mi_kwargs)
+
+  def finite_mean(values: list[float]) -> float:
+    kept = [v for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else float('nan')
+
+  vol = {
+      'mae_255': metrics.mae(ct_unit, sct_unit, valid),
+      'psnr_255': metrics.psnr(ct_unit, sct_unit, valid, data_range=255.0),
+      'ssim': finite_mean(ssim_slices),
+      'mae_hu': metrics.synthrad_mae(ct_hu, sct_hu, mask),
+      'psnr_synthrad': metrics.synthrad_psnr(ct_hu, sct_hu, mask),
+      'ssim_synthrad': (float(synthrad_map[mask].mean()) if mask.any() else float('nan')),
+      'mi_mr_sct': finite_mean(mi_mr_sct),
+  }
+  if smr is not None:
+    vol['mi_ct_smr'] = finite_mean(mi_ct_smr)
+  slices = []
+  for k in range(mr.shape[0]):
+    row = {
+        'slice_index': k,
+        'valid_voxels': int(valid[k].sum()),
+        'mask_voxels': int(mask[k].sum()),
+        'mae_255': metrics.mae(ct_unit[k], sct_unit[k], valid[k]),
+        'psnr_255': metrics.psnr(ct_unit[k], sct_unit[k], valid[k], data_range=255.0),
+        'ssim': ssim_slices[k],
+        'mae_hu': metrics.synthrad_mae(ct_hu[k], sct_hu[k], mask[k]),
+        'psnr_synthrad': metrics.synthrad_psnr(ct_hu[k], sct_hu[k], mask[k]),
+        'ssim_synthrad': synthrad_slices[k],
+        'mi_mr_sct': mi_mr_sct[k],
+    }
+    if smr is not None:
+      row['mi_ct_smr'] = mi_ct_smr[k]
+    slices.append(row)
+  return vol, slices
+
+
+def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
+                     smr_fn: ApplyFn | None, config: ml_collections.ConfigDict, *,
+                     figure_dir: str | None = None,
+                     progress: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Translates and scores each test volume; optionally writes its panel figure.
+
+  Args:
+    volumes: records with 'patient_id' and `[N, H, W]` arrays 'image' (MR units), 'paired'
+      (registered CT, HU), 'mask' (body & common FOV), optionally 'fov' (common FOV).
+    sct_fn: G_ct, NHWC [-1, 1] -> [-1, 1]; smr_fn: G_mr, or None to skip MI(CT, sMR).
+    config: the run's config (data windows, eval.batch_size).
+    figure_dir: if set, writes `<figure_dir>/<patient_id>.png` per volume.
+    progress: show a progress bar over volumes.
+
+  Returns:
+    (per-volume records, per-slice records), in the order of `volumes`.
+  """
+  ct_window, mr_window = config.data.ct_window, config.data.mr_window
+  batch_size = int(config.eval.batch_size)
+  per_volume, per_slice = [], []
+  seen = set()
+  for volume in tqdm.tqdm(volumes, desc='evaluate', unit='volume', disable=not progress):
+    pid = _patient_id(volume.get('patient_id', f'volume{len(per_volume)}'))
+    if pid in seen:
+      raise EvaluateError(f'test patient {pid}: appears twice in the test split')
+    seen.add(pid)
+    mr, ct, mask, valid = _check_volume(volume, pid)
+    sct_hu = intensity.model_to_ct_hu(
+        translate_slices(sct_fn, intensity.mr_to_model(mr, mr_window), batch_size), ct_window)
+    smr = None
+    if smr_fn is not None:
+      smr = intensity.model_to_mr(
+          translate_slices(smr_fn, intensity.ct_hu_to_model(ct, ct_window), batch_size),
+          mr_window)
+    vol, slices = volume_metrics(mr, ct, sct_hu, smr, mask, valid, config)
+    per_volume.append({'patient_id': pid, 'num_slices': int(mr.shape[0]),
+                       'region': 'fov' if 'fov' in volume else 'fov_slices',
+                       'valid_voxels': int(valid.sum()), 'mask_voxels': int(mask.sum()), **vol})
+    per_slice.extend({'patient_id': pid, **row} for row in slices)
+    if figure_dir is not None:
+      title = (f"{pid}: MAE {reports.fmt(vol['mae_255'])} (0-255), "
+               f"PSNR {reports.fmt(vol['psnr_255'])} dB, MAE {reports.fmt(vol['mae_hu'], 1)} HU"
+               f" in body")
+      reports.volume_panel(os.path.join(figure_dir, f'{_safe_name(pid)}.png'), mr, sct_hu, ct,
+                           valid, title=title, mr_window=mr_window, ct_window=ct_window,
+                           error_max_hu=ERROR_MAX_HU)
+  return per_volume, per_slice
+
+
+def _safe_name(pid: str) -> str:
+  return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in pid) or 'volume'
+
+
+def region_note(regions: set[str]) -> str:
+  """The summary's sentence on which voxels each metric used."""
+  fov = ('the record\'s common-FOV array' if regions == {'fov'} else
+         'the whole slices inside the MR/CT common field of view (slices where the test mask '
+         'is non-empty)')
+  return (f'Regions: 0-255 MAE/PSNR, SSIM and MI over {fov}, as in the paper; MAE in HU and '
+          'the SynthRAD metrics inside the body mask (AND common FOV). Voxels outside the '
+          'common FOV are never evaluated.')
+
+
+def write_outputs(out_dir: str, per_volume: list[dict[str, Any]],
+                  per_slice: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+  """Writes the tables, summaries and box plots into `out_dir`; returns the summary dict."""
+  keys = [k for k in METRIC_KEYS if per_volume and k in per_volume[0]]
+  reports.write_csv(os.path.join(out_dir, 'per_volume.csv'), per_volume,
+                    [f for f in PER_VOLUME_FIELDS if f in per_volume[0]])
+  reports.write_json(os.path.join(out_dir, 'per_volume.json'), reports.rows_to_json(per_volume))
+  reports.write_csv(os.path.join(out_dir, 'per_slice.csv'), per_slice,
+                    [f for f in PER_SLICE_FIELDS if f in per_slice[0]])
+  meta = {**meta, 'region_note': region_note({r.get('region', 'fov_slices')
+                                                for r in per_volume})}
+  notes = [meta['region_note'],
+           'SSIM: Gaussian window (sigma 1.5, 11x11), K1 0.01, K2 0.03, per slice; SynthRAD '
+           'SSIM uses the same window (the challenge script uses a 7x7x7 uniform one).',
+           'MI in nats, 64x64-bin joint histogram over [0, 255] of both windowed images, per '
+           'slice inside the evaluated region, mean over slices.']
+  if 'mi_ct_smr' not in keys:
+    notes.append('MI(real CT, sMR) not computed: the source has no CT->MR generator.')
+  title = f"Evaluation of {meta['source']}" + (f" (step {meta['step']})"
+                                               if meta.get('step') is not None else '')
+  markdown = reports.summary_markdown(per_volume, keys, title=title, notes=notes)
+  with open(os.path.join(out_dir, 'summary.md'), 'w', encoding='utf-8') as f:
+    f.write(markdown)
+  stats = reports.summarize(per_volume, keys)
+  summary = {**meta, 'num_volumes': len(per_volume), 'num_slices': len(per_slice),
+             'patients': [r['patient_id'] for r in per_volume],
+             'metrics': {k: {**stats[k].to_json(), 'label': reports.METRICS[k].label,
+                             'unit': reports.METRICS[k].unit} for k in keys},
+             'summary_markdown': markdown}
+  reports.write_json(os.path.join(out_dir, 'summary.json'), summary)
+  figure_dir = os.path.join(out_dir, 'figures')
+  reports.metric_boxplots(os.path.join(figure_dir, 'metrics_boxplot.png'), per_volume,
+                          [k for k in keys if k not in reports.MI_METRICS])
+  mi_rows = [r for r in per_volume if all(k in r for k in reports.MI_METRICS)]
+  if mi_rows:
+    reports.mi_boxplot(os.path.join(figure_dir, 'mi_boxplot.png'), mi_rows)
+  return summary
+
+
+def _resolve_data_dir(source: str, kind: str, data_dir: str | None,
+                      config: ml_collections.ConfigDict) -> str:
+  if data_dir:
+    return data_dir
+  if config.data.dir:
+    return config.data.dir
+  if kind == 'workdir':
+    # Same rule as training: the built-in phantom under WORKDIR/phantom (reused if prepared).
+    from mr2ct_jax import train  # pylint: disable=g-import-not-at-top  (train imports us)
+    return train.resolve_data_dir(config, source)
+  raise EvaluateError(f'{source}: the export\'s config has no data.dir; pass --data=DATA_DIR')
+
+
+def _load_generators(source: str, step: int | None, backend: str):
+  from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top  (jax/flax)
+  sct_fn, config, info = generator_source.load_generator(source, 'mr2ct', step, backend)
+  try:
+    smr_fn, _, _ = generator_source.load_generator(source, 'ct2mr', info.step if
+                                                   info.kind == 'workdir' else step, backend)
+  except generator_source.SourceError as e:
+    if info.kind != 'npz':
+      raise
+    # An export may hold only G_ct; everything but MI(real CT, sMR) can still be computed.
+    logging.warning('%s; skipping MI(real CT, sMR)', e)
+    smr_fn = None
+  return sct_fn, smr_fn, config, info
+
+
+def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | None = None,
+             overwrite: bool = False, backend: str = 'jax',
+             progress: bool = True) -> dict[str, Any]:
+  """Evaluates a run (or export) on the paired test split and writes the reports.
+
+  Args:
+    source: a training workdir or an .npz written by `mr2ct_jax.export`.
+    data_dir: prepared dataset with a `test` split; None: the run config's data.dir, or for a
+      workdir with data.dir='' the phantom prepared under WORKDIR/phantom.
+    output_dir: directory to create (see the module docstring for its files).
+    step: checkpoint step (None: the latest).
+    overwrite: replace an existing output_dir.
+    backend: 'jax' or 'numpy' generator forward.
+    progress: show a progress bar.
+
+  Returns:
+    The summary (also in summary.json): metric -> {mean, sd, n, n_inf, n_nan, ...}, patients,
+    source, step, data_dir, output_dir, and the Markdown table ('summary_markdown'), which is
+    also printed.
+
+  Raises:
+    EvaluateError / reports.ReportError / generator_source.SourceError / data errors: one line.
+  """
+  output_dir = os.path.abspath(output_dir)
+  reports.check_output_dir(output_dir, overwrite)  # fail before loading anything
+  sct_fn, smr_fn, config, info = _load_generators(source, step, backend)
+  data_dir = _resolve_data_dir(source, info.kind, data_dir, config)
+  from mr2ct_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TFDS is slow)
+  if not pipeline.has_split(data_dir, 'test'):
+    raise EvaluateError(f'{data_dir}: dataset has no paired `test` split to evaluate on')
+  meta = {'source': source, 'kind': info.kind, 'step': info.step, 'data_dir': data_dir,
+          'output_dir': output_dir, 'ct_window': list(config.data.ct_window),
+          'mr_window': list(config.data.mr_window)}
+  with reports.atomic_output_dir(output_dir, overwrite) as tmp:
+    figure_dir = os.path.join(tmp, 'figures')
+    os.makedirs(figure_dir)
+    per_volume, per_slice = evaluate_volumes(pipeline.iterate_volumes(data_dir, 'test'), sct_fn,
+                                             smr_fn, config, figure_dir=figure_dir,
+                                             progress=progress)
+    if not per_volume:
+      raise EvaluateError(f'{data_dir}: the test split holds no volumes')
+    summary = write_outputs(tmp, per_volume, per_slice, meta)
+  print(summary['summary_markdown'], flush=True)
+  print(f'Evaluation written to {output_dir}', flush=True)
+  return summary
+
+
+def compare(dir_a: str, dir_b: str, output: str | None = None, *,
+            overwrite: bool = False) -> dict[str, Any]:
+  """Paired t-tests per metric between two evaluation directories (matched by patient id).
+
+  Args:
+    dir_a, dir_b: outputs of `evaluate` on the same test volumes (A: baseline, B: new).
+    output: directory for compare.md / compare.json (created if missing); None: dir_b.
+    overwrite: replace existing compare.md / compare.json.
+
+  Returns:
+    {'a', 'b', 'patients', 'results': [{metric, n, mean_a, sd_a, mean_b, sd_b, diff, t, p}],
+     'markdown'}; the Markdown table is also printed.
+
+  Raises:
+    reports.ReportError: a missing per_volume.json, differing patient sets, existing outputs.
+  """
+  rows_a = reports.read_rows_json(os.path.join(dir_a, 'per_volume.json'))
+  rows_b = reports.read_rows_json(os.path.join(dir_b, 'per_volume.json'))
+  results = reports.paired_ttests(rows_a, rows_b, where_a=dir_a, where_b=dir_b)
+  markdown = reports.ttest_markdown(results, dir_a, dir_b)
+  output = dir_b if output is None else output
+  paths = [os.path.join(output, name) for name in ('compare.md', 'compare.json')]
+  for path in paths:
+    if os.path.exists(path) and not overwrite:
+      raise reports.ReportError(f'{path}: output exists; pass --overwrite to replace it')
+  os.makedirs(output, exist_ok=True)
+  out = {'a': dir_a, 'b': dir_b, 'patients': sorted(str(r['patient_id']) for r in rows_a),
+         'test': 'scipy.stats.ttest_rel(B, A), two-sided; diff = mean(B - A)',
+         'results': [{k: reports.json_number(v) for k, v in r.items()} for r in results],
+         'markdown': markdown}
+  reports.write_json(paths[1], out)
+  with open(paths[0] + f'.tmp-{os.getpid()}', 'w', encoding='utf-8') as f:
+    f.write(markdown)
+  os.replace(paths[0] + f'.tmp-{os.getpid()}', paths[0])
+  print(markdown, flush=True)
+  return out
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Training workdir (latest or --step checkpoint) or an '
+                    'exported .npz holding the generators.')
+flags.DEFINE_string('data', None, 'Prepared dataset directory with a paired `test` split. '
+                    'Default: the run config\'s data.dir, or the phantom under WORKDIR/phantom.')
+flags.DEFINE_string('output', None, 'Output directory (default WORKDIR/eval). With --compare: '
+                    'where compare.md/json go (default: the second directory).')
+flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
+flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.')
+flags.DEFINE_bool('compare', False, 'Compare two evaluation directories given as arguments: '
+                  '--compare A B (paired t-tests, B vs A).')
+flags.DEFINE_enum('backend', 'jax', ['jax', 'numpy'], 'Generator forward implementation.')
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+  """Error types that carry a one-line message for the user (from modules already loaded).
+
+  Looked up in sys.modules so `--compare` does not import JAX just to name exception types;
+  an `except` expression is evaluated after the failure, when the modules are loaded.
+  """
+  errors: list[type[Exception]] = [EvaluateError, reports.ReportError]
+  for module, name in (('mr2ct_jax.generator_source', 'SourceError'),
+                       ('mr2ct_jax.checkpointing', 'CheckpointError'),
+                       ('mr2ct_jax.data.volume', 'VolumeError'),
+                       ('mr2ct_jax.data.volume', 'DatasetError'),
+                       ('mr2ct_jax.data.pipeline', 'DatasetError')):
+    cls = getattr(sys.modules.get(module), name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+      errors.append(cls)
+  return tuple(errors)
+
+
+def _run(argv: list[str]) -> None:
+  if FLAGS.compare:
+    if len(argv) != 3:
+      raise EvaluateError('--compare needs exactly two evaluation directories: --compare A B')
+    compare(argv[1], argv[2], FLAGS.output, overwrite=FLAGS.overwrite)
+    return
+  if len(argv) > 1:
+    raise EvaluateError(f'unexpected arguments {argv[1:]}')
+  if not FLAGS.workdir:
+    raise EvaluateError('--workdir (a training workdir or an exported .npz) is required')
+  output = FLAGS.output
+  if output is None:
+    if not os.path.isdir(FLAGS.workdir):
+      raise EvaluateError(f'{FLAGS.workdir}: no such workdir; an .npz source needs --output')
+    output = os.path.join(FLAGS.workdir, 'eval')
+  evaluate(FLAGS.workdir, FLAGS.data, output, step=FLAGS.step, overwrite=FLAGS.overwrite,
+           backend=FLAGS.backend)
+
+
+def main(argv: list[str]) -> None:
+  """CLI entry point (see the module docstring)."""
+  try:
+    _run(argv)
+  except _known_errors() as e:  # pylint: disable=catching-non-exception
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

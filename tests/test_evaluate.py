@@ -1,0 +1,171 @@
+"""evaluate: metrics of translated volumes, output files, --compare, the CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from mr2ct_jax import evaluate
+from mr2ct_jax import reports
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _volumes(num=2, slices=4, size=32, seed=0):
+  """Volumes whose CT is an exact linear function of the MR inside the windows.
+
+  MR in [10, 90] (window [0, 100]) and CT = -150 + 5 MR in [-100, 300] HU (window [-150, 350])
+  map to the same model-range image, so an identity generator is a perfect MR->CT translator.
+  """
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(num):
+    mr = rng.uniform(10, 90, (slices, size, size)).astype(np.float32)
+    mask = np.zeros(mr.shape, np.uint8)
+    mask[:, 4:28, 6:26] = 1
+    mask[-1] = 0  # a slice outside the common FOV
+    out.append({'patient_id': f'p{i}', 'image': mr, 'paired': (-150 + 5 * mr).astype(np.float32),
+                'mask': mask, 'label': np.zeros(mr.shape, np.uint8)})
+  return out
+
+
+def _shift(delta):
+  return lambda x: np.asarray(x) + np.float32(delta)
+
+
+def test_translate_slices_batches_and_pads():
+  calls = []
+
+  def fn(batch):
+    calls.append(batch.shape)
+    return batch * 2
+
+  x = np.arange(5 * 4 * 4, dtype=np.float32).reshape(5, 4, 4)
+  np.testing.assert_array_equal(evaluate.translate_slices(fn, x, 2), 2 * x)
+  assert calls == [(2, 4, 4, 1)] * 3  # last batch padded: one shape, one compile
+
+
+def test_evaluate_volumes_known_values(test_config):
+  vols = _volumes()
+  # Perfect translator: sCT == CT (up to float32 rounding).
+  per_volume, per_slice = evaluate.evaluate_volumes(vols, _shift(0.0), _shift(0.0), test_config)
+  assert [r['patient_id'] for r in per_volume] == ['p0', 'p1']
+  assert len(per_slice) == 8
+  for r in per_volume:
+    assert r['mae_255'] < 1e-3 and r['mae_hu'] < 1e-2
+    assert r['psnr_255'] > 80 and r['ssim'] == pytest.approx(1.0, abs=1e-6)
+    assert r['ssim_synthrad'] == pytest.approx(1.0, abs=1e-6)
+    # MI(CT, sMR) with sMR == MR: the MR's entropy on the same 64 bins over [0, 255].
+    assert r['mi_ct_smr'] == pytest.approx(r['mi_mr_sct'], rel=1e-3)
+    assert r['mi_mr_sct'] > 3.0
+  assert all(math.isnan(s['mae_255']) for s in per_slice if s['slice_index'] == 3)
+
+  # sCT brighter by 0.1 in the model range = +12.75 on the 0-255 scale = +25 HU everywhere.
+  per_volume, per_slice = evaluate.evaluate_volumes(vols, _shift(0.1), None, test_config)
+  for r in per_volume:
+    assert r['mae_255'] == pytest.approx(12.75, abs=1e-3)
+    assert r['psnr_255'] == pytest.approx(20 * math.log10(255 / 12.75), abs=1e-3)
+    assert r['mae_hu'] == pytest.approx(25.0, abs=1e-2)
+    assert r['psnr_synthrad'] == pytest.approx(20 * math.log10(4024 / 25.0), abs=1e-3)
+    assert 0.9 < r['ssim'] < 1.0
+    assert 'mi_ct_smr' not in r  # no CT->MR generator
+    # 0-255 metrics over whole common-FOV slices (3 of 4 have mask voxels); HU in the body.
+    assert r['valid_voxels'] == 3 * 32 * 32 and r['region'] == 'fov_slices'
+    assert r['mask_voxels'] == 3 * 24 * 20
+  s = per_slice[0]
+  assert s['mae_255'] == pytest.approx(12.75, abs=1e-3) and s['valid_voxels'] == 32 * 32
+
+
+def test_evaluate_volumes_uses_fov_when_present(test_config):
+  vol = _volumes(num=1)[0]
+  vol['fov'] = np.ones_like(vol['mask'])
+  (r,), _ = evaluate.evaluate_volumes([vol], _shift(0.1), None, test_config)
+  assert r['region'] == 'fov' and r['valid_voxels'] == 4 * 32 * 32
+  assert r['mask_voxels'] == 3 * 24 * 20
+
+
+def test_evaluate_volumes_bad_input(test_config):
+  vol = _volumes(num=1)[0]
+  bad = dict(vol, paired=vol['paired'][:2])
+  with pytest.raises(evaluate.EvaluateError, match="test patient p0: 'paired' has shape"):
+    evaluate.evaluate_volumes([bad], _shift(0.0), None, test_config)
+  with pytest.raises(evaluate.EvaluateError, match='appears twice'):
+    evaluate.evaluate_volumes([vol, vol], _shift(0.0), None, test_config)
+
+
+def _write_eval(out_dir, config, delta, seed=0):
+  with reports.atomic_output_dir(out_dir) as tmp:
+    figure_dir = os.path.join(tmp, 'figures')
+    os.makedirs(figure_dir)
+    per_volume, per_slice = evaluate.evaluate_volumes(
+        _volumes(num=3, seed=seed), _shift(delta), _shift(0.0), config, figure_dir=figure_dir)
+    for i, r in enumerate(per_volume):  # make the paired differences non-degenerate
+      r['mae_255'] += 0.1 * i * (delta != 0)
+    return evaluate.write_outputs(tmp, per_volume, per_slice,
+                                  {'source': 'synthetic', 'step': 7})
+
+
+def test_outputs_and_compare(tmp_path, test_config, capsys):
+  dir_a, dir_b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  summary_a = _write_eval(dir_a, test_config, 0.0)
+  _write_eval(dir_b, test_config, 0.1)
+  files = sorted(os.listdir(dir_a))
+  assert files == ['figures', 'per_slice.csv', 'per_volume.csv', 'per_volume.json',
+                   'summary.json', 'summary.md']
+  assert sorted(os.listdir(os.path.join(dir_a, 'figures'))) == [
+      'metrics_boxplot.png', 'mi_boxplot.png', 'p0.png', 'p1.png', 'p2.png']
+  for name in os.listdir(os.path.join(dir_a, 'figures')):
+    with open(os.path.join(dir_a, 'figures', name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  summary = json.load(open(os.path.join(dir_a, 'summary.json')))
+  assert summary['num_volumes'] == 3 and summary['num_slices'] == 12
+  assert summary['metrics']['ssim']['n'] == 3 and summary_a['step'] == 7
+  md = open(os.path.join(dir_a, 'summary.md')).read()
+  assert '| p0 |' in md and '**Average ± SD**' in md and 'common field of view' in md
+  assert len(open(os.path.join(dir_a, 'per_slice.csv')).read().splitlines()) == 13
+
+  result = evaluate.compare(dir_a, dir_b)
+  printed = capsys.readouterr().out
+  assert 'Paired t-tests' in printed and 'MAE (0-255, paper)' in printed
+  by_metric = {r['metric']: r for r in result['results']}
+  a = [r['mae_255'] for r in reports.read_rows_json(os.path.join(dir_a, 'per_volume.json'))]
+  b = [r['mae_255'] for r in reports.read_rows_json(os.path.join(dir_b, 'per_volume.json'))]
+  ref = stats.ttest_rel(b, a)
+  assert by_metric['mae_255']['t'] == pytest.approx(ref.statistic)
+  assert by_metric['mae_255']['p'] == pytest.approx(ref.pvalue)
+  assert os.path.exists(os.path.join(dir_b, 'compare.md'))
+  assert json.load(open(os.path.join(dir_b, 'compare.json')))['a'] == dir_a
+  with pytest.raises(reports.ReportError, match='--overwrite'):
+    evaluate.compare(dir_a, dir_b)
+
+  # Different patient sets: a one-line error.
+  rows = reports.read_rows_json(os.path.join(dir_a, 'per_volume.json'))[:2]
+  other = tmp_path / 'c'
+  other.mkdir()
+  reports.write_json(str(other / 'per_volume.json'), reports.rows_to_json(rows))
+  with pytest.raises(reports.ReportError, match='patient ids differ'):
+    evaluate.compare(dir_a, str(other), str(tmp_path / 'cmp'))
+
+
+def test_cli_compare_and_errors(tmp_path, test_config):
+  dir_a, dir_b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  _write_eval(dir_a, test_config, 0.0)
+  _write_eval(dir_b, test_config, 0.1)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  run = lambda *args: subprocess.run([sys.executable, '-m', 'mr2ct_jax.evaluate', *args],
+                                     capture_output=True, text=True, cwd=REPO, env=env,
+                                     timeout=300)
+  res = run('--compare', dir_a, dir_b, f'--output={tmp_path / "cmp"}')
+  assert res.returncode == 0, res.stderr
+  assert 'B - A' in res.stdout and os.path.exists(tmp_path / 'cmp' / 'compare.json')
+  res = run('--compare', dir_a)
+  assert res.returncode == 1 and 'exactly two' in res.stderr
+  res = run(f'--workdir={tmp_path / "nope"}', f'--output={tmp_path / "o"}')
+  assert res.returncode == 1 and 'nope' in res.stderr and 'Traceback' not in res.stderr
+  res = run(f'--workdir={tmp_path}', f'--output={dir_a}')
+  assert res.returncode == 1 and '--overwrite' in res.stderr

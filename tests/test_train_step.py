@@ -1,0 +1,134 @@
+"""The jitted CycleGAN step: metrics, learning, determinism, 1 vs 8 devices, the schedule.
+
+Compiling the step dominates the cost, so the compiled functions are module-scoped and every
+test starts from a fresh copy of one initial state.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mr2ct_jax import train_state
+from mr2ct_jax import train_step as train_step_lib
+
+BATCH = 8
+
+
+def _config(test_config, **loss_overrides):
+  config = test_config.copy_and_resolve_references()
+  config.unlock()
+  config.train.batch_size = BATCH
+  config.train.num_steps = 1000  # the test variant's 4 steps would decay the lr to 0 at once
+  for key, value in loss_overrides.items():
+    config.loss[key] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def setup(test_config):
+  config = _config(test_config)
+  create = jax.jit(lambda rng: train_state.create(config, rng))
+  rng = np.random.default_rng(0)
+  size = config.data.image_size
+  batch = {k: rng.uniform(-1, 1, (BATCH, size, size, 1)).astype(np.float32)
+           for k in ('mr', 'ct')}
+  mesh8 = train_step_lib.make_mesh()
+  assert mesh8.size == 8
+  mesh1 = train_step_lib.make_mesh(jax.devices()[:1])
+  return {
+      'config': config, 'create': create, 'batch': batch,
+      'mesh8': mesh8, 'step8': train_step_lib.make_train_step(config, mesh8),
+      'mesh1': mesh1, 'step1': train_step_lib.make_train_step(config, mesh1),
+  }
+
+
+def _run(setup, mesh_name: str, num_steps: int, seed: int = 0):
+  """Runs `num_steps` steps on the fixed batch from a state created from `seed`."""
+  mesh, step = setup[mesh_name], setup[mesh_name.replace('mesh', 'step')]
+  state = jax.device_put(setup['create'](jax.random.PRNGKey(seed)),
+                         train_step_lib.replicated(mesh))
+  batch = train_step_lib.shard_batch(setup['batch'], mesh)
+  history = []
+  for _ in range(num_steps):
+    state, metrics = step(state, batch)
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_metrics_and_state_after_one_step(setup):
+  state, (metrics,) = _run(setup, 'mesh8', 1)
+  assert set(metrics) == set(train_step_lib.METRIC_KEYS)
+  for key, value in metrics.items():
+    assert np.shape(value) == () and np.isfinite(value), key
+  loss = setup['config'].loss
+  expected_total = (metrics['loss/gan_ct'] + metrics['loss/gan_mr'] +
+                    loss.cycle_weight * metrics['loss/cycle'] + loss.gc_weight * metrics['loss/gc'])
+  assert metrics['loss/g_total'] == pytest.approx(expected_total, rel=1e-5)
+  assert metrics['loss/identity'] == 0.0
+  assert metrics['lr'] == pytest.approx(setup['config'].optim.lr)
+  assert int(state.step) == 1
+  pool_size = setup['config'].train.pool_size
+  for pool in state.pools.values():
+    assert int(pool.count) == min(pool_size, BATCH)
+  assert set(state.params) == {'g_ct', 'g_mr', 'd_ct', 'd_mr'}
+  assert set(state.opt_state) == {'g', 'd'}
+
+
+def test_losses_decrease_on_a_fixed_batch(setup):
+  _, history = _run(setup, 'mesh8', 20)
+  first, last = history[0], history[-1]
+  print({k: (float(first[k]), float(last[k])) for k in first})
+  for key in ('loss/g_total', 'loss/d_ct', 'loss/d_mr', 'loss/cycle'):
+    assert last[key] < first[key], (key, first[key], last[key])
+
+
+def test_same_seed_same_state(setup):
+  state_a, history_a = _run(setup, 'mesh8', 2)
+  state_b, history_b = _run(setup, 'mesh8', 2)
+  _assert_trees_equal(state_a, state_b)
+  _assert_trees_equal(history_a, history_b)
+  state_c, _ = _run(setup, 'mesh8', 0, seed=1)
+  assert not np.array_equal(state_a.params['g_ct']['stem']['kernel'],
+                            state_c.params['g_ct']['stem']['kernel'])
+
+
+def test_one_device_equals_eight_devices(setup):
+  state8, history8 = _run(setup, 'mesh8', 2)
+  state1, history1 = _run(setup, 'mesh1', 2)
+  assert len(state8.params['g_ct']['stem']['kernel'].sharding.device_set) == 8
+  _assert_trees_equal(history1, history8, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(state1, state8, rtol=1e-5, atol=1e-6)
+
+
+def test_sample_fn(setup):
+  config = setup['config']
+  params = setup['create'](jax.random.PRNGKey(0)).params
+  batch = {k: v[:2] for k, v in setup['batch'].items()}
+  images = train_step_lib.make_sample_fn(config)(params, batch)
+  assert set(images) == {'mr', 'fake_ct', 'rec_mr', 'ct', 'fake_mr', 'rec_ct'}
+  for value in images.values():
+    assert value.shape == batch['mr'].shape
+    assert float(jnp.max(jnp.abs(value))) <= 1.0
+  np.testing.assert_array_equal(images['mr'], batch['mr'])
+
+
+def test_learning_rate_schedule(test_config):
+  config = _config(test_config)
+  config.train.num_steps = 200
+  config.optim.lr = 2e-4
+  config.optim.decay_start_fraction = 0.5
+  schedule = train_state.learning_rate_schedule(config)
+  for step, expected in ((0, 2e-4), (50, 2e-4), (100, 2e-4), (150, 1e-4), (200, 0.0),
+                         (250, 0.0)):
+    assert float(schedule(step)) == pytest.approx(expected, abs=1e-12), step
+  config.optim.decay_start_fraction = 1.0
+  assert float(train_state.learning_rate_schedule(config)(200)) == pytest.approx(2e-4)
