@@ -2,7 +2,7 @@
 
 Usage:
   python -m mr2ct_jax.evaluate --workdir=runs/gc [--data=DATA_DIR] [--output=runs/gc/eval]
-  python -m mr2ct_jax.evaluate --workdir=g.npz --data=DATA_DIR --output=eval_npz
+  python -m mr2ct_jax.evaluate --npz=g.npz --data=DATA_DIR --output=eval_npz
   python -m mr2ct_jax.evaluate --compare runs/nogc/eval runs/gc/eval   # paired t-tests
 
 For every test patient, sCT = G_ct(MR) is compared with the registered CT, and sMR = G_mr(CT)
@@ -31,10 +31,9 @@ figures/mi_boxplot.png.
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
@@ -396,18 +395,27 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
   return out
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Training workdir (latest or --step checkpoint) or an '
-                    'exported .npz holding the generators.')
-flags.DEFINE_string('data', None, 'Prepared dataset directory with a paired `test` split. '
-                    'Default: the run config\'s data.dir, or the phantom under WORKDIR/phantom.')
-flags.DEFINE_string('output', None, 'Output directory (default WORKDIR/eval). With --compare: '
-                    'where compare.md/json go (default: the second directory).')
-flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
-flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.')
-flags.DEFINE_bool('compare', False, 'Compare two evaluation directories given as arguments: '
-                  '--compare A B (paired t-tests, B vs A).')
-flags.DEFINE_enum('backend', 'jax', ['jax', 'numpy'], 'Generator forward implementation.')
+def _define_flags() -> flags.FlagValues:
+  # A private FlagValues (see cli_flags): train.py imports this module next to main's flags.
+  fv = flags.FlagValues()
+  flags.DEFINE_string('workdir', None, 'Training workdir (latest checkpoint or --step).',
+                      flag_values=fv)
+  flags.DEFINE_string('npz', None, 'Exported generator .npz (instead of --workdir).',
+                      flag_values=fv)
+  flags.DEFINE_string('data', None, 'Prepared dataset directory with a paired `test` split. '
+                      'Default: the run config\'s data.dir, or the phantom under '
+                      'WORKDIR/phantom.', flag_values=fv)
+  flags.DEFINE_string('output', None, 'Output directory (default WORKDIR/eval). With '
+                      '--compare: where compare.md/json go (default: the second directory).',
+                      flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).', flag_values=fv)
+  flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.', flag_values=fv)
+  flags.DEFINE_bool('compare', False, 'Compare two evaluation directories given as arguments: '
+                    '--compare A B (paired t-tests, B vs A).', flag_values=fv)
+  flags.DEFINE_enum('backend', 'jax', ['jax', 'numpy'], 'Generator forward implementation.',
+                    flag_values=fv)
+  flags.DEFINE_bool('progress', True, 'Show a progress bar.', flag_values=fv)
+  return fv
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
@@ -428,33 +436,43 @@ def _known_errors() -> tuple[type[Exception], ...]:
   return tuple(errors)
 
 
-def _run(argv: list[str]) -> None:
-  if FLAGS.compare:
-    if len(argv) != 3:
+def _run(fv: flags.FlagValues, args: list[str]) -> None:
+  if fv.compare:
+    if len(args) != 2:
       raise EvaluateError('--compare needs exactly two evaluation directories: --compare A B')
-    compare(argv[1], argv[2], FLAGS.output, overwrite=FLAGS.overwrite)
+    compare(args[0], args[1], fv.output, overwrite=fv.overwrite)
     return
-  if len(argv) > 1:
-    raise EvaluateError(f'unexpected arguments {argv[1:]}')
-  if not FLAGS.workdir:
-    raise EvaluateError('--workdir (a training workdir or an exported .npz) is required')
-  output = FLAGS.output
+  if args:
+    raise EvaluateError(f'unexpected arguments {args} (flags are --name=value)')
+  if (fv.workdir is None) == (fv.npz is None):
+    raise EvaluateError('give exactly one of --workdir or --npz (or --compare A B)')
+  source = fv.workdir if fv.workdir is not None else fv.npz
+  output = fv.output
   if output is None:
-    if not os.path.isdir(FLAGS.workdir):
-      raise EvaluateError(f'{FLAGS.workdir}: no such workdir; an .npz source needs --output')
-    output = os.path.join(FLAGS.workdir, 'eval')
-  evaluate(FLAGS.workdir, FLAGS.data, output, step=FLAGS.step, overwrite=FLAGS.overwrite,
-           backend=FLAGS.backend)
+    if fv.npz is not None:
+      raise EvaluateError('--output is required with --npz')
+    output = os.path.join(fv.workdir, 'eval')
+  evaluate(source, fv.data, output, step=fv.step, overwrite=fv.overwrite, backend=fv.backend,
+           progress=fv.progress)
 
 
-def main(argv: list[str]) -> None:
-  """CLI entry point (see the module docstring)."""
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
+  argv = list(sys.argv if argv is None else argv)
+  fv = _define_flags()
+  if any(arg in ('-h', '--help', '-help', '--helpfull') for arg in argv[1:]):
+    print(f'{__doc__}\nflags:\n{fv.get_help()}')
+    return 0
   try:
-    _run(argv)
+    args = fv(argv)[1:]
+  except flags.Error as e:
+    raise SystemExit(f'error: {str(e).splitlines()[0]}') from e
+  try:
+    _run(fv, args)
   except _known_errors() as e:  # pylint: disable=catching-non-exception
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    raise SystemExit(f'error: {e}') from e
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

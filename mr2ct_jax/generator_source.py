@@ -126,8 +126,7 @@ def restore_generators(workdir: str, networks: tuple[str, ...], step: int | None
     SourceError: missing workdir/config, no checkpoint, unknown step, or weights that do not
       fit the workdir's config (one line naming the path and the parameter).
   """
-  # Imported here: the checkpoint machinery (orbax, the train state) is only needed for
-  # workdir sources, and checkpointing imports the models through train_state lazily.
+  # Imported here: the checkpoint machinery (orbax) is only needed for workdir sources.
   from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise SourceError(f'{workdir}: workdir does not exist')

@@ -1,7 +1,8 @@
 """Evaluation reports: CSV/JSON/Markdown tables, PNG figures and paired t-tests.
 
 Conventions for numbers in every table:
-- mean ± sd over volumes, sd with ddof=1 (sample standard deviation); a single value has sd 0.
+- mean ± sd over volumes, sd with ddof=1 (sample standard deviation); with a single value the
+  sd is undefined (NaN) and tables show the mean alone.
 - +inf (PSNR of identical images) and NaN (metric undefined, e.g. an empty region) are left out
   of means and t-tests; the tables say how many values were left out.
 - JSON is strict: inf/-inf are written as the strings "inf"/"-inf" and NaN as null;
@@ -139,14 +140,14 @@ class Stats:
 
 
 def describe(values: Sequence[float]) -> Stats:
-  """mean and sample sd (ddof=1; 0 for one value) of the finite values, counting the rest."""
+  """mean and sample sd (ddof=1; NaN for one value) of the finite values, counting the rest."""
   arr = np.asarray(values, dtype=np.float64)
   finite = arr[np.isfinite(arr)]
   n_inf = int(np.isinf(arr).sum())
   n_nan = int(np.isnan(arr).sum())
   if not finite.size:
     return Stats(float('nan'), float('nan'), 0, n_inf, n_nan)
-  sd = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+  sd = float(finite.std(ddof=1)) if finite.size > 1 else float('nan')
   return Stats(float(finite.mean()), sd, int(finite.size), n_inf, n_nan)
 
 
@@ -160,8 +161,13 @@ def fmt(value: float, decimals: int = 3) -> str:
 
 
 def fmt_stats(s: Stats, decimals: int = 3) -> str:
-  """'mean ± sd' plus a note of left-out values, e.g. '15.014 ± 0.330 (1 inf excluded)'."""
-  text = f'{fmt(s.mean, decimals)} ± {fmt(s.sd, decimals)}'
+  """'mean ± sd' plus a note of left-out values, e.g. '15.014 ± 0.330 (1 inf excluded)'.
+
+  A single value (n = 1) is shown as its mean alone.
+  """
+  text = fmt(s.mean, decimals)
+  if s.n > 1:
+    text += f' ± {fmt(s.sd, decimals)}'
   notes = []
   if s.n_inf:
     notes.append(f'{s.n_inf} inf excluded')
@@ -361,6 +367,10 @@ def volume_panel(path: str, mr: np.ndarray, sct_hu: np.ndarray, ct_hu: np.ndarra
                  num_slices: int = 3) -> None:
   """PNG with rows of slices and columns MR | sCT | real CT | |sCT - CT| (HU, fixed scale).
 
+  The error is computed after clipping both CTs to `ct_window`, i.e. the error the paper's
+  0-255 metrics see, in HU: the generator's output only spans that window, so outside it
+  (air, dense bone) the unclipped difference would show the window, not the synthesis.
+
   Args:
     path: output .png.
     mr, sct_hu, ct_hu: `[N, H, W]` volumes (MR units, HU, HU).
@@ -377,10 +387,11 @@ def volume_panel(path: str, mr: np.ndarray, sct_hu: np.ndarray, ct_hu: np.ndarra
   err_cmap = matplotlib.colormaps['inferno'].with_extremes(bad='white')
   err_img = None
   for r, k in enumerate(rows):
-    err = np.ma.masked_where(~valid[k], np.abs(sct_hu[k] - ct_hu[k]))
+    err = np.abs(np.clip(sct_hu[k], *ct_window) - np.clip(ct_hu[k], *ct_window))
+    err = np.ma.masked_where(~valid[k], err)
     panels = [(mr[k], 'MR', 'gray', mr_window), (sct_hu[k], 'synthetic CT', 'gray', ct_window),
               (ct_hu[k], 'real CT (registered)', 'gray', ct_window),
-              (err, '|sCT - CT| (HU)', err_cmap, (0.0, error_max_hu))]
+              (err, '|sCT - CT| (HU, in CT window)', err_cmap, (0.0, error_max_hu))]
     for c, (img, name, cmap, window) in enumerate(panels):
       ax = axes[r, c]
       im = ax.imshow(_show(img), cmap=cmap, vmin=window[0], vmax=window[1],
@@ -393,7 +404,8 @@ def volume_panel(path: str, mr: np.ndarray, sct_hu: np.ndarray, ct_hu: np.ndarra
         ax.set_ylabel(f'slice {k}', fontsize=10)
       if c == 3:
         err_img = im
-  fig.colorbar(err_img, ax=axes[:, 3].tolist(), label='absolute error (HU)', shrink=0.9)
+  fig.colorbar(err_img, ax=axes[:, 3].tolist(), shrink=0.9,
+               label=f'absolute error (HU), CT window [{ct_window[0]:g}, {ct_window[1]:g}]')
   fig.suptitle(title, fontsize=11)
   _save(fig, path)
 

@@ -127,6 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     logging.error('Non-finite loss; last good checkpoint: step %s', last_saved)
     raise
   finally:
+    data_iter.close()
     manager.wait_until_finished()
     manager.close()
     writer.flush()

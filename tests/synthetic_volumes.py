@@ -74,3 +74,23 @@ def make(root, num_mr=2, num_ct=3, num_labeled=1, num_test=1):
     write(f'{dirs[3]}/t{i}_mask.nii.gz', mr > 0, affine(MR_SPACING), np.uint8)
     write(f'{dirs[3]}/t{i}_label.nii.gz', (ct == 700.0), affine(MR_SPACING), np.uint8)
   return dirs
+
+
+def write_dicom_ct(folder, array_hu, spacing=CT_SPACING, series_uid='1.2.826.0.1.3680043.2.1125.7'):
+  """Writes a CT (HU, [X, Y, Z] array) as a DICOM series folder, one file per slice."""
+  import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  image = sitk.GetImageFromArray(np.transpose(np.asarray(array_hu, np.int16), (2, 1, 0)))
+  image.SetSpacing([float(s) for s in spacing])
+  writer = sitk.ImageFileWriter()
+  writer.KeepOriginalImageUIDOn()
+  for k in range(image.GetDepth()):
+    sl = image[:, :, k]
+    position = image.TransformIndexToPhysicalPoint((0, 0, k))
+    for tag, value in (('0008|0060', 'CT'), ('0020|000e', series_uid),
+                       ('0020|000d', series_uid + '.0'), ('0020|0037', '1\\0\\0\\0\\1\\0'),
+                       ('0020|0032', '\\'.join(str(v) for v in position)),
+                       ('0020|0013', str(k + 1)), ('0008|0018', f'{series_uid}.{k + 1}')):
+      sl.SetMetaData(tag, value)
+    writer.SetFileName(os.path.join(folder, f'slice{k:03d}.dcm'))
+    writer.Execute(sl)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -115,6 +116,19 @@ def test_same_patient_in_two_folders_stays_in_one_split(raw, tmp_path, caplog):
   assert "patient id 't0' is already in split 'test'" in caplog.text
 
 
+def test_dicom_series_folder_is_one_patient(raw, tmp_path):
+  ct_dir = tmp_path / 'ct'
+  ct_dir.mkdir()
+  os.symlink(os.path.join(raw[1], 'ct0.nii.gz'), ct_dir / 'ct0.nii.gz')
+  synth.write_dicom_ct(str(ct_dir / 'dcm7'), synth.ct_array(7))
+  out = prepare.prepare(raw[0], str(ct_dir), str(tmp_path / 'd'), **KW)
+  assert sorted(prepare.load_meta(out)['splits']['train_ct']['patients']) == ['ct0', 'dcm7']
+  expected, _ = preprocess.to_network_grid(volume.read_volume(str(ct_dir / 'dcm7')), SPACING,
+                                           SIZE)
+  (dcm,) = [v for v in pipeline.iterate_volumes(out, 'train_ct') if v['patient_id'] == 'dcm7']
+  np.testing.assert_array_equal(dcm['image'], expected)
+
+
 # ---- Bad input -----------------------------------------------------------------------
 
 
@@ -209,13 +223,12 @@ def test_prepare_phantom_is_idempotent(test_config, tmp_path):
   mtime = os.path.getmtime(os.path.join(data_dir, prepare.META_FILE))
   assert prepare.prepare_phantom(str(tmp_path / 'ph'), test_config) == data_dir
   assert os.path.getmtime(os.path.join(data_dir, prepare.META_FILE)) == mtime  # reused
-  other = json.loads(json.dumps(test_config.to_dict()))
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  other = ml_collections.ConfigDict(other)
+  other = ml_collections.ConfigDict(test_config.to_dict())
   other.data.image_size = 16
   prepare.prepare_phantom(str(tmp_path / 'ph'), other)  # parameters changed: rebuilt
   assert prepare.load_meta(data_dir)['image_size'] == 16
-  assert json.load(open(stamp))['image_size'] == 16
+  with open(stamp, encoding='utf-8') as f:
+    assert json.load(f)['image_size'] == 16
 
 
 def test_prepare_cli_on_phantom(tmp_path):

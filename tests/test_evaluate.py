@@ -169,3 +169,37 @@ def test_cli_compare_and_errors(tmp_path, test_config):
   assert res.returncode == 1 and 'nope' in res.stderr and 'Traceback' not in res.stderr
   res = run(f'--workdir={tmp_path}', f'--output={dir_a}')
   assert res.returncode == 1 and '--overwrite' in res.stderr
+
+
+def test_evaluate_end_to_end_on_phantom(tmp_path, test_config, monkeypatch, capsys):
+  """evaluate() on the prepared phantom's test split; generators replaced by fixed maps."""
+  from mr2ct_jax import generator_source
+  from mr2ct_jax.data import prepare
+  data_dir = prepare.prepare_phantom(str(tmp_path / 'phantom'), test_config)
+  loaded = []
+
+  def fake_load(source, direction='mr2ct', step=None, backend='jax'):
+    loaded.append((direction, step))
+    info = generator_source.GeneratorInfo(source=source, kind='workdir', direction=direction,
+                                          network=generator_source.network_for(direction),
+                                          step=4, backend=backend)
+    return (lambda x: -np.asarray(x)), test_config, info  # contrast inversion, roughly
+
+  monkeypatch.setattr(generator_source, 'load_generator', fake_load)
+  out = str(tmp_path / 'eval')
+  summary = evaluate.evaluate(str(tmp_path), data_dir, out, progress=False)
+  assert loaded == [('mr2ct', None), ('ct2mr', 4)]  # ct2mr pinned to the same step
+  printed = capsys.readouterr().out
+  assert '| MAE (0-255, paper) |' in printed and f'Evaluation written to {out}' in printed
+  assert summary['num_volumes'] == test_config.data.phantom.num_test
+  assert summary['step'] == 4 and summary['data_dir'] == data_dir
+  rows = reports.read_rows_json(os.path.join(out, 'per_volume.json'))
+  (row,) = rows
+  assert 0 < row['mae_255'] < 255 and math.isfinite(row['psnr_255'])
+  assert 0 < row['mask_voxels'] <= row['valid_voxels']
+  assert row['mi_mr_sct'] > 0 and row['mi_ct_smr'] > 0
+  assert os.path.exists(os.path.join(out, 'figures', f"{row['patient_id']}.png"))
+  with pytest.raises(reports.ReportError, match='--overwrite'):
+    evaluate.evaluate(str(tmp_path), data_dir, out)
+  evaluate.evaluate(str(tmp_path), data_dir, out, overwrite=True, progress=False)
+  assert not [n for n in os.listdir(tmp_path) if n.startswith('.eval')]  # no temp dirs left

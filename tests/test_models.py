@@ -83,8 +83,8 @@ def test_output_shapes_and_dtypes():
   x = jnp.linspace(-1, 1, 2 * 32 * 32).reshape(2, 32, 32, 1)
   generator = ResnetGenerator(ngf=4, num_res_blocks=1)
   discriminator = PatchDiscriminator(ndf=4)
-  g_params = generator.init(jax.random.key(0), x)
-  d_params = discriminator.init(jax.random.key(1), x)
+  g_params = jax.jit(generator.init)(jax.random.key(0), x)
+  d_params = jax.jit(discriminator.init)(jax.random.key(1), x)
   y = jax.jit(generator.apply)(g_params, x)
   assert y.shape == (2, 32, 32, 1) and y.dtype == jnp.float32
   assert float(jnp.abs(y).max()) <= 1.0
@@ -97,14 +97,14 @@ def test_output_shapes_and_dtypes():
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
   x = jnp.linspace(-1, 1, 32 * 32).reshape(1, 32, 32, 1)
   generator = ResnetGenerator(ngf=4, num_res_blocks=1, dtype=jnp.bfloat16)
-  params = generator.init(jax.random.key(0), x)
+  params = jax.jit(generator.init)(jax.random.key(0), x)
   assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   y16 = jax.jit(generator.apply)(params, x)
   y32 = jax.jit(ResnetGenerator(ngf=4, num_res_blocks=1).apply)(params, x)
   assert y16.dtype == jnp.float32
   np.testing.assert_allclose(y16, y32, atol=0.1)
   logits = jax.jit(PatchDiscriminator(ndf=4, dtype=jnp.bfloat16).apply)(
-      PatchDiscriminator(ndf=4).init(jax.random.key(1), x), x)
+      jax.jit(PatchDiscriminator(ndf=4).init)(jax.random.key(1), x), x)
   assert logits.dtype == jnp.float32
 
 
@@ -170,7 +170,7 @@ def test_upconv_gradients_equal_lax_conv_transpose():
 def test_generator_equals_naive_reference():
   x = jax.random.uniform(jax.random.key(0), (2, 16, 20, 1), minval=-1, maxval=1)
   generator = ResnetGenerator(ngf=4, num_res_blocks=2)
-  variables = generator.init(jax.random.key(1), x)
+  variables = jax.jit(generator.init)(jax.random.key(1), x)
   # Larger weights than the N(0, 0.02) init so every layer visibly matters.
   variables = jax.tree.map(lambda a: a * 20, variables)
   naive_apply = lambda v, a: _naive_generator(v['params'], a, 2)

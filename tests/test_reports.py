@@ -20,7 +20,8 @@ def test_describe_excludes_inf_and_nan():
   s = reports.describe([1.0, 3.0, math.inf, math.nan])
   assert (s.mean, s.n, s.n_inf, s.n_nan) == (2.0, 2, 1, 1)
   assert s.sd == pytest.approx(math.sqrt(2.0))  # ddof=1
-  assert reports.describe([5.0]).sd == 0.0
+  assert math.isnan(reports.describe([5.0]).sd)
+  assert reports.fmt_stats(reports.describe([5.0])) == "5.000"
   assert math.isnan(reports.describe([math.inf]).mean)
   assert reports.fmt_stats(s, 2) == '2.00 ± 1.41 (1 inf excluded, 1 nan excluded)'
 

@@ -193,6 +193,19 @@ class UnpairedIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     return {k: next(it) for k, it in self._iters.items()}
 
+  def close(self) -> None:
+    """Stops prefetch threads and worker processes (also done when garbage collected)."""
+    for it in self._iters.values():
+      close = getattr(it, 'close', None)
+      if close is not None:
+        close()
+
+  def __enter__(self) -> 'UnpairedIterator':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position of both streams."""
     state = {'version': STATE_VERSION, 'process_index': self._info['process_index'],

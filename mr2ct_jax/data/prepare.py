@@ -31,6 +31,7 @@ Output (DATA_DIR, written to DATA_DIR.tmp-XXXX and renamed when complete):
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 import shutil
 import sys
@@ -269,11 +270,11 @@ def _build(tmp: str, inputs: dict[str, dict[str, dict[str, str]]], s: Settings,
     for pid, files in inputs.get(split, {}).items():
       try:
         arrays, geom = _process(split, files, s)
-      except _Skipped as e:
+      except (_Skipped, volume_lib.VolumeError) as e:  # e.g. corrupt, not in HU: 'PATH: why'
         warn(str(e))
         continue
-      except volume_lib.VolumeError as e:  # e.g. not in HU, MR normalisation impossible
-        warn(str(e))
+      except RuntimeError as e:  # SimpleITK (N4) failures carry no path
+        warn(f'{next(iter(files.values()))}: {" ".join(str(e).split())}')
         continue
       folder = os.path.join(tmp, 'prepared', split)
       os.makedirs(folder, exist_ok=True)
@@ -410,9 +411,13 @@ def load_meta(data_dir: str) -> dict[str, Any]:
                        'mr2ct_jax.data.prepare)')
   try:
     with open(path, encoding='utf-8') as f:
-      return json.load(f)
+      meta = json.load(f)
   except (OSError, ValueError) as e:
     raise DatasetError(f'{path}: unreadable ({e})') from e
+  if meta.get('format_version') != FORMAT_VERSION:
+    raise DatasetError(f'{path}: format_version {meta.get("format_version")!r}, this code reads '
+                       f'{FORMAT_VERSION}; prepare the data again')
+  return meta
 
 
 def load_geometry(data_dir: str, patient_id: str) -> preprocess.SliceGeometry:
@@ -521,7 +526,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(__doc__)
   fv = _define_flags()
   cli_flags.parse(fv, argv, 'mr2ct_jax.data.prepare', required=('mr_dir', 'ct_dir', 'out'))
-  logging.set_verbosity(logging.WARNING)  # warnings (skipped files) and the summary only
+  # Skipped files as plain "warning: PATH: reason" lines on stderr, then the summary.
+  handler = std_logging.StreamHandler(sys.stderr)
+  handler.setFormatter(std_logging.Formatter('warning: %(message)s'))
+  handler.setLevel(std_logging.WARNING)
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addHandler(handler)
+  absl_logger.propagate = False
   data = fv.config.data
   try:
     prepare(fv.mr_dir, fv.ct_dir, fv.out, labeled_dir=fv.labeled_dir,
