@@ -295,6 +295,17 @@ def _resolve_data_dir(source: str, kind: str, data_dir: str | None,
   raise EvaluateError(f'{source}: the export\'s config has no data.dir; pass --data=DATA_DIR')
 
 
+def _check_data_matches(data_dir: str, config: ml_collections.ConfigDict) -> None:
+  """The generator only works on slices prepared like its training data (scale, intensity)."""
+  from mr2ct_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  meta = prepare.load_meta(data_dir)
+  for key in ('spacing_mm', 'image_size', 'mr_percentile'):
+    if key in meta and not np.isclose(float(meta[key]), float(config.data[key])):
+      raise EvaluateError(f'{data_dir}: prepared with {key}={meta[key]} but the generator was '
+                          f'trained with data.{key}={config.data[key]}; prepare the test data '
+                          'with the run\'s config')
+
+
 def _load_generators(source: str, step: int | None, backend: str):
   from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top  (jax/flax)
   sct_fn, config, info = generator_source.load_generator(source, 'mr2ct', step, backend)
@@ -340,6 +351,7 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
   from mr2ct_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TFDS is slow)
   if not pipeline.has_split(data_dir, 'test'):
     raise EvaluateError(f'{data_dir}: dataset has no paired `test` split to evaluate on')
+  _check_data_matches(data_dir, config)
   meta = {'source': source, 'kind': info.kind, 'step': info.step, 'data_dir': data_dir,
           'output_dir': output_dir, 'ct_window': list(config.data.ct_window),
           'mr_window': list(config.data.mr_window)}

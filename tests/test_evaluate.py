@@ -98,12 +98,13 @@ def test_evaluate_volumes_bad_input(test_config):
     evaluate.evaluate_volumes([vol, vol], _shift(0.0), None, test_config)
 
 
-def _write_eval(out_dir, config, delta, seed=0):
+def _write_eval(out_dir, config, delta, seed=0, panels=True):
   with reports.atomic_output_dir(out_dir) as tmp:
     figure_dir = os.path.join(tmp, 'figures')
     os.makedirs(figure_dir)
     per_volume, per_slice = evaluate.evaluate_volumes(
-        _volumes(num=3, seed=seed), _shift(delta), _shift(0.0), config, figure_dir=figure_dir)
+        _volumes(num=3, seed=seed), _shift(delta), _shift(0.0), config,
+        figure_dir=figure_dir if panels else None)
     for i, r in enumerate(per_volume):  # make the paired differences non-degenerate
       r['mae_255'] += 0.1 * i * (delta != 0)
     return evaluate.write_outputs(tmp, per_volume, per_slice,
@@ -152,23 +153,29 @@ def test_outputs_and_compare(tmp_path, test_config, capsys):
     evaluate.compare(dir_a, str(other), str(tmp_path / 'cmp'))
 
 
-def test_cli_compare_and_errors(tmp_path, test_config):
+def test_cli_compare_and_errors(tmp_path, test_config, capsys):
   dir_a, dir_b = str(tmp_path / 'a'), str(tmp_path / 'b')
-  _write_eval(dir_a, test_config, 0.0)
-  _write_eval(dir_b, test_config, 0.1)
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  run = lambda *args: subprocess.run([sys.executable, '-m', 'mr2ct_jax.evaluate', *args],
-                                     capture_output=True, text=True, cwd=REPO, env=env,
-                                     timeout=300)
-  res = run('--compare', dir_a, dir_b, f'--output={tmp_path / "cmp"}')
+  _write_eval(dir_a, test_config, 0.0, panels=False)
+  _write_eval(dir_b, test_config, 0.1, panels=False)
+  # One real process: `python -m mr2ct_jax.evaluate --compare A B` (positional directories).
+  res = subprocess.run([sys.executable, '-m', 'mr2ct_jax.evaluate', '--compare', dir_a, dir_b,
+                        f'--output={tmp_path / "cmp"}'], capture_output=True, text=True,
+                       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
   assert res.returncode == 0, res.stderr
   assert 'B - A' in res.stdout and os.path.exists(tmp_path / 'cmp' / 'compare.json')
-  res = run('--compare', dir_a)
-  assert res.returncode == 1 and 'exactly two' in res.stderr
-  res = run(f'--workdir={tmp_path / "nope"}', f'--output={tmp_path / "o"}')
-  assert res.returncode == 1 and 'nope' in res.stderr and 'Traceback' not in res.stderr
-  res = run(f'--workdir={tmp_path}', f'--output={dir_a}')
-  assert res.returncode == 1 and '--overwrite' in res.stderr
+  # Bad input: one-line errors from main() (in-process, the same code path).
+  prog = 'mr2ct_jax.evaluate'
+  for argv, message in [
+      ([prog, '--compare', dir_a], 'exactly two'),
+      ([prog, f'--workdir={tmp_path / "nope"}', f'--output={tmp_path / "o"}'], 'nope'),
+      ([prog, f'--workdir={tmp_path}', f'--output={dir_a}'], '--overwrite'),
+      ([prog, f'--workdir={tmp_path}', f'--npz={tmp_path}/g.npz'], 'exactly one'),
+      ([prog, '--bogus'], 'bogus')]:
+    with pytest.raises(SystemExit, match=message) as exc:
+      evaluate.main(argv)
+    assert str(exc.value).startswith('error: ') and '\n' not in str(exc.value)
+  assert evaluate.main([prog, '--help']) == 0
+  assert '--compare' in capsys.readouterr().out
 
 
 def test_evaluate_end_to_end_on_phantom(tmp_path, test_config, monkeypatch, capsys):
