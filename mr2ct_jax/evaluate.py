@@ -306,7 +306,9 @@ def _check_data_matches(data_dir: str, config: ml_collections.ConfigDict) -> Non
                           'with the run\'s config')
 
 
-def _load_generators(source: str, step: int | None, backend: str):
+def _load_generators(source: str, step: int | None, backend: str
+                     ) -> tuple[ApplyFn, ApplyFn | None, ml_collections.ConfigDict, Any]:
+  """(G_ct, G_mr or None, the run's config, G_ct's GeneratorInfo); both from one step."""
   from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top  (jax/flax)
   sct_fn, config, info = generator_source.load_generator(source, 'mr2ct', step, backend)
   try:
