@@ -72,3 +72,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   for key in ('log_every', 'image_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(train[key] >= 1, f'train.{key}', train[key], 'must be >= 1')
   _require(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size, 'must be >= 1')
+  if 'seg' in config:  # runs saved before the segmentation section existed have none
+    _validate_seg(config)
+
+
+def _validate_seg(config: ml_collections.ConfigDict) -> None:
+  """Checks config.seg (the downstream U-Net); the batch/device split is checked at its start."""
+  seg = config.seg
+  for key in ('base_filters', 'depth', 'num_steps', 'batch_size', 'log_every',
+              'checkpoint_every', 'keep_checkpoints', 'eval_batch_size'):
+    _require(int(seg[key]) == seg[key] and seg[key] >= 1, f'seg.{key}', seg[key],
+             'must be an integer >= 1')
+  _require(seg.num_classes >= 2, 'seg.num_classes', seg.num_classes,
+           'must be >= 2 (background and at least one structure)')
+  _require(config.data.image_size % 2 ** seg.depth == 0, 'seg.depth', seg.depth,
+           f'2**depth must divide data.image_size={config.data.image_size} (one 2x2 pooling '
+           'per level)')
+  _require(seg.lr > 0, 'seg.lr', seg.lr, 'must be > 0')
+  _require(seg.dice_loss_weight >= 0, 'seg.dice_loss_weight', seg.dice_loss_weight,
+           'must be >= 0 (a loss weight)')
+  _require(seg.dtype in ('float32', 'bfloat16', 'float16'), 'seg.dtype', seg.dtype,
+           "must be 'float32', 'bfloat16' or 'float16'")

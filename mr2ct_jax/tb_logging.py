@@ -5,7 +5,6 @@ from typing import Mapping
 
 import jax
 import numpy as np
-from absl import logging
 
 
 def image_grid(rows: list[list[np.ndarray]]) -> np.ndarray:
@@ -76,17 +75,23 @@ class Progress:
     self._last_step, self._last_time = step, now
     return rate
 
-  def line(self, step: int, rate: float, metrics: Mapping[str, float]) -> str:
-    """The progress line for `step`, given steps/s `rate` and the latest metrics."""
+  def line(self, step: int, rate: float, metrics: Mapping[str, float],
+           compiling: bool = False) -> str:
+    """The progress line for `step`, given steps/s `rate` and the latest metrics.
+
+    With `compiling`, the window held XLA compilation, so its time is shown instead of a
+    meaningless ETA.
+    """
     shown = ' '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in metrics.items()
-                     if k.startswith('loss/'))
+                     if k.startswith('loss/') and not (k == 'loss/identity' and v == 0))
+    if compiling:
+      return f'step {step}/{self._total} | {shown} | compiled and ran in {1 / rate:.1f} s'
     eta = (self._total - step) / rate if rate > 0 else float('inf')
     eta_text = _format_duration(eta) if np.isfinite(eta) else '?'
-    return (f'step {step}/{self._total} | {shown} | {rate:.2f} steps/s | ETA {eta_text}')
+    return f'step {step}/{self._total} | {shown} | {rate:.2f} steps/s | ETA {eta_text}'
 
 
 def log_line(text: str) -> None:
   """Prints a progress line on process 0 (stdout, so users see it without absl flags)."""
   if jax.process_index() == 0:
     print(text, flush=True)
-    logging.info(text)

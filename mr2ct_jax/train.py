@@ -113,8 +113,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(step, values)
         rate = progress.rate(step)
-        writer.scalars(step, {**values, 'perf/steps_per_sec': rate})
-        tb_logging.log_line(progress.line(step, rate, values))
+        compiling = step == start_step + 1
+        if not compiling:
+          writer.scalars(step, {**values, 'perf/steps_per_sec': rate})
+        else:
+          writer.scalars(step, values)
+        tb_logging.log_line(progress.line(step, rate, values, compiling=compiling))
       if step % config.train.image_every == 0 or is_last:
         _write_samples(writer, sample_fn, state.params, batch, step)
       if step % config.train.checkpoint_every == 0 or is_last:

@@ -199,3 +199,19 @@ def test_generator_rejects_bad_input_shape():
   with pytest.raises(ValueError, match='divisible by 4'):
     jax.eval_shape(ResnetGenerator(ngf=4, num_res_blocks=1).init, jax.random.key(0),
                    jnp.zeros((1, 30, 32, 1)))
+
+
+@pytest.mark.parametrize('x_shape,kernel_shape', [((2, 9, 8, 3), (3, 3, 3, 5)),
+                                                  ((1, 12, 11, 2), (7, 7, 2, 4)),
+                                                  ((1, 10, 9, 4), (7, 7, 4, 1))])
+def test_valid_convs_and_gradients_equal_lax_conv(x_shape, kernel_shape):
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+  conv = layers.conv_to_one_channel if kernel_shape[-1] == 1 else layers.conv_valid
+  naive = lambda a, k: jax.lax.conv_general_dilated(a, k, (1, 1), 'VALID', dimension_numbers=_DN)
+  y = jax.jit(conv)(x, kernel)
+  np.testing.assert_allclose(y, naive(x, kernel), atol=1e-4)
+  w = jax.random.normal(jax.random.key(2), y.shape)
+  grad = lambda f: jax.jit(jax.grad(lambda a, k: jnp.sum(f(a, k) * w), argnums=(0, 1)))
+  for fast, ref in zip(grad(conv)(x, kernel), grad(naive)(x, kernel)):
+    np.testing.assert_allclose(fast, ref, atol=1e-4, rtol=1e-5)

@@ -23,10 +23,8 @@ class ResnetBlock(nn.Module):
     """Applies the block to NHWC `x` (channels == features)."""
     y = x
     for i in range(2):
-      y = layers.reflect_pad(y, 1)
-      # use_bias=True although instance norm cancels it: the reference has these parameters.
-      y = nn.Conv(self.features, (3, 3), padding='VALID', dtype=self.dtype,
-                  kernel_init=KERNEL_INIT, name=f'conv_{i}')(y)
+      # A bias although instance norm cancels it: the reference has these parameters.
+      y = layers.ReflectConv(self.features, 3, 1, dtype=self.dtype, name=f'conv_{i}')(y)
       y = layers.instance_norm(y)
       if i == 0:
         y = nn.relu(y)
@@ -50,19 +48,17 @@ class ResnetGenerator(nn.Module):
     if x.ndim != 4 or x.shape[1] % 4 or x.shape[2] % 4:
       raise ValueError(f'ResnetGenerator: input must be [B, H, W, C] with H, W divisible by 4, '
                        f'got {x.shape}')
-    conv = lambda f, k, name, **kw: nn.Conv(f, (k, k), dtype=self.dtype, kernel_init=KERNEL_INIT,
-                                            name=name, **kw)
     y = x.astype(self.dtype)
-    y = conv(self.ngf, 7, 'stem', padding='VALID')(layers.reflect_pad(y, 3))
+    y = layers.ReflectConv(self.ngf, 7, 3, dtype=self.dtype, name='stem')(y)
     y = nn.relu(layers.instance_norm(y))
     for i in range(2):
-      y = conv(self.ngf * 2 ** (i + 1), 3, f'down_{i}', strides=(2, 2),
-               padding=((1, 1), (1, 1)))(y)
+      y = nn.Conv(self.ngf * 2 ** (i + 1), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                  dtype=self.dtype, kernel_init=KERNEL_INIT, name=f'down_{i}')(y)
       y = nn.relu(layers.instance_norm(y))
     for i in range(self.num_res_blocks):
       y = ResnetBlock(self.ngf * 4, dtype=self.dtype, name=f'res_{i}')(y)
     for i in range(2):
       y = layers.UpConv2x(self.ngf * 2 ** (1 - i), dtype=self.dtype, name=f'up_{i}')(y)
       y = nn.relu(layers.instance_norm(y))
-    y = conv(self.out_channels, 7, 'head', padding='VALID')(layers.reflect_pad(y, 3))
+    y = layers.ReflectConv(self.out_channels, 7, 3, dtype=self.dtype, name='head')(y)
     return jnp.tanh(y.astype(jnp.float32))

@@ -1,6 +1,13 @@
 """Layers the CycleGAN reference uses that flax lacks, written for XLA's CPU/GPU conv paths.
 
 - `reflect_pad`: PyTorch `nn.ReflectionPad2d` (edge pixel not repeated).
+- `ReflectConv`: reflect padding + stride-1 conv with bias, parameters as `nn.Conv`'s.
+  XLA:CPU (jax 0.10, YNNPACK convs) runs a convolution without padding ~2.5x slower than
+  the same one with padding, so the unpadded ("VALID") conv after a reflect pad is computed
+  with one extra zero row at the bottom whose output row is dropped (`conv_valid`). A conv
+  to a single output channel (the generator's last layer) is ~30x slower still, forward and
+  backward, so it is written as one matmul to kh*kw planes plus shifted sums
+  (`conv_to_one_channel`), with a hand-written backward of two matmuls.
 - `instance_norm`: PyTorch `nn.InstanceNorm2d(affine=False)` (per image and channel, biased
   variance, eps 1e-5, no parameters); statistics in float32 whatever the compute dtype.
 - `UpConv2x`: PyTorch `nn.ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1)`,
@@ -46,6 +53,102 @@ def instance_norm(x: Array, eps: float = 1e-5) -> Array:
 
 def _conv(x: Array, kernel: Array, padding) -> Array:
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_DN)
+
+
+@jax.custom_vjp
+def conv_valid(x: Array, kernel: Array) -> Array:
+  """Stride-1 unpadded conv of NHWC `x` with HWIO `kernel` ([B, H-kh+1, W-kw+1, Cout]).
+
+  Computed with a zero row appended at the bottom and its output row dropped: the same
+  numbers, but XLA:CPU then takes its fast (padded) conv path. The backward pass is written
+  out too: XLA:CPU's kernel-gradient convolution runs at a fraction of matmul speed, so the
+  kernel gradient is kh matmuls of column-shifted copies of `x` with the output gradient.
+  """
+  return _conv(x, kernel, ((0, 1), (0, 0)))[:, :-1]
+
+
+def _conv_valid_fwd(x, kernel):
+  return conv_valid(x, kernel), (x, kernel)
+
+
+def _conv_valid_bwd(residuals, dy):
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  h, w = dy.shape[1:3]
+  # Input gradient: the full (padded, so fast) correlation of dy with the flipped kernel.
+  # The kernel is read as HWOI rather than transposed: XLA:CPU's transposing copy of a
+  # [3, 3, 256, 256] kernel took as long as a quarter of the conv.
+  dx = jax.lax.conv_general_dilated(dy, jnp.flip(kernel, (0, 1)), (1, 1),
+                                    ((kh - 1, kh - 1), (kw - 1, kw - 1)),
+                                    dimension_numbers=('NHWC', 'HWOI', 'NHWC'))
+  # Kernel gradient: cols[b, r, c, (j, i)] = x[b, r, c + j, i]; tap row t is the product of
+  # dy with rows t..t+h of cols, contracted over batch and pixels.
+  cols = jnp.concatenate([x[:, :, j:j + w] for j in range(kw)], axis=-1)
+  rows = [jnp.einsum('bhwo,bhwk->ok', dy, cols[:, t:t + h]) for t in range(kh)]
+  dk = jnp.stack(rows).reshape(kh, cout, kw, cin).transpose(0, 2, 3, 1)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
+
+
+@jax.custom_vjp
+def _one_channel(xp: Array, taps: Array) -> Array:
+  """VALID conv of [B, H', W', C] with kh*kw taps [kh, kw, C] to [B, H, W] (1 channel)."""
+  kh, kw, c = taps.shape
+  b, hp, wp, _ = xp.shape
+  h, w = hp - kh + 1, wp - kw + 1
+  # planes[b, i, j] = xp . taps[i, j]: one matmul; the conv is the sum of shifted planes.
+  planes = jnp.einsum('bhwc,ijc->bijhw', xp, taps)
+  rows = sum(planes[:, :, j, :, j:j + w] for j in range(kw))   # [B, kh, H', W]
+  return sum(rows[:, i, i:i + h] for i in range(kh))
+
+
+def _one_channel_fwd(xp, taps):
+  return _one_channel(xp, taps), (xp, taps)
+
+
+def _one_channel_bwd(residuals, dy):
+  xp, taps = residuals
+  kh, kw, _ = taps.shape
+  # shifted[b, i, j, h', w'] = dy[b, h' - i, w' - j]: the gradient of every plane.
+  shifted = jnp.stack([
+      jnp.stack([jnp.pad(dy, ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j))) for j in range(kw)],
+                axis=1) for i in range(kh)], axis=1)
+  d_xp = jnp.einsum('bijhw,ijc->bhwc', shifted, taps)
+  d_taps = jnp.einsum('bijhw,bhwc->ijc', shifted, xp)
+  return d_xp, d_taps
+
+
+_one_channel.defvjp(_one_channel_fwd, _one_channel_bwd)
+
+
+def conv_to_one_channel(x: Array, kernel: Array) -> Array:
+  """`conv_valid` for a kernel [kh, kw, C, 1]: returns [B, H-kh+1, W-kw+1, 1]."""
+  return _one_channel(x, kernel[..., 0])[..., None]
+
+
+class ReflectConv(nn.Module):
+  """`nn.ReflectionPad2d(pad)` + `nn.Conv2d(features, kernel_size)` (stride 1, bias).
+
+  Parameters `kernel` [k, k, Cin, features] and `bias` [features], as `nn.Conv`.
+  """
+  features: int
+  kernel_size: int
+  pad: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps [B, H, W, Cin] to [B, H + 2 pad - k + 1, ..., features]."""
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.initializers.normal(0.02),
+                        (k, k, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x = reflect_pad(x.astype(self.dtype), self.pad)
+    conv = conv_to_one_channel if self.features == 1 else conv_valid
+    return conv(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 def upconv2x(x: Array, kernel: Array) -> Array:

@@ -1,0 +1,195 @@
+r"""Time of one CycleGAN (+GC) training step against a matmul ceiling, written as JSON.
+
+  python -m mr2ct_jax.bench train --size 128|256 [--gc] [--output=bench_train.json] \
+      [--config=configs/gc.py] [--steps=5] [--warmup=1]
+
+The step is the real one (`train_step.make_train_step` of `configs/gc.py`'s default, i.e.
+ResNet-9 generators, 70x70 PatchGANs, pools, both Adam updates) at batch 1 on one device,
+with `loss.gc_weight` = the config's lambda_GC (`--gc`) or 0 (`--nogc`, the default).
+It reports the median step time after compilation, the step's FLOPs from XLA's cost
+analysis, the achieved GFLOP/s, and their ratio to a float32 2048^3 matmul timed in the same
+process (the best the machine does on dense arithmetic right now). The PyTorch reference
+(junyanz/pytorch-CycleGAN-and-pix2pix on the same 2-core CPU) is in the report for comparison.
+"""
+
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from mr2ct_jax import cli_flags
+
+# Seconds per step, batch 1, 2 CPU threads (DESIGN.md): size -> (without GC, with GC).
+REFERENCE_STEP_S = {128: (1.96, 2.19), 256: (7.62, 7.76)}
+_MATMUL_N = 2048
+
+
+def _default_config_path() -> str:
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), 'configs', 'gc.py')
+
+
+def _define_flags() -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', _default_config_path(),
+                                  'Config file (configs/gc.py[:variant]).', flag_values=fv)
+  flags.DEFINE_integer('size', 256, 'Image size (square).', flag_values=fv)
+  flags.DEFINE_bool('gc', False, 'With the gradient-consistency term (loss.gc_weight).',
+                    flag_values=fv)
+  flags.DEFINE_string('output', 'bench_train.json', 'JSON report path.', flag_values=fv)
+  flags.DEFINE_integer('steps', 5, 'Steps timed (after warmup).', flag_values=fv)
+  flags.DEFINE_integer('warmup', 1, 'Steps run after compilation before timing.',
+                       flag_values=fv)
+  return fv
+
+
+def bench_config(config: ml_collections.ConfigDict, size: int,
+                 gc: bool) -> ml_collections.ConfigDict:
+  """`config` at image size `size`, batch 1, with or without the GC term."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.image_size = int(size)
+  config.train.batch_size = 1
+  if gc:
+    if config.loss.gc_weight <= 0:
+      config.loss.gc_weight = 0.3  # the paper's lambda_GC
+  else:
+    config.loss.gc_weight = 0.0
+  return config
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+def matmul_ceiling(repeats: int = 5) -> dict[str, float]:
+  """GFLOP/s of a float32 2048x2048 matmul (median and best of `repeats`)."""
+  a = jax.random.normal(jax.random.key(0), (_MATMUL_N, _MATMUL_N), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x).lower(a).compile()
+  jax.block_until_ready(matmul(a))
+  median, times = _median_seconds(lambda: matmul(a), repeats)
+  flop = 2 * _MATMUL_N ** 3
+  return {'median_gflops': flop / median / 1e9, 'best_gflops': flop / min(times) / 1e9}
+
+
+def _flops(compiled: Any) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+    analysis = analysis[0]
+  return float(analysis.get('flops', 0.0))
+
+
+def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
+  """Compiles and times the train step of `config` on one device; returns the measurements."""
+  from mr2ct_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+  mesh = train_step_lib.make_mesh(jax.devices()[:1])
+  size = config.data.image_size
+  # XLA:CPU compiles a jitted init with partitionable threefry (one normal per parameter)
+  # for many minutes; the classic threefry stream compiles in seconds. The values are a
+  # different but equally valid initialisation, and only the step's timing matters here.
+  with jax.threefry_partitionable(False):
+    state = train_step_lib.create_state(config, jax.random.key(config.seed), mesh)
+  rng = np.random.default_rng(0)
+  batch = {name: np.clip(rng.standard_normal((1, size, size, 1)) * 0.5, -1, 1).astype(np.float32)
+           for name in ('mr', 'ct')}
+  batch = train_step_lib.shard_batch(batch, mesh)
+  step_fn = train_step_lib.make_train_step(config, mesh)
+
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  flops = _flops(compiled)
+
+  holder = {'state': state}
+
+  def one_step():
+    holder['state'], metrics = compiled(holder['state'], batch)
+    return metrics
+
+  for _ in range(warmup):
+    jax.block_until_ready(one_step())
+  ceiling_before = matmul_ceiling()
+  median, times = _median_seconds(one_step, steps)
+  ceiling_after = matmul_ceiling()
+  metrics = jax.device_get(one_step())
+  if not all(np.isfinite(v) for v in metrics.values()):
+    raise SystemExit(f'error: non-finite metrics after the timed steps: {metrics}')
+  ceiling = max(ceiling_before['median_gflops'], ceiling_after['median_gflops'])
+  achieved = flops / median / 1e9
+  reference = REFERENCE_STEP_S.get(size, (None, None))[1 if config.loss.gc_weight else 0]
+  return {
+      'step_time_s': median,
+      'step_times_s': times,
+      'steps_timed': steps,
+      'warmup_steps': warmup,
+      'compile_s': compile_s,
+      'flops_per_step': flops,
+      'achieved_gflops': achieved,
+      'matmul_ceiling_gflops': ceiling,
+      'matmul_ceiling_runs': {'before': ceiling_before, 'after': ceiling_after},
+      'ratio': achieved / ceiling,
+      'reference_pytorch_step_s': reference,
+      'speedup_vs_reference': reference / median if reference else None,
+  }
+
+
+def machine_info() -> dict[str, Any]:
+  """Devices, CPU and library versions."""
+  import flax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor()
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
+  except OSError:
+    pass
+  try:
+    load = os.getloadavg()
+  except OSError:
+    load = None
+  return {'jax': jax.__version__, 'flax': flax.__version__, 'backend': jax.default_backend(),
+          'devices': [str(d) for d in jax.devices()], 'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'load_average': load, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'platform': platform.platform(), 'python': platform.python_version()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; writes the JSON report and prints a one-line summary."""
+  fv = _define_flags()
+  cli_flags.parse(fv, sys.argv if argv is None else argv, 'mr2ct_jax.bench train')
+  if fv.size < 16 or fv.size % 4:
+    raise SystemExit(f'error: --size={fv.size}: must be >= 16 and divisible by 4')
+  if fv.steps < 1 or fv.warmup < 0:
+    raise SystemExit('error: --steps must be >= 1 and --warmup >= 0')
+  config = bench_config(fv.config, fv.size, fv.gc)
+  result = run(config, fv.steps, fv.warmup)
+  report = {'benchmark': 'train', 'size': fv.size, 'gc': fv.gc, 'batch_size': 1, **result,
+            'config': config.to_dict(), 'machine': machine_info()}
+  tmp = f'{fv.output}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(report, f, indent=1, default=str)
+  os.replace(tmp, fv.output)
+  ref = result['reference_pytorch_step_s']
+  print(f'train step at {fv.size}^2 (gc={fv.gc}): {result["step_time_s"]:.3f} s '
+        f'(PyTorch reference {ref} s), {result["achieved_gflops"]:.1f} GFLOP/s = '
+        f'{100 * result["ratio"]:.0f}% of the matmul ceiling '
+        f'{result["matmul_ceiling_gflops"]:.1f} GFLOP/s -> {fv.output}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

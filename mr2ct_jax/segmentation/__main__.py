@@ -1,0 +1,104 @@
+"""Segmentation via synthesis: train a 2-channel U-Net on labeled CT + sMR, test on MR.
+
+Usage:
+  python -m mr2ct_jax.segmentation --workdir=runs/gc [--data=DATA_DIR] [--output=runs/gc/seg]
+      [--steps=N] [--overwrite] [--config=configs/gc.py:quick]
+
+Uses the CycleGAN workdir's generators frozen: G_mr makes sMR for the labeled CT slices (once,
+cached), the U-Net trains on (CT, sMR) with the run config's `seg` section (or that of
+--config), then segments the paired test split's MR from (sCT = G_ct(MR), MR) and reports
+Dice per structure. Running it again resumes training from OUTPUT/checkpoints; the evaluation
+goes to OUTPUT/eval (an existing one is replaced only with --overwrite).
+"""
+
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from mr2ct_jax import cli_flags
+
+COMMAND = 'mr2ct_jax.segmentation'
+
+
+def _define_flags() -> flags.FlagValues:
+  # A private FlagValues (see cli_flags): importable next to other commands' flags.
+  fv = flags.FlagValues()
+  flags.DEFINE_string('workdir', None, 'CycleGAN training workdir (its generators are used).',
+                      flag_values=fv)
+  flags.DEFINE_string('data', None, 'Prepared dataset with `labeled` and `test` splits. '
+                      "Default: the run config's data.dir, or the phantom under WORKDIR/phantom.",
+                      flag_values=fv)
+  flags.DEFINE_string('output', None, 'Segmentation directory (default WORKDIR/seg).',
+                      flag_values=fv)
+  flags.DEFINE_integer('steps', None, 'Train to this step (default config.seg.num_steps).',
+                       flag_values=fv)
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing OUTPUT/eval.', flag_values=fv)
+  config_flags.DEFINE_config_file(
+      'config', None, 'Optional config file whose `seg` section replaces the run\'s, e.g. '
+      'configs/gc.py:quick (fields overridable: --config.seg.lr=...).', flag_values=fv,
+      lock_config=True)
+  return fv
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+  """Exception types whose message is a one-line explanation for the user."""
+  from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax import reports  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.data import volume  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.segmentation import data as seg_data  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.segmentation import run as seg_run  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.segmentation import train as seg_train  # pylint: disable=g-import-not-at-top
+  return (seg_run.SegmentationError, seg_data.SegDataError, config_checks.ConfigError,
+          generator_source.SourceError, checkpointing.CheckpointError, reports.ReportError,
+          volume.VolumeError, volume.DatasetError, seg_train.NonFiniteLossError)
+
+
+def _last_line(error: Exception) -> str:
+  # Config-file errors carry the loader's traceback; its last line says what went wrong.
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def _seg_section(fv: flags.FlagValues):
+  """The `seg` section of --config (None without --config); one-line errors."""
+  if not fv['config'].present:
+    return None
+  try:
+    config = fv.config  # ml_collections loads the file lazily: errors surface here
+    has_seg = 'seg' in config
+  except (OSError, ValueError, flags.Error) as e:
+    raise SystemExit(f'error: --config: {_last_line(e)}') from e
+  if not has_seg:
+    raise SystemExit(f'error: --config: {fv["config"].config_filename} has no seg section')
+  return config.seg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; returns 0 or raises SystemExit with a one-line 'error: ...'."""
+  argv = list(sys.argv if argv is None else argv)
+  fv = _define_flags()
+  if any(arg in ('-h', '--help', '-help', '--helpfull') for arg in argv[1:]):
+    print(f'{__doc__}\nflags:\n{fv.get_help()}')
+    return 0
+  try:
+    cli_flags.parse(fv, argv, COMMAND, required=('workdir',))
+  except SystemExit as e:
+    if isinstance(e.__cause__, flags.Error) and 'config file' in str(e.__cause__):
+      raise SystemExit(f'error: --config: {_last_line(e.__cause__)}') from e.__cause__
+    raise
+  seg_config = _seg_section(fv)
+  from mr2ct_jax.segmentation import run as seg_run  # pylint: disable=g-import-not-at-top
+  try:
+    seg_run.run(fv.workdir, fv.data, fv.output, steps=fv.steps, overwrite=fv.overwrite,
+                seg_config=seg_config)
+  except _known_errors() as e:  # pylint: disable=catching-non-exception
+    raise SystemExit(f'error: {e}') from e
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,258 @@
+"""Training of the segmentation U-Net: state, the jitted data-parallel step, the loop.
+
+Like the CycleGAN step (`mr2ct_jax.train_step`): a pure step function with its statics bound
+by `functools.partial`, jitted with the state replicated and the batch split over the mesh's
+'data' axis (XLA inserts the gradient all-reduce), the state donated. Checkpoints go to
+SEG_DIR/checkpoints through the same Orbax manager as the CycleGAN (items 'state' and
+'data_iter'; the sampler's "iterator state" is only its seed, batches being a function of the
+step), and a second run on the same directory resumes from the latest one.
+"""
+
+import functools
+import math
+import os
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from mr2ct_jax import checkpointing
+from mr2ct_jax import config_checks
+from mr2ct_jax import tb_logging
+from mr2ct_jax import train_step as train_step_lib
+from mr2ct_jax.models import unet as unet_lib
+from mr2ct_jax.segmentation import data as seg_data
+from mr2ct_jax.segmentation import losses
+
+Batch = dict[str, jax.Array]
+METRIC_KEYS = ('loss/total', 'loss/ce', 'loss/dice', 'accuracy')
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+IN_CHANNELS = 2  # (CT-like, MR-like)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The segmentation loss became NaN/Inf; the message names the step."""
+
+
+@flax.struct.dataclass
+class SegState:
+  """The U-Net's train state (a pytree): step (int32 scalar), params, Adam state."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def build_model(seg: ml_collections.ConfigDict) -> unet_lib.UNet:
+  """The U-Net of `config.seg` (2 input channels)."""
+  return unet_lib.UNet(num_classes=int(seg.num_classes), base_filters=int(seg.base_filters),
+                       depth=int(seg.depth), in_channels=IN_CHANNELS, dtype=_DTYPES[seg.dtype])
+
+
+def make_optimizer(lr: float) -> optax.GradientTransformation:
+  """Adam with a constant learning rate (the paper: config.seg.lr = 1e-4)."""
+  return optax.adam(float(lr))
+
+
+def param_shapes(model: unet_lib.UNet, image_size: int) -> Any:
+  """The parameter tree of `model` as ShapeDtypeStructs (no computation)."""
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, IN_CHANNELS), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params']
+
+
+def init_params(model: unet_lib.UNet, image_size: int, seed: int) -> Any:
+  """He-normal kernels (std sqrt(2 / fan_in), Ronneberger's init) and zero biases, by NumPy.
+
+  Drawn with NumPy instead of `model.init`: on XLA:CPU compiling flax's init (a threefry
+  sampler per parameter) takes tens of seconds, drawing the same distribution here takes
+  milliseconds. Deterministic in `seed`.
+  """
+  rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5E6])
+
+  def draw(path, leaf):
+    if jax.tree_util.keystr(path).endswith("['bias']"):
+      return np.zeros(leaf.shape, np.float32)
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return (rng.standard_normal(leaf.shape) * math.sqrt(2.0 / fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, param_shapes(model, image_size))
+
+
+def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> SegState:
+  """ShapeDtypeStructs of the replicated SegState of `config` (the restore target)."""
+  model, tx = build_model(config.seg), make_optimizer(config.seg.lr)
+  params = param_shapes(model, int(config.data.image_size))
+  state = SegState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                   opt_state=jax.eval_shape(tx.init, params))
+  sharding = train_step_lib.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def create_state(config: ml_collections.ConfigDict, mesh: Mesh) -> SegState:
+  """A fresh SegState (params from `init_params` with config.seed), replicated over `mesh`."""
+  model, tx = build_model(config.seg), make_optimizer(config.seg.lr)
+  params = init_params(model, int(config.data.image_size), config.seed)
+  replicated = train_step_lib.replicated(mesh)
+  create = jax.jit(lambda p: SegState(step=jnp.zeros((), jnp.int32), params=p,
+                                      opt_state=tx.init(p)), out_shardings=replicated)
+  return create(params)
+
+
+def train_step(state: SegState, batch: Batch, *, model: unet_lib.UNet,
+               tx: optax.GradientTransformation,
+               dice_weight: float) -> tuple[SegState, dict[str, jax.Array]]:
+  """One Adam update on {'image': [B,S,S,2], 'label': int [B,S,S]}.
+
+  Returns:
+    (new state, metrics METRIC_KEYS: the loss terms (unweighted 'loss/dice' = 1 - soft Dice)
+    and pixel accuracy, float32 scalars). Non-finite values are returned, not raised.
+  """
+  def loss_fn(params):
+    logits = model.apply({'params': params}, batch['image'])
+    total, terms = losses.segmentation_loss(logits, batch['label'], dice_weight)
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32))
+    return total, {**terms, 'accuracy': accuracy}
+
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {k: jnp.asarray(metrics[k], jnp.float32) for k in METRIC_KEYS}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh
+                    ) -> Callable[[SegState, Batch], tuple[SegState, dict[str, jax.Array]]]:
+  """The jitted `train_step` of `config.seg`; state replicated (donated), batch sharded.
+
+  The jitted function is shared by calls with the same U-Net, learning rate, Dice weight and
+  mesh, so resuming or retraining in one process (tests, sweeps) compiles once.
+  """
+  seg = config.seg
+  return _jitted_step(build_model(seg), float(seg.lr), float(seg.dice_loss_weight), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_step(model: unet_lib.UNet, lr: float, dice_weight: float, mesh: Mesh):
+  step = functools.partial(train_step, model=model, tx=make_optimizer(lr), dice_weight=dice_weight)
+  replicated = train_step_lib.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, train_step_lib.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def check_batch(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+  """Raises ConfigError unless seg.batch_size splits evenly over devices and processes."""
+  batch = config.seg.batch_size
+  for count, what in ((num_devices, 'devices'), (num_processes, 'processes')):
+    if batch % count:
+      raise config_checks.ConfigError(
+          f'config.seg.batch_size={batch!r}: must be divisible by the number of {what} ({count})')
+
+
+def _check_finite(step: int, values: dict[str, float]) -> None:
+  for key, value in values.items():
+    if not math.isfinite(value):
+      raise NonFiniteLossError(f'segmentation step {step}: {key} is {value}; stopping (the last '
+                               'good checkpoint is kept). Lower seg.lr.')
+
+
+def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.LabeledSet, *,
+          run_info: dict[str, Any] | None = None, stop_after: int | None = None,
+          mesh: Mesh | None = None) -> SegState:
+  """Trains (or resumes) the U-Net in SEG_DIR to config.seg.num_steps.
+
+  Args:
+    config: the CycleGAN run's config with the `seg` section (seed, data.crop_pad_fraction and
+      data.flip_lr drive the augmentation).
+    seg_dir: checkpoints in SEG_DIR/checkpoints, TensorBoard in SEG_DIR/tb.
+    labeled: the training slices (`data.load_labeled_set`).
+    run_info: JSON-serialisable facts saved with each checkpoint (e.g. the generator step).
+    stop_after: stop (with a checkpoint) at this step, as a pre-empted job would.
+    mesh: device mesh (default: all devices on the 'data' axis).
+
+  Returns:
+    The final state (replicated).
+
+  Raises:
+    ConfigError: bad seg values or a batch that does not split over the devices.
+    checkpointing.CheckpointError: a checkpoint written with another U-Net config.
+    NonFiniteLossError: the loss became NaN/Inf.
+  """
+  mesh = train_step_lib.make_mesh() if mesh is None else mesh
+  config_checks.validate(config, num_devices=1, num_processes=1)
+  check_batch(config, mesh.size, jax.process_count())
+  seg = config.seg
+  manager = checkpointing.make_manager(seg_dir, max_to_keep=int(seg.keep_checkpoints))
+  latest = manager.latest_step()
+  if latest is not None:
+    state, _ = checkpointing.restore(manager, latest, abstract_state(config, mesh))
+    tb_logging.log_line(f'Segmentation: resumed from {seg_dir} at step {latest}.')
+  else:
+    state = create_state(config, mesh)
+  start = int(jax.device_get(state.step))
+  num_steps = int(seg.num_steps)
+  end = num_steps if stop_after is None else min(int(stop_after), num_steps)
+  if start >= end:
+    tb_logging.log_line(f'Segmentation: {seg_dir} already trained to step {start}.')
+    manager.close()
+    return state
+  step_fn = make_train_step(config, mesh)
+  size = int(config.data.image_size)
+  pad = int(round(float(config.data.crop_pad_fraction) * size))
+  local_batch = int(seg.batch_size) // jax.process_count()
+  iter_state = {'sampler': 'per-step seed', 'seed': int(config.seed), **(run_info or {})}
+  writer = tb_logging.MetricWriter(os.path.join(seg_dir, 'tb'))
+  progress = tb_logging.Progress(start, num_steps)
+  step = start
+  try:
+    while step < end:
+      batch = seg_data.sample_batch(labeled, seed=config.seed, step=step, batch_size=local_batch,
+                                    pad=pad, flip_lr=bool(config.data.flip_lr),
+                                    process_index=jax.process_index())
+      state, metrics = step_fn(state, train_step_lib.shard_batch(batch, mesh))
+      step += 1
+      is_last = step == end
+      if step % seg.log_every == 0 or is_last or step == start + 1:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(step, values)
+        rate = progress.rate(step)
+        writer.scalars(step, {**{f'seg/{k}': v for k, v in values.items()},
+                              'perf/steps_per_sec': rate})
+        tb_logging.log_line('seg ' + progress.line(step, rate, values) +
+                            f" | acc={values['accuracy']:.4f}")
+      if step % seg.checkpoint_every == 0 or is_last:
+        _check_finite(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
+        # A host copy: Orbax would otherwise slice the 8-way replicated arrays shard by shard,
+        # compiling one slice per parameter shape (seconds on CPU) for no benefit.
+        checkpointing.save(manager, step, jax.device_get(state), iter_state)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
+  return state
+
+
+def restore_params(seg_dir: str, config: ml_collections.ConfigDict) -> tuple[Any, int]:
+  """The U-Net parameters (NumPy) of the latest checkpoint in SEG_DIR, and its step.
+
+  Raises:
+    checkpointing.CheckpointError: no checkpoint, or one from another U-Net config.
+  """
+  ckpt_dir = os.path.join(seg_dir, checkpointing.CHECKPOINT_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise checkpointing.CheckpointError(f'{ckpt_dir}: no segmentation checkpoint (train first)')
+  manager = checkpointing.make_manager(seg_dir, read_only=True)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise checkpointing.CheckpointError(f'{ckpt_dir}: no segmentation checkpoint')
+    mesh = train_step_lib.make_mesh(jax.local_devices()[:1])
+    target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_state(config, mesh))
+    state, _ = checkpointing.restore(manager, step, target)
+  finally:
+    manager.close()
+  return jax.tree.map(np.asarray, state.params), int(step)
