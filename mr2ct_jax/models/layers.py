@@ -4,7 +4,8 @@
 - `ReflectConv`: reflect padding + stride-1 conv with bias, parameters as `nn.Conv`'s.
   XLA:CPU (jax 0.10, YNNPACK convs) runs a convolution without padding ~2.5x slower than
   the same one with padding, so the unpadded ("VALID") conv after a reflect pad is computed
-  with one extra zero row at the bottom whose output row is dropped (`conv_valid`). A conv
+  with one extra zero row at the bottom whose output row is dropped (`conv_valid`); its
+  backward is hand-written too (padded input-gradient conv, kernel gradient as matmuls). A conv
   to a single output channel (the generator's last layer) is ~30x slower still, forward and
   backward, so it is written as one matmul to kh*kw planes plus shifted sums
   (`conv_to_one_channel`), with a hand-written backward of two matmuls.
