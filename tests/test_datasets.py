@@ -137,7 +137,7 @@ def _bad_folder(raw, tmp_path):
   folder = tmp_path / 'mr_bad'
   folder.mkdir()
   os.symlink(os.path.join(raw[0], 'mr0.nii.gz'), folder / 'good.nii.gz')
-  (folder / 'notes.txt').write_text('not an image')
+  (folder / 'notes.txt').write_text('not an image', encoding='utf-8')
   (folder / 'corrupt.nii.gz').write_bytes(b'\x1f\x8b\x08\x00garbage' * 10)
   aff = synth.affine(synth.MR_SPACING)
   synth.write(str(folder / 'flat.nii.gz'), np.ones((8, 8)), aff)
@@ -182,7 +182,7 @@ def test_missing_and_empty_folders(raw, tmp_path):
 def test_no_usable_volume_leaves_nothing_behind(raw, tmp_path):
   bad = tmp_path / 'bad'
   bad.mkdir()
-  (bad / 'a.txt').write_text('x')
+  (bad / 'a.txt').write_text('x', encoding='utf-8')
   out = tmp_path / 'd'
   with pytest.raises(volume.DatasetError, match='no usable MR volume'):
     prepare.prepare(str(bad), raw[1], str(out), **KW)
@@ -236,20 +236,20 @@ def test_prepare_cli_on_phantom(tmp_path):
   from mr2ct_jax.data import phantom  # pylint: disable=g-import-not-at-top
   phantom.generate(str(raw), num_train_mr=1, num_train_ct=1, num_labeled=1, num_test=1,
                    num_slices=4, seed=0)
-  (raw / 'mr' / 'README.txt').write_text('not an image')
+  (raw / 'mr' / 'README.txt').write_text('not an image', encoding='utf-8')
   out = tmp_path / 'data'
   cmd = [sys.executable, '-m', 'mr2ct_jax.data.prepare', '--config=configs/gc.py:test',
          f'--mr_dir={raw / "mr"}', f'--ct_dir={raw / "ct"}', f'--labeled_dir={raw / "labeled"}',
          f'--paired_dir={raw / "paired"}', f'--out={out}']
-  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, encoding='utf-8', timeout=300)
   assert result.returncode == 0, result.stderr
   assert f'{raw / "mr" / "README.txt"}: not a volume' in result.stderr
   assert 'prepared 1 MR, 1 CT volumes, 1 labeled, 1 paired test subjects; skipped 1' in (
       result.stderr)
   assert prepare.load_meta(str(out))['image_size'] == 32
-  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, encoding='utf-8', timeout=300)
   assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == (
       f'error: {out}: already exists (pass --overwrite to replace it)')
   help_text = subprocess.run([sys.executable, '-m', 'mr2ct_jax.data.prepare', '--help'],
-                             cwd=REPO, capture_output=True, text=True, timeout=120).stdout
+                             cwd=REPO, capture_output=True, encoding='utf-8', timeout=120).stdout
   assert '<id>_ct.nii.gz + <id>_label.nii.gz' in help_text and '--paired_dir' in help_text

@@ -123,12 +123,12 @@ def test_outputs_and_compare(tmp_path, test_config, capsys):
   for name in os.listdir(os.path.join(dir_a, 'figures')):
     with open(os.path.join(dir_a, 'figures', name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  summary = json.load(open(os.path.join(dir_a, 'summary.json')))
+  summary = json.load(open(os.path.join(dir_a, 'summary.json'), encoding='utf-8'))
   assert summary['num_volumes'] == 3 and summary['num_slices'] == 12
   assert summary['metrics']['ssim']['n'] == 3 and summary_a['step'] == 7
-  md = open(os.path.join(dir_a, 'summary.md')).read()
+  md = open(os.path.join(dir_a, 'summary.md'), encoding='utf-8').read()
   assert '| p0 |' in md and '**Average ± SD**' in md and 'common field of view' in md
-  assert len(open(os.path.join(dir_a, 'per_slice.csv')).read().splitlines()) == 13
+  assert len(open(os.path.join(dir_a, 'per_slice.csv'), encoding='utf-8').read().splitlines()) == 13
 
   result = evaluate.compare(dir_a, dir_b)
   printed = capsys.readouterr().out
@@ -140,7 +140,7 @@ def test_outputs_and_compare(tmp_path, test_config, capsys):
   assert by_metric['mae_255']['t'] == pytest.approx(ref.statistic)
   assert by_metric['mae_255']['p'] == pytest.approx(ref.pvalue)
   assert os.path.exists(os.path.join(dir_b, 'compare.md'))
-  assert json.load(open(os.path.join(dir_b, 'compare.json')))['a'] == dir_a
+  assert json.load(open(os.path.join(dir_b, 'compare.json'), encoding='utf-8'))['a'] == dir_a
   with pytest.raises(reports.ReportError, match='--overwrite'):
     evaluate.compare(dir_a, dir_b)
 
@@ -159,7 +159,7 @@ def test_cli_compare_and_errors(tmp_path, test_config, capsys):
   _write_eval(dir_b, test_config, 0.1, panels=False)
   # One real process: `python -m mr2ct_jax.evaluate --compare A B` (positional directories).
   res = subprocess.run([sys.executable, '-m', 'mr2ct_jax.evaluate', '--compare', dir_a, dir_b,
-                        f'--output={tmp_path / "cmp"}'], capture_output=True, text=True,
+                        f'--output={tmp_path / "cmp"}'], capture_output=True, encoding='utf-8',
                        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
   assert res.returncode == 0, res.stderr
   assert 'B - A' in res.stdout and os.path.exists(tmp_path / 'cmp' / 'compare.json')

@@ -106,7 +106,7 @@ assert y.shape == (2, 16, 16, 1) and np.all(np.abs(y) <= 1), y.shape
 assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules if sys.modules[m])
 print('ok')
 """
-  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, encoding='utf-8',
                           timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == 'ok'
@@ -185,7 +185,7 @@ def test_export_cli_errors(run, tmp_path, args, match):
 def test_export_cli_subprocess(run, tmp_path):
   out = str(tmp_path / 'g.npz')
   result = subprocess.run([sys.executable, '-m', 'mr2ct_jax.export', f'--workdir={run[0]}',
-                           f'--output={out}'], capture_output=True, text=True, timeout=300,
+                           f'--output={out}'], capture_output=True, encoding='utf-8', timeout=300,
                           cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert os.path.exists(out)

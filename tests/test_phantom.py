@@ -178,8 +178,8 @@ def test_cli(tmp_path):
   target = str(tmp_path / 'cli')
   cmd = [sys.executable, '-m', 'mr2ct_jax.data.phantom', target, '--num_train_mr=1',
          '--num_train_ct=1', '--num_labeled=0', '--num_test=0', '--num_slices=2']
-  result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  result = subprocess.run(cmd, capture_output=True, encoding='utf-8', check=False)
   assert result.returncode == 0, result.stderr
   assert 'mr/' in result.stdout and 'generated in' in result.stdout
-  result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  result = subprocess.run(cmd, capture_output=True, encoding='utf-8', check=False)
   assert result.returncode != 0 and 'not empty' in result.stderr

@@ -180,7 +180,7 @@ def test_missing_training_split_is_named(config, data_dir, tmp_path):
   broken = tmp_path / 'broken'
   broken.mkdir()
   del meta['splits']['train_ct']
-  (broken / prepare.META_FILE).write_text(json.dumps(meta))
+  (broken / prepare.META_FILE).write_text(json.dumps(meta), encoding='utf-8')
   with pytest.raises(volume.DatasetError, match=f'{broken}: no train_ct split'):
     pipeline.make_unpaired_iterator(config, str(broken), process_index=0, process_count=1)
 
@@ -190,11 +190,11 @@ def test_bench_pipeline_cli(data_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'mr2ct_jax.bench', 'pipeline', '--size=32',
        f'--data_dir={data_dir}', '--num_batches=5', '--warmup=1', f'--output={output}'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+      cwd=REPO, capture_output=True, encoding='utf-8', timeout=300)
   assert result.returncode == 0, result.stderr
-  report = json.loads(output.read_text())
+  report = json.loads(output.read_text(encoding='utf-8'))
   assert report['slices_per_s'] > 0 and report['size'] == 32
   assert report['machine']['cpu_count'] >= 1 and report['config']['data']['image_size'] == 32
   bad = subprocess.run([sys.executable, '-m', 'mr2ct_jax.bench', 'nope'], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, encoding='utf-8', timeout=120)
   assert bad.returncode != 0 and 'usage: python -m mr2ct_jax.bench' in bad.stderr

@@ -79,7 +79,7 @@ def test_json_round_trip_of_non_finite(tmp_path):
   rows = [{'patient_id': 'a', 'psnr_255': math.inf, 'ssim': math.nan, 'mae_255': 1.5}]
   path = str(tmp_path / 'rows.json')
   reports.write_json(path, reports.rows_to_json(rows))
-  text = open(path).read()
+  text = open(path, encoding='utf-8').read()
   json.loads(text)  # strict JSON
   assert '"inf"' in text and 'null' in text
   back = reports.read_rows_json(path)
@@ -92,7 +92,7 @@ def test_write_csv(tmp_path):
   path = str(tmp_path / 't.csv')
   reports.write_csv(path, [{'patient_id': 'a', 'x': 0.1, 'y': math.inf, 'z': math.nan}],
                     ['patient_id', 'x', 'y', 'z'])
-  assert open(path).read().splitlines() == ['patient_id,x,y,z', 'a,0.1,inf,']
+  assert open(path, encoding='utf-8').read().splitlines() == ['patient_id,x,y,z', 'a,0.1,inf,']
 
 
 def _is_png(path):
@@ -125,17 +125,17 @@ def test_figures_are_valid_pngs(tmp_path):
 def test_atomic_output_dir(tmp_path):
   out = str(tmp_path / 'eval')
   with reports.atomic_output_dir(out) as tmp:
-    open(os.path.join(tmp, 'a.txt'), 'w').write('1')
+    open(os.path.join(tmp, 'a.txt'), 'w', encoding='utf-8').write('1')
   assert os.listdir(out) == ['a.txt']
   with pytest.raises(reports.ReportError, match='--overwrite'):
     with reports.atomic_output_dir(out):
       pass
   with pytest.raises(RuntimeError):  # a failed run leaves the old output untouched
     with reports.atomic_output_dir(out, overwrite=True) as tmp:
-      open(os.path.join(tmp, 'b.txt'), 'w').write('2')
+      open(os.path.join(tmp, 'b.txt'), 'w', encoding='utf-8').write('2')
       raise RuntimeError('killed')
   assert os.listdir(out) == ['a.txt']
   with reports.atomic_output_dir(out, overwrite=True) as tmp:
-    open(os.path.join(tmp, 'b.txt'), 'w').write('2')
+    open(os.path.join(tmp, 'b.txt'), 'w', encoding='utf-8').write('2')
   assert os.listdir(out) == ['b.txt']
   assert sorted(os.listdir(tmp_path)) == ['eval']  # no temp dirs left behind

@@ -223,7 +223,7 @@ def test_cli_end_to_end_and_resume(setup, capsys):
   for name in figures:
     with open(os.path.join(ev, 'figures', name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  summary = json.load(open(os.path.join(ev, 'summary.json')))
+  summary = json.load(open(os.path.join(ev, 'summary.json'), encoding='utf-8'))
   assert summary['unet_step'] == 2 and summary['generator_step'] == 2
   assert summary['dice']['pelvis']['n'] == 1
   cache = os.listdir(os.path.join(out, 'cache'))
@@ -265,9 +265,9 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
   no_labeled = str(tmp_path / 'data')
   shutil.copytree(data_dir, no_labeled)
   meta_path = os.path.join(no_labeled, 'dataset_meta.json')
-  meta = json.load(open(meta_path))
+  meta = json.load(open(meta_path, encoding='utf-8'))
   del meta['splits']['labeled']
-  json.dump(meta, open(meta_path, 'w'))
+  json.dump(meta, open(meta_path, 'w', encoding='utf-8'))
   out = f'--output={tmp_path / "seg"}'
   for argv, message in [
       ([f'--workdir={tmp_path / "nope"}', out], 'nope'),

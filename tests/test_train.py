@@ -19,7 +19,7 @@ def _run_main(workdir, *overrides, check=True):
   """Runs `python -m mr2ct_jax.main` in a fresh process (8 fake CPU devices, via env)."""
   cmd = [sys.executable, '-m', 'mr2ct_jax.main', '--config=configs/gc.py:test',
          f'--workdir={workdir}', *overrides]
-  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, encoding='utf-8', timeout=600,
                           env={**os.environ, 'PYTHONPATH': str(REPO)})
   if check and result.returncode != 0:
     raise AssertionError(f'main failed ({result.returncode}):\n{result.stdout}\n{result.stderr}')
@@ -38,7 +38,7 @@ def test_main_end_to_end(trained_run):
   workdir, result = trained_run
   assert 'step 4/4' in result.stdout
   assert 'steps/s' in result.stdout and 'ETA' in result.stdout
-  config = json.loads((workdir / 'config.json').read_text())
+  config = json.loads((workdir / 'config.json').read_text(encoding='utf-8'))
   assert config['data']['image_size'] == 32
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
   events = list((workdir / 'tb').glob('events.out.tfevents.*'))

@@ -226,7 +226,7 @@ def test_folder_input_with_nifti_and_dicom(run, tmp_path):
   arr, aff, _ = make_volume('LPS', (5.0, 5.0, 6.0), (40, 36, 4))
   write_dicom_series(src / 'c_dicom', arr, aff)
   inputs['c_dicom'] = (arr.shape, aff)
-  (src / 'notes.txt').write_text('not a volume')
+  (src / 'notes.txt').write_text('not a volume', encoding='utf-8')
   out_dir = tmp_path / 'out'
   written = translate.translate(workdir, str(src), str(out_dir), progress=False)
   assert sorted(os.listdir(out_dir)) == ['a.nii.gz', 'b.nii.gz', 'c_dicom.nii.gz']
@@ -264,7 +264,7 @@ def test_cli_subprocess(run, tmp_path):
   out = str(tmp_path / 'sct.nii.gz')
   result = subprocess.run(
       [sys.executable, '-m', 'mr2ct_jax.translate', f'--npz={run[1]}', f'--input={src}',
-       f'--output={out}', '--backend=numpy'], capture_output=True, text=True, timeout=300,
+       f'--output={out}', '--backend=numpy'], capture_output=True, encoding='utf-8', timeout=300,
       cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert nib.load(out).shape == arr.shape
@@ -278,7 +278,7 @@ def bad_setup(run, tmp_path):
   paths = dict(workdir=workdir, npz=npz, tmp=str(tmp_path),
                mr=write(tmp_path / 'mr.nii.gz', arr, aff),
                missing=str(tmp_path / 'no_run'), out=str(tmp_path / 'sct.nii.gz'))
-  (tmp_path / 'notes.txt').write_text('hello')
+  (tmp_path / 'notes.txt').write_text('hello', encoding='utf-8')
   paths['txt'] = str(tmp_path / 'notes.txt')
   (tmp_path / 'corrupt.nii.gz').write_bytes(b'\x1f\x8b garbage')
   paths['corrupt'] = str(tmp_path / 'corrupt.nii.gz')
@@ -287,9 +287,9 @@ def bad_setup(run, tmp_path):
   # A checkpoint from another config: the config.json says 8 filters, the weights have 4.
   other = tmp_path / 'other_run'
   shutil.copytree(workdir, other)
-  config = json.loads((other / 'config.json').read_text())
+  config = json.loads((other / 'config.json').read_text(encoding='utf-8'))
   config['model']['ngf'] = 8
-  (other / 'config.json').write_text(json.dumps(config))
+  (other / 'config.json').write_text(json.dumps(config), encoding='utf-8')
   paths['other'] = str(other)
   empty = tmp_path / 'empty_run'
   empty.mkdir()

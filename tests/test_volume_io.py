@@ -108,12 +108,12 @@ def test_missing_path(tmp_path):
 
 @pytest.mark.parametrize('name', ['notes.nii.gz', 'notes.nii'])
 def test_text_file_named_nifti(tmp_path, name):
-  (tmp_path / name).write_text('patient list\n' * 40)
+  (tmp_path / name).write_text('patient list\n' * 40, encoding='utf-8')
   _error(tmp_path / name, 'cannot read NIfTI')
 
 
 def test_other_extension_is_not_a_volume(tmp_path):
-  (tmp_path / 'notes.txt').write_text('hello')
+  (tmp_path / 'notes.txt').write_text('hello', encoding='utf-8')
   _error(tmp_path / 'notes.txt', 'not a volume')
 
 
@@ -252,9 +252,9 @@ def test_list_volumes(tmp_path, caplog):
   _write(tmp_path / 'b.nii.gz', np.zeros((2, 2, 2)))
   _write(tmp_path / 'a.nii', np.zeros((2, 2, 2)))
   write_dicom_series(str(tmp_path / 'c_dicom'), _sitk_image(), '1.2.826.0.1.3680043.2.1125.26')
-  (tmp_path / 'readme.txt').write_text('x')
+  (tmp_path / 'readme.txt').write_text('x', encoding='utf-8')
   (tmp_path / 'other').mkdir()
-  (tmp_path / '.hidden.nii.gz').write_text('x')
+  (tmp_path / '.hidden.nii.gz').write_text('x', encoding='utf-8')
   with caplog.at_level(logging.WARNING):
     found = volume.list_volumes(str(tmp_path))
   assert found == [str(tmp_path / n) for n in ('a.nii', 'b.nii.gz', 'c_dicom')]
@@ -272,6 +272,6 @@ def test_list_volumes_missing_and_empty(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(volume.VolumeError, match=f'^{tmp_path}/empty: no NIfTI files'):
     volume.list_volumes(str(tmp_path / 'empty'))
-  (tmp_path / 'empty' / 'x.txt').write_text('x')
+  (tmp_path / 'empty' / 'x.txt').write_text('x', encoding='utf-8')
   with pytest.raises(volume.VolumeError, match=r'1 other entries ignored'):
     volume.list_volumes(str(tmp_path / 'empty'))
