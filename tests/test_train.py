@@ -118,3 +118,32 @@ def test_missing_data_dir_is_named(tmp_path):
   result = _run_main(tmp_path / 'run', f'--config.data.dir={missing}', check=False)
   assert result.returncode == 1
   assert str(missing) in result.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """A NaN loss at step 3 stops the run naming the step and the term; step 2's checkpoint
+  (the last good one) stays and no checkpoint of the bad step is written."""
+  from configs import gc  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax import train  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+
+  real_make = train_step_lib.make_train_step
+
+  def make_poisoned(config, mesh):
+    step_fn = real_make(config, mesh)
+
+    def poisoned(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == 3:
+        metrics = dict(metrics, **{'loss/g_total': float('nan')})
+      return state, metrics
+    return poisoned
+
+  monkeypatch.setattr(train_step_lib, 'make_train_step', make_poisoned)
+  config = gc.get_config('test')
+  config.train.log_every = 1
+  config.eval.after_training = False
+  workdir = tmp_path / 'nan'
+  with pytest.raises(train.NonFiniteLossError, match=r'^step 3: loss/g_total is nan'):
+    train.train(config, str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
