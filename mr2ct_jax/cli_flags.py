@@ -1,38 +1,159 @@
-"""Flag parsing for the user-facing commands (translate, export) without global flag state.
+"""The shared shape of the user-facing commands: parse private flags, run, one-line errors.
 
-Each command defines its flags on a private `absl.flags.FlagValues`, so the modules can be
-imported together (tests, train.py calling evaluate) without duplicate-flag errors, and
-`main(argv)` can be called from Python. Errors exit with one line, as every command does.
+Each command (prepare, translate, export, evaluate, segmentation, the benchmarks) defines its
+flags on a private `absl.flags.FlagValues`, so the modules can be imported together (tests,
+train.py calling evaluate) without duplicate-flag errors, and `main(argv)` can be called from
+Python. `run` is the whole `main`: help, parsing, the command, and errors as one line
+('error: ...', exit status 1) instead of a traceback.
 """
 
-from typing import Sequence
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 
 from absl import flags
 
+HELP_ARGS = ('-h', '--help', '-help', '--helpfull')
+# Exception types whose message is a one-line explanation for the user, or a function giving
+# them (called only after a failure, so a command need not import heavy modules to name them).
+ErrorTypes = tuple[type[BaseException], ...] | Callable[[], tuple[type[BaseException], ...]]
 
-def parse(fv: flags.FlagValues, argv: Sequence[str], command: str,
-          required: Sequence[str] = ()) -> None:
-  """Parses `argv` (argv[0] is the program) into `fv`.
+
+def default_config_path() -> str:
+  """`configs/gc.py` of this checkout: the default --config of prepare and the benchmarks."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'gc.py')
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+  """Whether the command line (program name first) asks for help."""
+  return any(arg in HELP_ARGS for arg in argv[1:])
+
+
+def help_text(fv: flags.FlagValues, command: str, doc: str | None = None) -> str:
+  """The command's docstring (or a usage line) followed by its flags."""
+  if doc:
+    return f'{doc}\nflags:\n{fv.get_help()}'
+  return f'usage: python -m {command} [flags]\n\n{fv.get_help()}'
+
+
+def last_line(error: BaseException) -> str:
+  """The last non-empty line of an error (config-file errors carry the loader's traceback)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def _flag_error(error: flags.Error) -> str:
+  if 'config file' in str(error):
+    return f'--config: {last_line(error)}'
+  return str(error).splitlines()[0]
+
+
+def parse(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
+          required: Sequence[str] = (), *, positional: bool = False,
+          doc: str | None = None) -> list[str]:
+  """Parses `argv` (argv[0] is the program; None: sys.argv) into `fv`.
 
   Args:
     fv: the command's flags.
     argv: command line, program name first.
     command: module name for the usage line, e.g. 'mr2ct_jax.export'.
     required: flags that must be given.
+    positional: accept positional arguments (otherwise they are an error).
+    doc: text printed before the flags for -h/--help (default: a usage line).
+
+  Returns:
+    The positional arguments (empty unless `positional`).
 
   Raises:
     SystemExit: 0 after printing help for -h/--help; otherwise 'error: ...' (one line) for an
-      unknown/bad flag, a positional argument or a missing required flag.
+      unknown/bad flag or config file, an unexpected positional argument or a missing
+      required flag.
   """
-  if any(arg in ('-h', '--help', '-help', '--helpfull') for arg in argv[1:]):
-    print(f'usage: python -m {command} [flags]\n\n{fv.get_help()}')
+  argv = list(sys.argv if argv is None else argv)
+  if wants_help(argv):
+    print(help_text(fv, command, doc))
     raise SystemExit(0)
   try:
-    rest = fv(list(argv))
+    rest = fv(argv)
   except flags.Error as e:
-    raise SystemExit(f'error: {str(e).splitlines()[0]}') from e
-  if len(rest) > 1:
+    raise SystemExit(f'error: {_flag_error(e)}') from e
+  if len(rest) > 1 and not positional:
     raise SystemExit(f'error: unexpected arguments {rest[1:]} (flags are --name=value)')
   for name in required:
     if fv[name].value is None:
       raise SystemExit(f'error: --{name} is required (see --help)')
+  return rest[1:]
+
+
+@contextlib.contextmanager
+def one_line_errors(errors: ErrorTypes) -> Iterator[None]:
+  """Turns the listed exceptions raised in the block into SystemExit('error: MESSAGE')."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless listed)
+    if isinstance(e, errors() if callable(errors) else errors):
+      raise SystemExit(f'error: {e}') from e
+    raise
+
+
+def run(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
+        body: Callable[..., object], *, errors: ErrorTypes, required: Sequence[str] = (),
+        positional: bool = False, doc: str | None = None) -> int:
+  """A command's `main`: help, flag parsing, `body`, one-line errors.
+
+  Args:
+    fv: the command's flags (see `parse`).
+    argv: command line, program name first (None: sys.argv).
+    command: module name, e.g. 'mr2ct_jax.export'.
+    body: runs the command once the flags are parsed: `body()`, or `body(args)` with the
+      positional arguments when `positional`.
+    errors: exception types reported as one line (see `ErrorTypes`).
+    required: flags that must be given.
+    positional: accept positional arguments and pass them to `body`.
+    doc: printed with the flags for -h/--help (usually the module docstring).
+
+  Returns:
+    0 (also after printing help).
+
+  Raises:
+    SystemExit: 'error: ...' (one line) for bad flags or a listed error.
+  """
+  argv = list(sys.argv if argv is None else argv)
+  if wants_help(argv):
+    print(help_text(fv, command, doc))
+    return 0
+  args = parse(fv, argv, command, required, positional=positional)
+  with one_line_errors(errors):
+    if positional:
+      body(args)
+    else:
+      body()
+  return 0
+
+
+def define_generator_source_flags(fv: flags.FlagValues) -> None:
+  """--workdir / --npz (where the generator comes from), --step and --backend."""
+  flags.DEFINE_string('workdir', None, 'Training workdir (latest checkpoint or --step).',
+                      flag_values=fv)
+  flags.DEFINE_string('npz', None, 'Exported generator .npz (instead of --workdir).',
+                      flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).', flag_values=fv)
+  flags.DEFINE_enum('backend', 'jax', ['jax', 'numpy'], 'Generator forward implementation.',
+                    flag_values=fv)
+
+
+def generator_source(fv: flags.FlagValues, alternative: str = '') -> str:
+  """The --workdir or --npz given (exactly one must be).
+
+  Args:
+    fv: flags defined by `define_generator_source_flags`, parsed.
+    alternative: added to the error, e.g. ' (or --compare A B)'.
+
+  Raises:
+    SystemExit: 'error: give exactly one of --workdir or --npz...'.
+  """
+  if (fv.workdir is None) == (fv.npz is None):
+    raise SystemExit(f'error: give exactly one of --workdir or --npz{alternative}')
+  return fv.workdir if fv.workdir is not None else fv.npz

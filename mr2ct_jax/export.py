@@ -137,19 +137,20 @@ def _define_flags() -> flags.FlagValues:
   return fv
 
 
+def _run(fv: flags.FlagValues) -> None:
+  meta = export(fv.workdir, fv.output, direction=fv.direction, step=fv.step,
+                overwrite=fv.overwrite)
+  print(f'exported {", ".join(meta["networks"])} (step {meta["step"]}) from {fv.workdir} '
+        f'to {fv.output}')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
   fv = _define_flags()
-  cli_flags.parse(fv, sys.argv if argv is None else argv, 'mr2ct_jax.export',
-                  required=('workdir', 'output'))
-  try:
-    meta = export(fv.workdir, fv.output, direction=fv.direction, step=fv.step,
-                  overwrite=fv.overwrite)
-  except (generator_source.SourceError, FileExistsError, ValueError, OSError) as e:
-    raise SystemExit(f'error: {e}') from e
-  print(f'exported {", ".join(meta["networks"])} (step {meta["step"]}) from {fv.workdir} '
-        f'to {fv.output}')
-  return 0
+  return cli_flags.run(fv, argv, 'mr2ct_jax.export', lambda: _run(fv),
+                       errors=(generator_source.SourceError, FileExistsError, ValueError,
+                               OSError),
+                       required=('workdir', 'output'), doc=__doc__)
 
 
 if __name__ == '__main__':

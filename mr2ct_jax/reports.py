@@ -1,4 +1,4 @@
-"""Evaluation reports: CSV/JSON/Markdown tables, PNG figures and paired t-tests.
+"""Evaluation reports: CSV/JSON/Markdown tables and paired t-tests (figures: report_figures).
 
 Conventions for numbers in every table:
 - mean ± sd over volumes, sd with ddof=1 (sample standard deviation); with a single value the
@@ -22,12 +22,8 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use('Agg')  # files only; never needs a display
-from matplotlib import pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
+import numpy as np
+from scipy import stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +172,8 @@ def fmt_stats(s: Stats, decimals: int = 3) -> str:
   return text + (f' ({", ".join(notes)})' if notes else '')
 
 
-def _info(key: str) -> MetricInfo:
+def metric_info(key: str) -> MetricInfo:
+  """How `key` is labelled and printed (a plain default for unknown keys)."""
   return METRICS.get(key, MetricInfo(key, '', 4, True))
 
 
@@ -247,16 +244,17 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
   metrics = [m for m in metrics if m in stats_by_metric]
   summary_body = []
   for m in metrics:
-    info = _info(m)
+    info = metric_info(m)
     summary_body.append([info.label, info.unit or '-', fmt_stats(stats_by_metric[m], info.decimals),
                          str(stats_by_metric[m].n)])
   text = [f'# {title}', '', f'{len(rows)} volume(s). Mean ± SD over volumes (SD with ddof=1).', '',
           _md_table(['Metric', 'Unit', 'Mean ± SD', 'N'], summary_body), '', '## Per patient', '']
-  patient_body = [[str(r['patient_id'])] + [fmt(float(r[m]), _info(m).decimals) for m in metrics]
+  patient_body = [[str(r['patient_id'])]
+                  + [fmt(float(r[m]), metric_info(m).decimals) for m in metrics]
                   for r in rows]
-  patient_body.append(['**Average ± SD**'] + [fmt_stats(stats_by_metric[m], _info(m).decimals)
+  patient_body.append(['**Average ± SD**'] + [fmt_stats(stats_by_metric[m], metric_info(m).decimals)
                                               for m in metrics])
-  text.append(_md_table(['Patient'] + [_info(m).label for m in metrics], patient_body))
+  text.append(_md_table(['Patient'] + [metric_info(m).label for m in metrics], patient_body))
   all_notes = ['PSNR of identical images is inf; inf values are shown per patient and left out '
                'of the mean ± SD (the count is noted).'] + list(notes)
   text += ['', '## Notes', ''] + [f'- {n}' for n in all_notes]
@@ -327,8 +325,8 @@ def ttest_markdown(results: Sequence[Mapping[str, Any]], name_a: str, name_b: st
   """The paired t-test table (Markdown): mean ± sd of A and B, B - A, t, p, n."""
   body = []
   for r in results:
-    d = _info(r['metric']).decimals
-    body.append([_info(r['metric']).label,
+    d = metric_info(r['metric']).decimals
+    body.append([metric_info(r['metric']).label,
                  f"{fmt(r['mean_a'], d)} ± {fmt(r['sd_a'], d)}",
                  f"{fmt(r['mean_b'], d)} ± {fmt(r['sd_b'], d)}",
                  fmt(r['diff'], d), fmt(r['t'], 3), _fmt_p(r['p']),
@@ -343,125 +341,3 @@ def _fmt_p(p: float) -> str:
   if math.isnan(p):
     return 'nan'
   return f'{p:.2e}' if p < 1e-3 else f'{p:.4f}'
-
-
-# ---- Figures -------------------------------------------------------------------------------
-
-def pick_slices(valid: np.ndarray, count: int = 3) -> list[int]:
-  """Up to `count` slice indices spread over the slices that have valid pixels (25/50/75 %)."""
-  has = np.flatnonzero(np.asarray(valid).reshape(valid.shape[0], -1).any(axis=1))
-  if not has.size:
-    has = np.arange(valid.shape[0])
-  fractions = [0.5] if count == 1 else np.linspace(0.25, 0.75, count)
-  return sorted({int(has[int(round(f * (has.size - 1)))]) for f in fractions})
-
-
-def _show(slice_2d: np.ndarray) -> np.ndarray:
-  # Stored slices are [X, Y] = (R->, A->); rot90 puts anterior up for display.
-  return np.rot90(slice_2d)
-
-
-def volume_panel(path: str, mr: np.ndarray, sct_hu: np.ndarray, ct_hu: np.ndarray,
-                 valid: np.ndarray, *, title: str, mr_window: Sequence[float],
-                 ct_window: Sequence[float], error_max_hu: float = 500.0,
-                 num_slices: int = 3) -> None:
-  """PNG with rows of slices and columns MR | sCT | real CT | |sCT - CT| (HU, fixed scale).
-
-  The error is computed after clipping both CTs to `ct_window`, i.e. the error the paper's
-  0-255 metrics see, in HU: the generator's output only spans that window, so outside it
-  (air, dense bone) the unclipped difference would show the window, not the synthesis.
-
-  Args:
-    path: output .png.
-    mr, sct_hu, ct_hu: `[N, H, W]` volumes (MR units, HU, HU).
-    valid: bool `[N, H, W]`, the evaluated region; the error outside it is shown white
-      (like the paper's Fig. 3, where the CT has no corresponding region).
-    title: figure title (patient id and metrics).
-    mr_window, ct_window: display ranges of MR and of both CTs.
-    error_max_hu: top of the error colour scale (same for every volume, so panels compare).
-    num_slices: rows (slices spread over the valid slices).
-  """
-  rows = pick_slices(valid, num_slices)
-  fig, axes = plt.subplots(len(rows), 4, figsize=(12.5, 3.0 * len(rows) + 0.6), squeeze=False,
-                           layout='constrained')
-  err_cmap = matplotlib.colormaps['inferno'].with_extremes(bad='white')
-  err_img = None
-  for r, k in enumerate(rows):
-    err = np.abs(np.clip(sct_hu[k], *ct_window) - np.clip(ct_hu[k], *ct_window))
-    err = np.ma.masked_where(~valid[k], err)
-    panels = [(mr[k], 'MR', 'gray', mr_window), (sct_hu[k], 'synthetic CT', 'gray', ct_window),
-              (ct_hu[k], 'real CT (registered)', 'gray', ct_window),
-              (err, '|sCT - CT| (HU, in CT window)', err_cmap, (0.0, error_max_hu))]
-    for c, (img, name, cmap, window) in enumerate(panels):
-      ax = axes[r, c]
-      im = ax.imshow(_show(img), cmap=cmap, vmin=window[0], vmax=window[1],
-                     interpolation='nearest')
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if r == 0:
-        ax.set_title(name, fontsize=11)
-      if c == 0:
-        ax.set_ylabel(f'slice {k}', fontsize=10)
-      if c == 3:
-        err_img = im
-  fig.colorbar(err_img, ax=axes[:, 3].tolist(), shrink=0.9,
-               label=f'absolute error (HU), CT window [{ct_window[0]:g}, {ct_window[1]:g}]')
-  fig.suptitle(title, fontsize=11)
-  _save(fig, path)
-
-
-def metric_boxplots(path: str, rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
-                    title: str = 'Per-volume metrics') -> None:
-  """One PNG, one box plot (with the volumes as points) per metric; inf/NaN left out."""
-  metrics = [m for m in metrics if rows and m in rows[0]]
-  ncols = min(3, max(1, len(metrics)))
-  nrows = max(1, math.ceil(len(metrics) / ncols))
-  fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False,
-                           layout='constrained')
-  for i, m in enumerate(metrics):
-    ax = axes[i // ncols, i % ncols]
-    values = np.array([float(r[m]) for r in rows])
-    _box(ax, [values], [''])
-    info = _info(m)
-    left_out = int((~np.isfinite(values)).sum())
-    ax.set_title(info.label + (f'\n({left_out} non-finite left out)' if left_out else ''),
-                 fontsize=10)
-    ax.set_ylabel(info.unit or 'value')
-  for j in range(len(metrics), nrows * ncols):
-    axes[j // ncols, j % ncols].axis('off')
-  fig.suptitle(f'{title} (n = {len(rows)} volumes)', fontsize=11)
-  _save(fig, path)
-
-
-def mi_boxplot(path: str, rows: Sequence[Mapping[str, Any]],
-               title: str = 'Mutual information, mean over slices') -> None:
-  """Box plot of per-volume MI in both directions (the paper's Fig. 4a)."""
-  fig, ax = plt.subplots(figsize=(5.5, 4.2), layout='constrained')
-  series = [np.array([float(r[m]) for r in rows]) for m in MI_METRICS]
-  _box(ax, series, [_info(m).label for m in MI_METRICS])
-  ax.set_ylabel('MI (nats)')
-  ax.set_title(f'{title} (n = {len(rows)} volumes)', fontsize=10)
-  _save(fig, path)
-
-
-def _box(ax: Any, series: Sequence[np.ndarray], labels: Sequence[str]) -> None:
-  finite = [s[np.isfinite(s)] for s in series]
-  positions = np.arange(1, len(series) + 1)
-  ax.boxplot([f if f.size else [np.nan] for f in finite], positions=positions, widths=0.5,
-             showmeans=True)
-  rng = np.random.default_rng(0)  # fixed jitter: figures are reproducible
-  for pos, f in zip(positions, finite):
-    ax.scatter(pos + rng.uniform(-0.08, 0.08, f.size), f, s=14, alpha=0.7, zorder=3)
-  ax.set_xticks(positions, labels)
-  ax.grid(axis='y', alpha=0.3)
-
-
-def _save(fig: Any, path: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}.png'
-  try:
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-  finally:
-    plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -239,44 +239,38 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
 def _define_flags() -> flags.FlagValues:
   # A private FlagValues: see cli_flags.
   fv = flags.FlagValues()
-  flags.DEFINE_string('workdir', None, 'Training workdir (latest checkpoint or --step).',
-                      flag_values=fv)
-  flags.DEFINE_string('npz', None, 'Exported generator .npz (instead of --workdir).',
-                      flag_values=fv)
+  cli_flags.define_generator_source_flags(fv)
   flags.DEFINE_string('input', None, 'NIfTI file, DICOM series folder, or a folder of them.',
                       flag_values=fv)
   flags.DEFINE_string('output', None, 'Output .nii.gz (one volume) or folder.', flag_values=fv)
   flags.DEFINE_enum('direction', 'mr2ct', ['mr2ct', 'ct2mr'],
                     'mr2ct: synthetic CT (HU, int16); ct2mr: synthetic MR (float32).',
                     flag_values=fv)
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).', flag_values=fv)
   flags.DEFINE_integer('batch_size', None, 'Slices per generator call (default: '
                        'config.eval.batch_size).', lower_bound=1, flag_values=fv)
-  flags.DEFINE_enum('backend', 'jax', ['jax', 'numpy'], 'Generator forward implementation.',
-                    flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.', flag_values=fv)
   flags.DEFINE_bool('progress', True, 'Show progress bars.', flag_values=fv)
   return fv
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
-  from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top
-  fv = _define_flags()
-  cli_flags.parse(fv, sys.argv if argv is None else argv, 'mr2ct_jax.translate',
-                  required=('input', 'output'))
-  if (fv.workdir is None) == (fv.npz is None):
-    raise SystemExit('error: give exactly one of --workdir or --npz')
-  source = fv.workdir if fv.workdir is not None else fv.npz
-  try:
-    written = translate(source, fv.input, fv.output, direction=fv.direction, step=fv.step,
-                        overwrite=fv.overwrite, batch_size=fv.batch_size, backend=fv.backend,
-                        progress=fv.progress)
-  except (TranslateError, volume_lib.VolumeError, generator_source.SourceError) as e:
-    raise SystemExit(f'error: {e}') from e
+def _run(fv: flags.FlagValues) -> None:
+  written = translate(cli_flags.generator_source(fv), fv.input, fv.output,
+                      direction=fv.direction, step=fv.step, overwrite=fv.overwrite,
+                      batch_size=fv.batch_size, backend=fv.backend, progress=fv.progress)
   print(f'wrote {len(written)} volume(s): ' + (written[0] if len(written) == 1 else
                                               os.path.dirname(written[0])))
-  return 0
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+  from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top  (jax/flax)
+  return (TranslateError, volume_lib.VolumeError, generator_source.SourceError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
+  fv = _define_flags()
+  return cli_flags.run(fv, argv, 'mr2ct_jax.translate', lambda: _run(fv), errors=_known_errors,
+                       required=('input', 'output'), doc=__doc__)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from mr2ct_jax import report_figures
 from mr2ct_jax import reports
 
 
@@ -107,19 +108,19 @@ def test_figures_are_valid_pngs(tmp_path):
   valid = np.zeros(ct.shape, bool)
   valid[1:4, 4:28, 4:28] = True
   panel = str(tmp_path / 'panel.png')
-  reports.volume_panel(panel, rng.uniform(0, 100, ct.shape), ct + 50, ct, valid, title='p1',
-                       mr_window=(0, 100), ct_window=(-150, 350))
+  report_figures.volume_panel(panel, rng.uniform(0, 100, ct.shape), ct + 50, ct, valid,
+                              title='p1', mr_window=(0, 100), ct_window=(-150, 350))
   rows = _rows({'mae_255': [1., 2., 3., 4.], 'psnr_255': [1., 2., math.inf, 3.],
                 'mi_mr_sct': [.1, .2, .3, .4], 'mi_ct_smr': [.2, .3, .4, .5]})
   box = str(tmp_path / 'box.png')
-  reports.metric_boxplots(box, rows, ['mae_255', 'psnr_255'])
+  report_figures.metric_boxplots(box, rows, ['mae_255', 'psnr_255'])
   mi = str(tmp_path / 'mi.png')
-  reports.mi_boxplot(mi, rows)
+  report_figures.mi_boxplot(mi, rows)
   for path in (panel, box, mi):
     assert _is_png(path)
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
-  assert reports.pick_slices(valid) == [1, 2, 3]
+  assert report_figures.pick_slices(valid) == [1, 2, 3]
 
 
 def test_atomic_output_dir(tmp_path):

@@ -11,7 +11,6 @@ The bar: 20x the rate a training step consumes slices (the PyTorch reference ste
 7.6 s per MR/CT slice pair at 256^2 on a 2-core CPU).
 """
 
-import json
 import os
 import platform
 import sys
@@ -21,25 +20,19 @@ from typing import Any, Sequence
 
 from absl import flags
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from mr2ct_jax import cli_flags
+from mr2ct_jax.bench import common
 
 REFERENCE_STEP_S = 7.6  # s per slice pair, PyTorch CycleGAN step at 256^2 (DESIGN.md)
 REQUIRED_FACTOR = 20.0
 _BENCH_SUBJECTS = 4
 
 
-def _default_config_path() -> str:
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), 'configs', 'gc.py')
-
-
 def _define_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', _default_config_path(),
-                                  'Config file (configs/gc.py[:variant]).', flag_values=fv)
+  common.define_config_flag(fv)
   flags.DEFINE_integer('size', 256, 'Slice size (the in-plane FOV of the config is kept).',
                        flag_values=fv)
   flags.DEFINE_string('output', 'bench_pipeline.json', 'JSON report path.', flag_values=fv)
@@ -75,13 +68,7 @@ def machine_info() -> dict[str, Any]:
   """CPU, OS and library versions of this machine."""
   import grain  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
-  except OSError:
-    pass
-  return {'cpu': cpu, 'cpu_count': os.cpu_count(),
+  return {'cpu': common.cpu_name(), 'cpu_count': os.cpu_count(),
           'affinity_cpus': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
                            else None,
           'platform': platform.platform(), 'python': platform.python_version(),
@@ -122,30 +109,28 @@ def run(config: ml_collections.ConfigDict, data_dir: str, num_batches: int,
   }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry point; writes the JSON report and prints a one-line summary."""
-  fv = _define_flags()
-  cli_flags.parse(fv, sys.argv if argv is None else argv, 'mr2ct_jax.bench pipeline')
+def _run(fv: flags.FlagValues) -> None:
   from mr2ct_jax.data import prepare  # pylint: disable=g-import-not-at-top
   config = bench_config(fv.config, fv.size, fv.batch_size)
-  try:
-    if fv.data_dir:
-      data_dir = fv.data_dir
-    else:
-      data_dir = prepare.prepare_phantom(os.path.join(fv.cache_dir, f'size{fv.size}'), config)
-    result = run(config, data_dir, fv.num_batches, fv.warmup)
-  except ValueError as e:  # VolumeError, DatasetError: one line, no traceback
-    raise SystemExit(f'error: {e}') from e
-  report = {'benchmark': 'pipeline', 'data_dir': os.path.abspath(data_dir),
-            'size': fv.size, **result, 'config': config.to_dict(), 'machine': machine_info()}
-  tmp = f'{fv.output}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(report, f, indent=1, default=str)
-  os.replace(tmp, fv.output)
+  if fv.data_dir:
+    data_dir = fv.data_dir
+  else:
+    data_dir = prepare.prepare_phantom(os.path.join(fv.cache_dir, f'size{fv.size}'), config)
+  result = run(config, data_dir, fv.num_batches, fv.warmup)
+  common.write_report(fv.output, {
+      'benchmark': 'pipeline', 'data_dir': os.path.abspath(data_dir), 'size': fv.size,
+      **result, 'config': config.to_dict(), 'machine': machine_info()})
   print(f'pipeline at {fv.size}^2: {result["slices_per_s"]:.1f} slices/s '
         f'({result["slice_pairs_per_s"]:.1f} MR/CT pairs/s, {result["times_required"]:.0f}x '
         f'the required {result["required_slice_pairs_per_s"]:.2f} pairs/s) -> {fv.output}')
-  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; writes the JSON report and prints a one-line summary."""
+  fv = _define_flags()
+  # ValueError covers VolumeError and DatasetError: one line, no traceback.
+  return cli_flags.run(fv, argv, 'mr2ct_jax.bench pipeline', lambda: _run(fv),
+                       errors=(ValueError,))
 
 
 if __name__ == '__main__':

@@ -23,6 +23,9 @@ under OUT/mr, OUT/ct, OUT/labeled and OUT/paired.
 A patient id belongs to exactly one split (test, then train_mr, train_ct, labeled); a bad
 file is skipped with a one-line warning "PATH: reason" and counted in the closing summary.
 
+The per-patient steps are in `mr2ct_jax.data.prepare_volumes`; this module assembles the
+dataset, reads it back (`load_meta`, `load_geometry`) and prepares the built-in phantom.
+
 Output (DATA_DIR, written to DATA_DIR.tmp-XXXX and renamed when complete):
   mr2ct_slices/1.0.0/    the TFDS dataset: splits train_mr, train_ct, [labeled], [test]
   geometry/<id>.json     SliceGeometry per patient (maps slices back to the input volume)
@@ -45,8 +48,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from mr2ct_jax import cli_flags
-from mr2ct_jax.data import intensity
-from mr2ct_jax.data import mask as mask_lib
+from mr2ct_jax.data import prepare_volumes
 from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import tfds_builder
 from mr2ct_jax.data import volume as volume_lib
@@ -55,186 +57,7 @@ META_FILE = 'dataset_meta.json'
 GEOMETRY_DIR = 'geometry'
 FORMAT_VERSION = 1
 PHANTOM_STAMP = 'phantom.json'
-# Order in which splits claim patient ids: the paired test subjects first, so a subject that
-# also appears in a training folder never leaks into training.
-_SPLIT_ORDER = ('test', 'train_mr', 'train_ct', 'labeled')
-_FIELD = {'train_mr': 'mr_dir', 'train_ct': 'ct_dir', 'labeled': 'labeled_dir',
-          'test': 'paired_dir'}
-# Roles of the files in the labeled / paired folders, by name suffix (<id>_<role>).
-_ROLES = {'labeled': (('ct', 'label'), ()), 'test': (('mr', 'ct'), ('mask', 'label'))}
 DatasetError = volume_lib.DatasetError
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """Preprocessing values (recorded in dataset_meta.json)."""
-  spacing_mm: float
-  image_size: int
-  mr_percentile: float
-  n4: bool
-
-
-class _Skipped(Exception):
-  """A single input cannot be used; the message is 'PATH: reason'."""
-
-
-# ---------------------------------------------------------------------------------------
-# Listing inputs.
-
-
-def _entries(folder: str, flag: str) -> list[str]:
-  """All candidate volumes of a folder (every visible entry; bad ones are skipped later)."""
-  if not os.path.exists(folder):
-    raise DatasetError(f'{folder}: no such folder (--{flag})')
-  if not os.path.isdir(folder):
-    raise DatasetError(f'{folder}: not a folder (--{flag})')
-  names = sorted(n for n in os.listdir(folder) if not n.startswith('.'))
-  if not names:
-    raise DatasetError(f'{folder}: empty folder (--{flag}); expected NIfTI files or DICOM '
-                       'series folders')
-  paths = [os.path.join(folder, n) for n in names]
-  # A folder that directly holds one DICOM series (no NIfTI, no sub-folders) is one volume.
-  if volume_lib.is_dicom_dir(folder) and not any(
-      volume_lib.is_nifti_path(p) or os.path.isdir(p) for p in paths):
-    return [folder]
-  return paths
-
-
-def _group(paths: list[str], split: str, warn: Callable[[str], None]) -> dict[str, dict[str, str]]:
-  """Groups `<id>_<role>` files of a labeled/paired folder: id -> {role: path}."""
-  required, optional = _ROLES[split]
-  groups: dict[str, dict[str, str]] = {}
-  for path in paths:
-    pid, _, role = volume_lib.volume_id(path).rpartition('_')
-    if not pid or role.lower() not in required + optional:
-      warn(f'{path}: name is not <id>_<role> with role in {list(required + optional)}; '
-           'skipped')
-      continue
-    if role.lower() in groups.setdefault(pid, {}):
-      warn(f'{path}: duplicate {role} for patient {pid!r} '
-           f'(also {groups[pid][role.lower()]}); skipped')
-      continue
-    groups[pid][role.lower()] = path
-  complete = {}
-  for pid, files in groups.items():
-    missing = [r for r in required if r not in files]
-    if missing:
-      for path in files.values():
-        warn(f'{path}: patient {pid!r} has no {"/".join(missing)} file '
-             f'(<id>_{missing[0]}.nii.gz); skipped')
-      continue
-    complete[pid] = files
-  return complete
-
-
-# ---------------------------------------------------------------------------------------
-# Preprocessing of one patient (run once; the slices go to an .npz the builder reads).
-
-
-def _read(path: str) -> volume_lib.Volume:
-  try:
-    return volume_lib.read_volume(path)
-  except volume_lib.VolumeError as e:
-    raise _Skipped(str(e)) from e
-
-
-def _mr(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.ndarray,
-                                                      preprocess.SliceGeometry]:
-  """MR -> (normalised slices, body mask uint8, geometry)."""
-  if s.n4:
-    vol = preprocess.n4_correct(vol)
-  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size)
-  body = mask_lib.body_mask(slices, modality='mr', slice_axis=0)
-  if not body.any():
-    raise _Skipped(f'{vol.path}: empty body mask (blank MR?)')
-  slices = intensity.normalise_mr(slices, body, s.mr_percentile, path=vol.path)
-  return slices, body.astype(np.uint8), geom
-
-
-def _ct(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.ndarray,
-                                                      preprocess.SliceGeometry]:
-  """CT -> (slices in HU, body mask uint8, geometry); rejects CTs that are not in HU."""
-  intensity.check_ct_is_hu(vol.array, vol.path)
-  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size)
-  body = mask_lib.body_mask(slices, modality='ct', slice_axis=0)
-  if not body.any():
-    raise _Skipped(f'{vol.path}: empty body mask (no voxel above '
-                   f'{mask_lib.CT_BODY_THRESHOLD_HU} HU)')
-  return slices, body.astype(np.uint8), geom
-
-
-def _labels(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
-  """Label map -> uint8 slices; resampled one-hot per label (linear) + argmax, not blurred."""
-  values = np.rint(vol.array).astype(np.int64)
-  if np.any(np.abs(vol.array - values) > 1e-3) or values.min() < 0 or values.max() > 255:
-    raise _Skipped(f'{vol.path}: a label map must hold integers in [0, 255]')
-  labels = [int(v) for v in np.unique(values) if v != 0]
-  channels = []
-  for value in [0] + labels:
-    onehot = volume_lib.Volume((values == value).astype(np.float32), vol.affine, vol.path)
-    pad = 1.0 if value == 0 else 0.0  # outside the volume is background
-    channels.append(preprocess.to_network_grid(onehot, s.spacing_mm, s.image_size, pad)[0])
-  lut = np.asarray([0] + labels, np.uint8)
-  return lut[np.argmax(np.stack(channels), axis=0)]
-
-
-def _binary(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
-  """Binary mask volume -> uint8 slices (linear resampling, threshold at 0.5)."""
-  grid = preprocess.to_network_grid(
-      volume_lib.Volume((vol.array > 0).astype(np.float32), vol.affine, vol.path),
-      s.spacing_mm, s.image_size, 0.0)[0]
-  return (grid >= 0.5).astype(np.uint8)
-
-
-def _same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> None:
-  if a.array.shape != b.array.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
-    raise _Skipped(f'{b.path}: not on the MR grid of {a.path} (shape {b.array.shape} vs '
-                   f'{a.array.shape} or a different affine); a paired CT must be registered '
-                   'and resampled to its MR')
-
-
-def _ct_fov(ct_slices: np.ndarray) -> np.ndarray:
-  """bool [N,1,1]: slices where the registered CT has any tissue (inside its field of view).
-
-  Outside a CT's shorter field of view the registered CT holds only air/padding (-1024), so
-  MR-vs-CT errors there would measure the missing data, not the synthesis.
-  """
-  tissue = (ct_slices > mask_lib.CT_BODY_THRESHOLD_HU).any(axis=(1, 2))
-  return tissue[:, None, None]
-
-
-def _process(split: str, files: dict[str, str], s: Settings) -> tuple[
-    dict[str, np.ndarray], preprocess.SliceGeometry]:
-  """Preprocesses one patient of `split`; files: role -> path ('image' for train splits)."""
-  if split == 'train_mr':
-    image, body, geom = _mr(_read(files['image']), s)
-    return {'image': image, 'mask': body}, geom
-  if split == 'train_ct':
-    image, body, geom = _ct(_read(files['image']), s)
-    return {'image': image, 'mask': body}, geom
-  if split == 'labeled':
-    ct_vol, label_vol = _read(files['ct']), _read(files['label'])
-    if label_vol.array.shape != ct_vol.array.shape or not np.allclose(
-        label_vol.affine, ct_vol.affine, atol=1e-3):
-      raise _Skipped(f'{files["label"]}: label map is not on the grid of {files["ct"]}')
-    image, body, geom = _ct(ct_vol, s)
-    return {'image': image, 'mask': body, 'label': _labels(label_vol, s)}, geom
-  # test: MR + registered CT (+ body mask, labels) on the MR grid.
-  mr_vol, ct_vol = _read(files['mr']), _read(files['ct'])
-  _same_grid(mr_vol, ct_vol)
-  image, body, geom = _mr(mr_vol, s)
-  paired, _, _ = _ct(ct_vol, s)
-  arrays = {'image': image, 'paired': paired}
-  if 'mask' in files:
-    mask_vol = _read(files['mask'])
-    _same_grid(mr_vol, mask_vol)
-    body = _binary(mask_vol, s)
-  arrays['mask'] = (body.astype(bool) & _ct_fov(paired)).astype(np.uint8)
-  if 'label' in files:
-    label_vol = _read(files['label'])
-    _same_grid(mr_vol, label_vol)
-    arrays['label'] = _labels(label_vol, s)
-  return arrays, geom
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,18 +83,18 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _build(tmp: str, inputs: dict[str, dict[str, dict[str, str]]], s: Settings,
+def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings,
            warn: Callable[[str], None]) -> dict[str, Any]:
   """Preprocesses all patients into `tmp` and writes the dataset; returns the meta dict."""
   os.makedirs(os.path.join(tmp, GEOMETRY_DIR))
   prepared: dict[str, list[tfds_builder.PreparedPatient]] = {}
   sources: dict[str, dict[str, dict[str, str]]] = {}
-  for split in _SPLIT_ORDER:
+  for split in prepare_volumes.SPLIT_ORDER:
     for pid, files in inputs.get(split, {}).items():
       try:
-        arrays, geom = _process(split, files, s)
-      except (_Skipped, volume_lib.VolumeError) as e:  # e.g. corrupt, not in HU: 'PATH: why'
-        warn(str(e))
+        arrays, geom = prepare_volumes.process_patient(split, files, s)
+      except (prepare_volumes.Skipped, volume_lib.VolumeError) as e:
+        warn(str(e))  # e.g. corrupt, not in HU: 'PATH: why'
         continue
       except RuntimeError as e:  # SimpleITK (N4) failures carry no path
         warn(f'{next(iter(files.values()))}: {" ".join(str(e).split())}')
@@ -330,38 +153,17 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
   out_dir = os.path.abspath(os.fspath(out_dir))
   if os.path.exists(out_dir) and not overwrite:
     raise DatasetError(f'{out_dir}: already exists (pass --overwrite to replace it)')
-  settings = Settings(float(spacing_mm), int(image_size), float(mr_percentile), bool(n4))
+  settings = prepare_volumes.Settings(float(spacing_mm), int(image_size), float(mr_percentile),
+                                      bool(n4))
   skipped: list[str] = []
 
   def warn(message: str) -> None:
     skipped.append(message)
     logging.warning('%s', message)
 
-  dirs = {'train_mr': mr_dir, 'train_ct': ct_dir, 'labeled': labeled_dir, 'test': paired_dir}
-  inputs: dict[str, dict[str, dict[str, str]]] = {}
-  owner: dict[str, tuple[str, str]] = {}  # patient id -> (split, path)
-  for split in _SPLIT_ORDER:
-    if not dirs[split]:
-      continue
-    paths = _entries(os.fspath(dirs[split]), _FIELD[split])
-    if split in _ROLES:
-      groups = _group(paths, split, warn)
-    else:
-      groups = {}
-      for path in paths:
-        pid = volume_lib.volume_id(path)
-        if pid in groups:
-          warn(f'{path}: duplicate patient id {pid!r} (also {groups[pid]["image"]}); skipped')
-          continue
-        groups[pid] = {'image': path}
-    for pid, files in groups.items():
-      first = next(iter(files.values()))
-      if pid in owner:
-        warn(f'{first}: patient id {pid!r} is already in split {owner[pid][0]!r} '
-             f'({owner[pid][1]}); skipped so no subject crosses splits')
-        continue
-      owner[pid] = (split, first)
-      inputs.setdefault(split, {})[pid] = files
+  inputs = prepare_volumes.collect_inputs(
+      {'train_mr': mr_dir, 'train_ct': ct_dir, 'labeled': labeled_dir, 'test': paired_dir},
+      warn)
 
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
@@ -429,6 +231,23 @@ def load_geometry(data_dir: str, patient_id: str) -> preprocess.SliceGeometry:
     return preprocess.SliceGeometry.from_dict(json.load(f))
 
 
+def settings_mismatch(data_dir: str, config: ml_collections.ConfigDict) -> str | None:
+  """Why a prepared data dir does not suit a generator trained with `config`, or None.
+
+  A generator only works on slices prepared like its training data (scale, intensity), so
+  spacing_mm, image_size and mr_percentile of the data dir must equal config.data's.
+
+  Returns:
+    A one-line message naming the first differing value, or None if all match.
+  """
+  meta = load_meta(data_dir)
+  for key in ('spacing_mm', 'image_size', 'mr_percentile'):
+    if key in meta and not np.isclose(float(meta[key]), float(config.data[key])):
+      return (f'{data_dir}: prepared with {key}={meta[key]} but the generators were trained '
+              f'with data.{key}={config.data[key]}; prepare it with the run\'s config')
+  return None
+
+
 # ---------------------------------------------------------------------------------------
 # The built-in phantom.
 
@@ -492,16 +311,11 @@ def prepare_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
 # Command line.
 
 
-def _default_config_path() -> str:
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), 'configs', 'gc.py')
-
-
 def _define_flags() -> flags.FlagValues:
   # A private FlagValues: importing this module (train.py does) adds no global flags.
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file(
-      'config', _default_config_path(),
+      'config', cli_flags.default_config_path(),
       'Config file (configs/gc.py[:variant]); uses data.spacing_mm, data.image_size, '
       'data.mr_percentile and data.n4.', flag_values=fv, lock_config=True)
   flags.DEFINE_string('mr_dir', None, 'Folder of unpaired MR volumes.', flag_values=fv)
@@ -519,29 +333,31 @@ def _define_flags() -> flags.FlagValues:
   return fv
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
-  argv = list(sys.argv if argv is None else argv)
-  if any(arg in ('-h', '--help', '-help', '--helpfull') for arg in argv[1:]):
-    print(__doc__)
-  fv = _define_flags()
-  cli_flags.parse(fv, argv, 'mr2ct_jax.data.prepare', required=('mr_dir', 'ct_dir', 'out'))
-  # Skipped files as plain "warning: PATH: reason" lines on stderr, then the summary.
+def _log_warnings_to_stderr() -> None:
+  """Skipped files as plain "warning: PATH: reason" lines on stderr (then the summary)."""
   handler = std_logging.StreamHandler(sys.stderr)
   handler.setFormatter(std_logging.Formatter('warning: %(message)s'))
   handler.setLevel(std_logging.WARNING)
   absl_logger = logging.get_absl_logger()
   absl_logger.addHandler(handler)
   absl_logger.propagate = False
+
+
+def _run(fv: flags.FlagValues) -> None:
+  _log_warnings_to_stderr()
   data = fv.config.data
-  try:
-    prepare(fv.mr_dir, fv.ct_dir, fv.out, labeled_dir=fv.labeled_dir,
-            paired_dir=fv.paired_dir, spacing_mm=data.spacing_mm, image_size=data.image_size,
-            mr_percentile=data.mr_percentile, n4=data.n4 if fv.n4 is None else fv.n4,
-            overwrite=fv.overwrite)
-  except (volume_lib.VolumeError, DatasetError) as e:
-    raise SystemExit(f'error: {e}') from e
-  return 0
+  prepare(fv.mr_dir, fv.ct_dir, fv.out, labeled_dir=fv.labeled_dir, paired_dir=fv.paired_dir,
+          spacing_mm=data.spacing_mm, image_size=data.image_size,
+          mr_percentile=data.mr_percentile, n4=data.n4 if fv.n4 is None else fv.n4,
+          overwrite=fv.overwrite)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
+  fv = _define_flags()
+  return cli_flags.run(fv, argv, 'mr2ct_jax.data.prepare', lambda: _run(fv),
+                       errors=(volume_lib.VolumeError, DatasetError),
+                       required=('mr_dir', 'ct_dir', 'out'), doc=__doc__)
 
 
 if __name__ == '__main__':

@@ -57,12 +57,6 @@ def _known_errors() -> tuple[type[Exception], ...]:
           volume.VolumeError, volume.DatasetError, seg_train.NonFiniteLossError)
 
 
-def _last_line(error: Exception) -> str:
-  # Config-file errors carry the loader's traceback; its last line says what went wrong.
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[-1] if lines else type(error).__name__
-
-
 def _seg_section(fv: flags.FlagValues):
   """The `seg` section of --config (None without --config); one-line errors."""
   if not fv['config'].present:
@@ -71,33 +65,24 @@ def _seg_section(fv: flags.FlagValues):
     config = fv.config  # ml_collections loads the file lazily: errors surface here
     has_seg = 'seg' in config
   except (OSError, ValueError, flags.Error) as e:
-    raise SystemExit(f'error: --config: {_last_line(e)}') from e
+    raise SystemExit(f'error: --config: {cli_flags.last_line(e)}') from e
   if not has_seg:
     raise SystemExit(f'error: --config: {fv["config"].config_filename} has no seg section')
   return config.seg
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry point; returns 0 or raises SystemExit with a one-line 'error: ...'."""
-  argv = list(sys.argv if argv is None else argv)
-  fv = _define_flags()
-  if any(arg in ('-h', '--help', '-help', '--helpfull') for arg in argv[1:]):
-    print(f'{__doc__}\nflags:\n{fv.get_help()}')
-    return 0
-  try:
-    cli_flags.parse(fv, argv, COMMAND, required=('workdir',))
-  except SystemExit as e:
-    if isinstance(e.__cause__, flags.Error) and 'config file' in str(e.__cause__):
-      raise SystemExit(f'error: --config: {_last_line(e.__cause__)}') from e.__cause__
-    raise
+def _run(fv: flags.FlagValues) -> None:
   seg_config = _seg_section(fv)
   from mr2ct_jax.segmentation import run as seg_run  # pylint: disable=g-import-not-at-top
-  try:
-    seg_run.run(fv.workdir, fv.data, fv.output, steps=fv.steps, overwrite=fv.overwrite,
-                seg_config=seg_config)
-  except _known_errors() as e:  # pylint: disable=catching-non-exception
-    raise SystemExit(f'error: {e}') from e
-  return 0
+  seg_run.run(fv.workdir, fv.data, fv.output, steps=fv.steps, overwrite=fv.overwrite,
+              seg_config=seg_config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; returns 0 or raises SystemExit with a one-line 'error: ...'."""
+  fv = _define_flags()
+  return cli_flags.run(fv, argv, COMMAND, lambda: _run(fv), errors=_known_errors,
+                       required=('workdir',), doc=__doc__)
 
 
 if __name__ == '__main__':

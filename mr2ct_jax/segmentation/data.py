@@ -51,9 +51,9 @@ class LabeledSet:
 
 def translate_slices(apply_fn: ApplyFn, slices: np.ndarray, batch_size: int) -> np.ndarray:
   """Runs a generator over [N, H, W] model-range slices, last batch padded to one shape."""
-  # Imported here: evaluate pulls in matplotlib/scipy (reports), not needed to train.
-  from mr2ct_jax import evaluate  # pylint: disable=g-import-not-at-top
-  return evaluate.translate_slices(apply_fn, slices, batch_size)
+  # Imported here: evaluation_core pulls in matplotlib (report_figures), not needed to train.
+  from mr2ct_jax import evaluation_core  # pylint: disable=g-import-not-at-top
+  return evaluation_core.translate_slices(apply_fn, slices, batch_size)
 
 
 def check_data_dir(data_dir: str, config: ml_collections.ConfigDict, split: str) -> None:
@@ -63,12 +63,9 @@ def check_data_dir(data_dir: str, config: ml_collections.ConfigDict, split: str)
     what = ('a labeled CT split (prepare with --labeled_dir)' if split == LABELED_SPLIT else
             'a paired test split with labels (prepare with --paired_dir)')
     raise SegDataError(f'{data_dir}: no {split!r} split; segmentation needs {what}')
-  meta = prepare.load_meta(data_dir)
-  for key in ('image_size', 'spacing_mm', 'mr_percentile'):
-    if key in meta and not np.isclose(float(meta[key]), float(config.data[key])):
-      raise SegDataError(f'{data_dir}: prepared with {key}={meta[key]} but the generators were '
-                         f'trained with data.{key}={config.data[key]}; prepare it with the '
-                         "run's config")
+  mismatch = prepare.settings_mismatch(data_dir, config)
+  if mismatch is not None:
+    raise SegDataError(mismatch)
 
 
 def _cache_matches(path: str, key: dict[str, Any]) -> bool:

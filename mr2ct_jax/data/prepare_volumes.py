@@ -1,0 +1,246 @@
+"""Per-patient preprocessing for `mr2ct_jax.data.prepare`: input folders to network slices.
+
+Listing a folder's volumes, grouping `<id>_<role>` files of the labeled / paired folders,
+and for one patient: read (NIfTI or DICOM) -> [N4 for MR] -> canonical network grid
+(config.data.spacing_mm, config.data.image_size) -> body mask -> MR normalisation or the
+check that a CT is in Hounsfield units; label maps and masks resampled without blurring.
+A single unusable input raises `Skipped` ('PATH: reason'); prepare warns and goes on.
+"""
+
+import dataclasses
+import os
+from typing import Callable
+
+import numpy as np
+
+from mr2ct_jax.data import intensity
+from mr2ct_jax.data import mask as mask_lib
+from mr2ct_jax.data import preprocess
+from mr2ct_jax.data import volume as volume_lib
+
+# Order in which splits claim patient ids: the paired test subjects first, so a subject that
+# also appears in a training folder never leaks into training.
+SPLIT_ORDER = ('test', 'train_mr', 'train_ct', 'labeled')
+# The command-line flag of each split's folder (named in errors).
+SPLIT_FLAG = {'train_mr': 'mr_dir', 'train_ct': 'ct_dir', 'labeled': 'labeled_dir',
+              'test': 'paired_dir'}
+# Roles of the files in the labeled / paired folders, by name suffix (<id>_<role>):
+# split -> (required roles, optional roles).
+ROLES = {'labeled': (('ct', 'label'), ()), 'test': (('mr', 'ct'), ('mask', 'label'))}
+DatasetError = volume_lib.DatasetError
+Inputs = dict[str, dict[str, dict[str, str]]]  # split -> patient id -> role -> path
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Preprocessing values (recorded in dataset_meta.json)."""
+  spacing_mm: float
+  image_size: int
+  mr_percentile: float
+  n4: bool
+
+
+class Skipped(Exception):
+  """A single input cannot be used; the message is 'PATH: reason'."""
+
+
+# ---------------------------------------------------------------------------------------
+# Listing inputs.
+
+
+def list_entries(folder: str, flag: str) -> list[str]:
+  """All candidate volumes of a folder (every visible entry; bad ones are skipped later)."""
+  if not os.path.exists(folder):
+    raise DatasetError(f'{folder}: no such folder (--{flag})')
+  if not os.path.isdir(folder):
+    raise DatasetError(f'{folder}: not a folder (--{flag})')
+  names = sorted(n for n in os.listdir(folder) if not n.startswith('.'))
+  if not names:
+    raise DatasetError(f'{folder}: empty folder (--{flag}); expected NIfTI files or DICOM '
+                       'series folders')
+  paths = [os.path.join(folder, n) for n in names]
+  # A folder that directly holds one DICOM series (no NIfTI, no sub-folders) is one volume.
+  if volume_lib.is_dicom_dir(folder) and not any(
+      volume_lib.is_nifti_path(p) or os.path.isdir(p) for p in paths):
+    return [folder]
+  return paths
+
+
+def group_roles(paths: list[str], split: str,
+                warn: Callable[[str], None]) -> dict[str, dict[str, str]]:
+  """Groups `<id>_<role>` files of a labeled/paired folder: id -> {role: path}."""
+  required, optional = ROLES[split]
+  groups: dict[str, dict[str, str]] = {}
+  for path in paths:
+    pid, _, role = volume_lib.volume_id(path).rpartition('_')
+    if not pid or role.lower() not in required + optional:
+      warn(f'{path}: name is not <id>_<role> with role in {list(required + optional)}; '
+           'skipped')
+      continue
+    if role.lower() in groups.setdefault(pid, {}):
+      warn(f'{path}: duplicate {role} for patient {pid!r} '
+           f'(also {groups[pid][role.lower()]}); skipped')
+      continue
+    groups[pid][role.lower()] = path
+  complete = {}
+  for pid, files in groups.items():
+    missing = [r for r in required if r not in files]
+    if missing:
+      for path in files.values():
+        warn(f'{path}: patient {pid!r} has no {"/".join(missing)} file '
+             f'(<id>_{missing[0]}.nii.gz); skipped')
+      continue
+    complete[pid] = files
+  return complete
+
+
+# ---------------------------------------------------------------------------------------
+# Preprocessing of one patient.
+
+
+def read(path: str) -> volume_lib.Volume:
+  """Reads a volume; an unreadable one is Skipped."""
+  try:
+    return volume_lib.read_volume(path)
+  except volume_lib.VolumeError as e:
+    raise Skipped(str(e)) from e
+
+
+def preprocess_mr(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.ndarray,
+                                                      preprocess.SliceGeometry]:
+  """MR -> (normalised slices, body mask uint8, geometry)."""
+  if s.n4:
+    vol = preprocess.n4_correct(vol)
+  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size)
+  body = mask_lib.body_mask(slices, modality='mr', slice_axis=0)
+  if not body.any():
+    raise Skipped(f'{vol.path}: empty body mask (blank MR?)')
+  slices = intensity.normalise_mr(slices, body, s.mr_percentile, path=vol.path)
+  return slices, body.astype(np.uint8), geom
+
+
+def preprocess_ct(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.ndarray,
+                                                      preprocess.SliceGeometry]:
+  """CT -> (slices in HU, body mask uint8, geometry); rejects CTs that are not in HU."""
+  intensity.check_ct_is_hu(vol.array, vol.path)
+  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size)
+  body = mask_lib.body_mask(slices, modality='ct', slice_axis=0)
+  if not body.any():
+    raise Skipped(f'{vol.path}: empty body mask (no voxel above '
+                   f'{mask_lib.CT_BODY_THRESHOLD_HU} HU)')
+  return slices, body.astype(np.uint8), geom
+
+
+def preprocess_labels(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
+  """Label map -> uint8 slices; resampled one-hot per label (linear) + argmax, not blurred."""
+  values = np.rint(vol.array).astype(np.int64)
+  if np.any(np.abs(vol.array - values) > 1e-3) or values.min() < 0 or values.max() > 255:
+    raise Skipped(f'{vol.path}: a label map must hold integers in [0, 255]')
+  labels = [int(v) for v in np.unique(values) if v != 0]
+  channels = []
+  for value in [0] + labels:
+    onehot = volume_lib.Volume((values == value).astype(np.float32), vol.affine, vol.path)
+    pad = 1.0 if value == 0 else 0.0  # outside the volume is background
+    channels.append(preprocess.to_network_grid(onehot, s.spacing_mm, s.image_size, pad)[0])
+  lut = np.asarray([0] + labels, np.uint8)
+  return lut[np.argmax(np.stack(channels), axis=0)]
+
+
+def preprocess_binary(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
+  """Binary mask volume -> uint8 slices (linear resampling, threshold at 0.5)."""
+  grid = preprocess.to_network_grid(
+      volume_lib.Volume((vol.array > 0).astype(np.float32), vol.affine, vol.path),
+      s.spacing_mm, s.image_size, 0.0)[0]
+  return (grid >= 0.5).astype(np.uint8)
+
+
+def check_same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> None:
+  """Raises Skipped unless `b` has the shape and affine of `a` (the MR)."""
+  if a.array.shape != b.array.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
+    raise Skipped(f'{b.path}: not on the MR grid of {a.path} (shape {b.array.shape} vs '
+                   f'{a.array.shape} or a different affine); a paired CT must be registered '
+                   'and resampled to its MR')
+
+
+def ct_fov(ct_slices: np.ndarray) -> np.ndarray:
+  """bool [N,1,1]: slices where the registered CT has any tissue (inside its field of view).
+
+  Outside a CT's shorter field of view the registered CT holds only air/padding (-1024), so
+  MR-vs-CT errors there would measure the missing data, not the synthesis.
+  """
+  tissue = (ct_slices > mask_lib.CT_BODY_THRESHOLD_HU).any(axis=(1, 2))
+  return tissue[:, None, None]
+
+
+def process_patient(split: str, files: dict[str, str], s: Settings) -> tuple[
+    dict[str, np.ndarray], preprocess.SliceGeometry]:
+  """Preprocesses one patient of `split`; files: role -> path ('image' for train splits)."""
+  if split == 'train_mr':
+    image, body, geom = preprocess_mr(read(files['image']), s)
+    return {'image': image, 'mask': body}, geom
+  if split == 'train_ct':
+    image, body, geom = preprocess_ct(read(files['image']), s)
+    return {'image': image, 'mask': body}, geom
+  if split == 'labeled':
+    ct_vol, label_vol = read(files['ct']), read(files['label'])
+    if label_vol.array.shape != ct_vol.array.shape or not np.allclose(
+        label_vol.affine, ct_vol.affine, atol=1e-3):
+      raise Skipped(f'{files["label"]}: label map is not on the grid of {files["ct"]}')
+    image, body, geom = preprocess_ct(ct_vol, s)
+    return {'image': image, 'mask': body, 'label': preprocess_labels(label_vol, s)}, geom
+  # test: MR + registered CT (+ body mask, labels) on the MR grid.
+  mr_vol, ct_vol = read(files['mr']), read(files['ct'])
+  check_same_grid(mr_vol, ct_vol)
+  image, body, geom = preprocess_mr(mr_vol, s)
+  paired, _, _ = preprocess_ct(ct_vol, s)
+  arrays = {'image': image, 'paired': paired}
+  if 'mask' in files:
+    mask_vol = read(files['mask'])
+    check_same_grid(mr_vol, mask_vol)
+    body = preprocess_binary(mask_vol, s)
+  arrays['mask'] = (body.astype(bool) & ct_fov(paired)).astype(np.uint8)
+  if 'label' in files:
+    label_vol = read(files['label'])
+    check_same_grid(mr_vol, label_vol)
+    arrays['label'] = preprocess_labels(label_vol, s)
+  return arrays, geom
+
+
+def collect_inputs(dirs: dict[str, str | None], warn: Callable[[str], None]) -> Inputs:
+  """The patients of each split's folder; a patient id belongs to one split only.
+
+  Args:
+    dirs: split -> folder (None: the split is not prepared).
+    warn: called with 'PATH: reason' for every file that is skipped.
+
+  Returns:
+    split -> patient id -> role -> path ('image' for train_mr / train_ct).
+
+  Raises:
+    DatasetError: a given folder is missing or empty.
+  """
+  inputs: Inputs = {}
+  owner: dict[str, tuple[str, str]] = {}  # patient id -> (split, path)
+  for split in SPLIT_ORDER:
+    if not dirs.get(split):
+      continue
+    paths = list_entries(os.fspath(dirs[split]), SPLIT_FLAG[split])
+    if split in ROLES:
+      groups = group_roles(paths, split, warn)
+    else:
+      groups = {}
+      for path in paths:
+        pid = volume_lib.volume_id(path)
+        if pid in groups:
+          warn(f'{path}: duplicate patient id {pid!r} (also {groups[pid]["image"]}); skipped')
+          continue
+        groups[pid] = {'image': path}
+    for pid, files in groups.items():
+      first = next(iter(files.values()))
+      if pid in owner:
+        warn(f'{first}: patient id {pid!r} is already in split {owner[pid][0]!r} '
+             f'({owner[pid][1]}); skipped so no subject crosses splits')
+        continue
+      owner[pid] = (split, first)
+      inputs.setdefault(split, {})[pid] = files
+  return inputs

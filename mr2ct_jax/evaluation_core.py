@@ -1,0 +1,207 @@
+"""Scoring of paired test volumes: translate the slices, compute the metrics of one volume.
+
+The metric definitions and evaluated regions are described in `mr2ct_jax.evaluate` (the
+command, its outputs and the comparison of two evaluations); the formulas are in
+`mr2ct_jax.metrics`. Every function here works on in-memory arrays, no files but the
+optional panel figure per volume.
+"""
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tqdm
+
+from mr2ct_jax import metrics
+from mr2ct_jax import report_figures
+from mr2ct_jax import reports
+from mr2ct_jax.data import intensity
+
+ApplyFn = Callable[[np.ndarray], np.ndarray]  # NHWC [-1, 1] -> NHWC [-1, 1]
+
+METRIC_KEYS = tuple(reports.METRICS)
+MI_RANGE = (0.0, 255.0)  # fixed histogram range: MI values are comparable between models
+ERROR_MAX_HU = 500.0     # top of the |error| colour scale in the panels
+
+
+class EvaluateError(ValueError):
+  """Evaluation cannot run; the one-line message names the path or patient."""
+
+
+def translate_slices(apply_fn: ApplyFn, slices: np.ndarray, batch_size: int) -> np.ndarray:
+  """Runs `apply_fn` over `[N, H, W]` model-range slices in batches of `batch_size`.
+
+  The last batch is padded to `batch_size` with -1 (background) so a jitted generator sees a
+  single batch shape and compiles once.
+  """
+  slices = np.asarray(slices, np.float32)
+  out = np.empty_like(slices)
+  for start in range(0, slices.shape[0], batch_size):
+    chunk = slices[start:start + batch_size]
+    n = chunk.shape[0]
+    if n < batch_size:
+      pad = np.full((batch_size - n,) + chunk.shape[1:], -1.0, np.float32)
+      chunk = np.concatenate([chunk, pad])
+    result = np.asarray(apply_fn(chunk[..., None]), np.float32)
+    if result.shape != chunk.shape + (1,):
+      raise EvaluateError(f'generator returned shape {result.shape} for input '
+                          f'{chunk.shape + (1,)}')
+    out[start:start + n] = result[:n, ..., 0]
+  return out
+
+
+def _patient_id(value: Any) -> str:
+  """A record's patient id as text (TFDS gives bytes, possibly in a 0-d/1-element array)."""
+  if isinstance(value, np.ndarray):
+    value = value.reshape(-1)[0] if value.size else ''
+  if isinstance(value, bytes):
+    value = value.decode('utf-8')
+  return str(value)
+
+
+def _check_volume(volume: Mapping[str, Any], pid: str) -> tuple[np.ndarray, ...]:
+  """(MR, CT, mask, valid) of a test record, checked; raises EvaluateError naming `pid`."""
+  for key in ('image', 'paired', 'mask'):
+    if key not in volume:
+      raise EvaluateError(f'test patient {pid}: record has no {key!r} array')
+  mr = np.asarray(volume['image'], np.float32)
+  ct = np.asarray(volume['paired'], np.float32)
+  mask = np.asarray(volume['mask']).astype(bool)
+  if 'fov' in volume:
+    valid = np.asarray(volume['fov']).astype(bool)
+  else:
+    # prepare's common FOV is slice-wise, so the slices holding any mask voxel are the FOV.
+    valid = np.broadcast_to(mask.any(axis=tuple(range(1, mask.ndim)), keepdims=True),
+                            mask.shape)
+  for key, array in (('paired', ct), ('mask', mask), ('fov', valid)):
+    if array.shape != mr.shape:
+      raise EvaluateError(f'test patient {pid}: {key!r} has shape {array.shape}, image has '
+                          f'{mr.shape}')
+  if mr.ndim != 3:
+    raise EvaluateError(f'test patient {pid}: expected [slices, H, W] arrays, got {mr.shape}')
+  if not np.any(ct):
+    raise EvaluateError(f'test patient {pid}: the paired CT is all zeros (not a paired test '
+                        'split?)')
+  return mr, ct, mask, valid
+
+
+def volume_metrics(mr: np.ndarray, ct_hu: np.ndarray, sct_hu: np.ndarray,
+                   smr: np.ndarray | None, mask: np.ndarray, valid: np.ndarray,
+                   config: ml_collections.ConfigDict) -> tuple[dict[str, float],
+                                                               list[dict[str, float]]]:
+  """Metrics of one volume and of each of its slices.
+
+  Args:
+    mr: real MR `[N, H, W]` (MR-normalised units).
+    ct_hu: registered real CT (HU).
+    sct_hu: synthetic CT (HU).
+    smr: synthetic MR from the real CT (MR units), or None (MI(CT, sMR) not computed).
+    mask: body mask (AND common FOV).
+    valid: region of the 0-255 metrics, SSIM and MI.
+    config: the run's config (data.ct_window, data.mr_window).
+
+  Returns:
+    (volume record, list of slice records), keys as `reports.METRICS`.
+  """
+  ct_window, mr_window = config.data.ct_window, config.data.mr_window
+  ct_unit = intensity.ct_to_unit(ct_hu, ct_window)
+  sct_unit = intensity.ct_to_unit(sct_hu, ct_window)
+  mr_unit = intensity.mr_to_unit(mr, mr_window)
+  ssim_map = metrics.ssim_map(ct_unit, sct_unit, data_range=255.0)
+  synthrad_map = metrics.synthrad_ssim_map(ct_hu, sct_hu, mask)
+  ssim_slices = metrics.masked_slice_means(ssim_map, valid)
+  synthrad_slices = metrics.masked_slice_means(synthrad_map, mask)
+  mi_kwargs = dict(range_a=MI_RANGE, range_b=MI_RANGE)
+  mi_mr_sct = metrics.slice_mutual_information(mr_unit, sct_unit, valid, **mi_kwargs)
+  if smr is not None:
+    smr_unit = intensity.mr_to_unit(smr, mr_window)
+    mi_ct_smr = metrics.slice_mutual_information(ct_unit, smr_unit, valid, **mi_kwargs)
+
+  def finite_mean(values: list[float]) -> float:
+    kept = [v for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else float('nan')
+
+  vol = {
+      'mae_255': metrics.mae(ct_unit, sct_unit, valid),
+      'psnr_255': metrics.psnr(ct_unit, sct_unit, valid, data_range=255.0),
+      'ssim': finite_mean(ssim_slices),
+      'mae_hu': metrics.synthrad_mae(ct_hu, sct_hu, mask),
+      'psnr_synthrad': metrics.synthrad_psnr(ct_hu, sct_hu, mask),
+      'ssim_synthrad': (float(synthrad_map[mask].mean()) if mask.any() else float('nan')),
+      'mi_mr_sct': finite_mean(mi_mr_sct),
+  }
+  if smr is not None:
+    vol['mi_ct_smr'] = finite_mean(mi_ct_smr)
+  slices = []
+  for k in range(mr.shape[0]):
+    row = {
+        'slice_index': k,
+        'valid_voxels': int(valid[k].sum()),
+        'mask_voxels': int(mask[k].sum()),
+        'mae_255': metrics.mae(ct_unit[k], sct_unit[k], valid[k]),
+        'psnr_255': metrics.psnr(ct_unit[k], sct_unit[k], valid[k], data_range=255.0),
+        'ssim': ssim_slices[k],
+        'mae_hu': metrics.synthrad_mae(ct_hu[k], sct_hu[k], mask[k]),
+        'psnr_synthrad': metrics.synthrad_psnr(ct_hu[k], sct_hu[k], mask[k]),
+        'ssim_synthrad': synthrad_slices[k],
+        'mi_mr_sct': mi_mr_sct[k],
+    }
+    if smr is not None:
+      row['mi_ct_smr'] = mi_ct_smr[k]
+    slices.append(row)
+  return vol, slices
+
+
+def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
+                     smr_fn: ApplyFn | None, config: ml_collections.ConfigDict, *,
+                     figure_dir: str | None = None,
+                     progress: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Translates and scores each test volume; optionally writes its panel figure.
+
+  Args:
+    volumes: records with 'patient_id' and `[N, H, W]` arrays 'image' (MR units), 'paired'
+      (registered CT, HU), 'mask' (body & common FOV), optionally 'fov' (common FOV).
+    sct_fn: G_ct, NHWC [-1, 1] -> [-1, 1]; smr_fn: G_mr, or None to skip MI(CT, sMR).
+    config: the run's config (data windows, eval.batch_size).
+    figure_dir: if set, writes `<figure_dir>/<patient_id>.png` per volume.
+    progress: show a progress bar over volumes.
+
+  Returns:
+    (per-volume records, per-slice records), in the order of `volumes`.
+  """
+  ct_window, mr_window = config.data.ct_window, config.data.mr_window
+  batch_size = int(config.eval.batch_size)
+  per_volume, per_slice = [], []
+  seen = set()
+  for volume in tqdm.tqdm(volumes, desc='evaluate', unit='volume', disable=not progress):
+    pid = _patient_id(volume.get('patient_id', f'volume{len(per_volume)}'))
+    if pid in seen:
+      raise EvaluateError(f'test patient {pid}: appears twice in the test split')
+    seen.add(pid)
+    mr, ct, mask, valid = _check_volume(volume, pid)
+    sct_hu = intensity.model_to_ct_hu(
+        translate_slices(sct_fn, intensity.mr_to_model(mr, mr_window), batch_size), ct_window)
+    smr = None
+    if smr_fn is not None:
+      smr = intensity.model_to_mr(
+          translate_slices(smr_fn, intensity.ct_hu_to_model(ct, ct_window), batch_size),
+          mr_window)
+    vol, slices = volume_metrics(mr, ct, sct_hu, smr, mask, valid, config)
+    per_volume.append({'patient_id': pid, 'num_slices': int(mr.shape[0]),
+                       'region': 'fov' if 'fov' in volume else 'fov_slices',
+                       'valid_voxels': int(valid.sum()), 'mask_voxels': int(mask.sum()), **vol})
+    per_slice.extend({'patient_id': pid, **row} for row in slices)
+    if figure_dir is not None:
+      title = (f"{pid}: MAE {reports.fmt(vol['mae_255'])} (0-255), "
+               f"PSNR {reports.fmt(vol['psnr_255'])} dB, MAE {reports.fmt(vol['mae_hu'], 1)} HU"
+               f" in body")
+      report_figures.volume_panel(os.path.join(figure_dir, f'{_safe_name(pid)}.png'), mr,
+                                  sct_hu, ct, valid, title=title, mr_window=mr_window,
+                                  ct_window=ct_window, error_max_hu=ERROR_MAX_HU)
+  return per_volume, per_slice
+
+
+def _safe_name(pid: str) -> str:
+  return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in pid) or 'volume'
