@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mr2ct_jax import atomic
+
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -26,13 +28,6 @@ class CheckpointError(ValueError):
 def config_to_json(config: ml_collections.ConfigDict) -> str:
   """Serialises a config (tuples become lists) to indented JSON."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _restore_tuples(config_dict: dict[str, Any],
@@ -65,7 +60,7 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
             f'{path}: this workdir holds a run with a different config.{section} '
             f'({old.get(section)} vs {new.get(section)}); use another --workdir')
     # Loop settings (num_steps, logging cadence) may change on resume: record the new ones.
-  _atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True))
+  atomic.write_json(path, new, indent=2, sort_keys=True)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

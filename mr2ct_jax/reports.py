@@ -16,14 +16,14 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from mr2ct_jax import atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,21 +66,8 @@ def atomic_output_dir(output_dir: str, overwrite: bool = False) -> Iterator[str]
   """
   output_dir = os.path.abspath(output_dir)
   check_output_dir(output_dir, overwrite)
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(output_dir)}.tmp-', dir=parent)
-  try:
+  with atomic.building_dir(output_dir) as tmp:
     yield tmp
-    if os.path.exists(output_dir):
-      old = tempfile.mkdtemp(prefix=f'.{os.path.basename(output_dir)}.old-', dir=parent)
-      os.replace(output_dir, os.path.join(old, 'x'))
-      os.replace(tmp, output_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, output_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -89,13 +76,6 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     raise ReportError(f'{output_dir}: output exists; pass --overwrite to replace it')
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise ReportError(f'{output_dir}: exists and is not a directory')
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8', newline='') as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 # ---- Numbers -------------------------------------------------------------------------------
@@ -192,12 +172,12 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]], fieldnames: Sequence
         value = '' if math.isnan(value) else repr(float(value))
       out[key] = value
     writer.writerow(out)
-  _atomic_write_text(path, buf.getvalue())
+  atomic.write_text(path, buf.getvalue())
 
 
 def write_json(path: str, obj: Any) -> None:
   """Writes strict JSON (atomic); call `json_number` on floats that may be inf/NaN first."""
-  _atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + '\n')
+  atomic.write_text(path, json.dumps(obj, indent=2, allow_nan=False) + '\n')
 
 
 def rows_to_json(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -140,3 +140,20 @@ def test_atomic_output_dir(tmp_path):
     open(os.path.join(tmp, 'b.txt'), 'w', encoding='utf-8').write('2')
   assert os.listdir(out) == ['b.txt']
   assert sorted(os.listdir(tmp_path)) == ['eval']  # no temp dirs left behind
+
+
+def test_atomic_building_dir_keeps_target_on_failure(tmp_path):
+  """mr2ct_jax.atomic: a failed build leaves the old target and no temporary directory."""
+  from mr2ct_jax import atomic  # pylint: disable=g-import-not-at-top
+  target = tmp_path / 'out'
+  with atomic.building_dir(str(target)) as tmp:
+    (tmp_path / tmp / 'v1.txt').write_text('1', encoding='utf-8')
+  with pytest.raises(KeyboardInterrupt):
+    with atomic.building_dir(str(target)) as tmp:
+      open(os.path.join(tmp, 'v2.txt'), 'w', encoding='utf-8').close()
+      raise KeyboardInterrupt  # a killed run
+  assert sorted(os.listdir(tmp_path)) == ['out']
+  assert os.listdir(target) == ['v1.txt']
+  with atomic.building_dir(str(target)) as tmp:
+    open(os.path.join(tmp, 'v3.txt'), 'w', encoding='utf-8').close()
+  assert os.listdir(target) == ['v3.txt'] and sorted(os.listdir(tmp_path)) == ['out']

@@ -28,13 +28,12 @@ deterministic from the seed (each subject and image has its own numpy Generator)
 from concurrent import futures
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
+from mr2ct_jax import atomic
 from mr2ct_jax.data import phantom_anatomy as anatomy
 from mr2ct_jax.data import phantom_render as render
 from mr2ct_jax.data import volume
@@ -162,10 +161,7 @@ def generate(out_dir: str, num_train_mr: int, num_train_ct: int, num_labeled: in
       raise FileExistsError(f'{out_dir}: exists and is not a folder')
     if os.listdir(out_dir) and not overwrite:
       raise FileExistsError(f'{out_dir}: not empty (pass overwrite=True / --overwrite)')
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
-  try:
+  with atomic.building_dir(out_dir) as tmp:
     for name in splits:
       os.makedirs(os.path.join(tmp, name))
     # Subjects are independent (own generators), so threads keep the output deterministic;
@@ -180,16 +176,6 @@ def generate(out_dir: str, num_train_mr: int, num_train_ct: int, num_labeled: in
             'subjects': {k: [subject_id(i) for i in v] for k, v in splits.items()}}
     with open(os.path.join(tmp, 'subjects.json'), 'w', encoding='utf-8') as f:
       json.dump(meta, f, indent=1)
-    if os.path.exists(out_dir):  # empty, or being overwritten: move it aside first
-      old = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.old-', dir=parent)
-      os.replace(out_dir, os.path.join(old, 'x'))
-      os.replace(tmp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def summary(out_dir: str) -> str:

@@ -26,7 +26,7 @@ file is skipped with a one-line warning "PATH: reason" and counted in the closin
 The per-patient steps are in `mr2ct_jax.data.prepare_volumes`; this module assembles the
 dataset, reads it back (`load_meta`, `load_geometry`) and prepares the built-in phantom.
 
-Output (DATA_DIR, written to DATA_DIR.tmp-XXXX and renamed when complete):
+Output (DATA_DIR, built in a temporary sibling directory and renamed when complete):
   mr2ct_slices/1.0.0/    the TFDS dataset: splits train_mr, train_ct, [labeled], [test]
   geometry/<id>.json     SliceGeometry per patient (maps slices back to the input volume)
   dataset_meta.json      preprocessing values, patients and record index per split
@@ -38,7 +38,6 @@ import logging as std_logging
 import os
 import shutil
 import sys
-import tempfile
 from typing import Any, Callable, Sequence
 
 from absl import flags
@@ -47,6 +46,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from mr2ct_jax import atomic
 from mr2ct_jax import cli_flags
 from mr2ct_jax.data import prepare_volumes
 from mr2ct_jax.data import preprocess
@@ -77,10 +77,7 @@ def _record_index(data_dir: str, split: str) -> dict[str, list[int]]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  atomic.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings,
@@ -165,23 +162,10 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
       {'train_mr': mr_dir, 'train_ct': ct_dir, 'labeled': labeled_dir, 'test': paired_dir},
       warn)
 
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-', dir=parent)
-  try:
+  with atomic.building_dir(out_dir) as tmp:
     meta = _build(tmp, inputs, settings, warn)
     meta['skipped'] = skipped
     _write_json(os.path.join(tmp, META_FILE), meta)
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.old-', dir=parent)
-      os.replace(out_dir, os.path.join(old, 'data'))
-      os.replace(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
   counts = {k: len(v['patients']) for k, v in meta['splits'].items()}
   summary = (f'prepared {counts.get("train_mr", 0)} MR, {counts.get("train_ct", 0)} CT volumes'
              + (f', {counts["labeled"]} labeled' if 'labeled' in counts else '')
@@ -290,15 +274,10 @@ def prepare_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
     if os.path.exists(path):
       shutil.rmtree(path)
   p = config.data.phantom
-  raw_tmp = tempfile.mkdtemp(prefix='raw.tmp-', dir=directory)
-  try:
-    phantom.generate(raw_tmp, num_train_mr=p.num_train_mr, num_train_ct=p.num_train_ct,
-                     num_labeled=p.num_labeled, num_test=p.num_test,
-                     num_slices=p.num_slices, seed=config.seed)
-    os.replace(raw_tmp, raw)
-  finally:
-    if os.path.exists(raw_tmp):
-      shutil.rmtree(raw_tmp, ignore_errors=True)
+  # phantom.generate writes atomically itself (temporary sibling, then rename).
+  phantom.generate(raw, num_train_mr=p.num_train_mr, num_train_ct=p.num_train_ct,
+                   num_labeled=p.num_labeled, num_test=p.num_test,
+                   num_slices=p.num_slices, seed=config.seed)
   prepare(os.path.join(raw, 'mr'), os.path.join(raw, 'ct'), data_dir,
           labeled_dir=os.path.join(raw, 'labeled'), paired_dir=os.path.join(raw, 'paired'),
           spacing_mm=params['spacing_mm'], image_size=params['image_size'],
