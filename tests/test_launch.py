@@ -1,0 +1,56 @@
+"""Launch scripts: valid bash, and the commands they assemble (PYTHON=echo dry runs)."""
+
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / 'launch').glob('*.sh'))
+
+
+def _run(script, env, *args):
+  return subprocess.run(['bash', str(REPO / 'launch' / script), *args], cwd=REPO,
+                        capture_output=True, encoding='utf-8', timeout=60,
+                        env={**os.environ, **env})
+
+
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse(script):
+  subprocess.run(['bash', '-n', str(script)], check=True)
+
+
+def test_multi_gpu_single_and_multi_host():
+  single = _run('multi_gpu.sh', {'PYTHON': 'echo', 'WORKDIR': 'runs/x'},
+                '--config.train.batch_size=8')
+  assert single.returncode == 0, single.stderr
+  assert single.stdout.split() == ['-m', 'mr2ct_jax.main', '--config=configs/gc.py',
+                                   '--workdir=runs/x', '--config.train.batch_size=8']
+  multi = _run('multi_gpu.sh', {'PYTHON': 'echo', 'WORKDIR': 'runs/x',
+                                'COORDINATOR': '10.0.0.1:1234', 'NUM_PROCESSES': '2',
+                                'PROCESS_ID': '1'})
+  assert multi.returncode == 0, multi.stderr
+  assert '--jax_distributed' in multi.stdout.split()
+
+
+def test_multi_gpu_requires_workdir():
+  result = _run('multi_gpu.sh', {'PYTHON': 'echo', 'WORKDIR': ''})
+  assert result.returncode != 0 and 'WORKDIR' in result.stderr
+
+
+def test_ablation_runs_both_arms_then_compares():
+  result = _run('ablation.sh', {'PYTHON': 'echo', 'RUNS': 'runs/abl', 'DATA': '/data/hip'})
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 3
+  assert '--config.loss.gc_weight=0.3' in lines[0] and '--workdir=runs/abl/gc' in lines[0]
+  assert '--config.loss.gc_weight=0' in lines[1].split() and 'runs/abl/nogc' in lines[1]
+  assert '--config.data.dir=/data/hip' in lines[0]
+  assert lines[2].split() == ['-m', 'mr2ct_jax.evaluate', '--compare', 'runs/abl/nogc/eval',
+                              'runs/abl/gc/eval']
+
+
+def test_tpu_pod_requires_its_settings():
+  result = _run('tpu_pod.sh', {'TPU_NAME': ''})
+  assert result.returncode != 0 and 'TPU_NAME' in result.stderr
