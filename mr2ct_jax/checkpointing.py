@@ -7,10 +7,12 @@ Workdir layout:
 """
 
 import json
+import logging as std_logging
 import os
 from typing import Any
 
 import jax
+from absl import logging
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -82,9 +84,27 @@ def make_manager(workdir: str, max_to_keep: int = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """The Orbax CheckpointManager for WORKDIR/checkpoints (items 'state' and 'data_iter')."""
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         read_only=read_only)
-  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data_iter'))
+  if read_only:
+    # Orbax warns that read-only options override max_to_keep etc.: expected, not news.
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0, max_to_keep=None)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  # ... and it warns that a read-only directory is read-only; keep those two lines quiet.
+  quiet = _DropOrbaxReadOnlyWarnings()
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data_iter'))
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+class _DropOrbaxReadOnlyWarnings(std_logging.Filter):
+  """Drops Orbax's 'read only' warnings, which restoring from a finished run always hits."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return 'read only' not in record.getMessage() and 'read_only' not in record.getMessage()
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
