@@ -25,9 +25,8 @@ class PatchDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Maps NHWC images [B, H, W, C] to patch logits [B, h, w, 1] (h = H/8 - 2 for 3 layers)."""
-    conv = lambda f, stride, name: nn.Conv(f, (4, 4), strides=(stride, stride),
-                                           padding=((1, 1), (1, 1)), dtype=self.dtype,
-                                           kernel_init=KERNEL_INIT, name=name)
+    conv = lambda f, stride, name: layers.Conv(f, 4, stride=stride, pad=1, dtype=self.dtype,
+                                               kernel_init=KERNEL_INIT, name=name)
     y = x.astype(self.dtype)
     y = nn.leaky_relu(conv(self.ndf, 2, 'conv_0')(y), 0.2)
     for i in range(1, self.num_layers + 1):

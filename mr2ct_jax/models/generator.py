@@ -52,8 +52,8 @@ class ResnetGenerator(nn.Module):
     y = layers.ReflectConv(self.ngf, 7, 3, dtype=self.dtype, name='stem')(y)
     y = nn.relu(layers.instance_norm(y))
     for i in range(2):
-      y = nn.Conv(self.ngf * 2 ** (i + 1), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                  dtype=self.dtype, kernel_init=KERNEL_INIT, name=f'down_{i}')(y)
+      y = layers.Conv(self.ngf * 2 ** (i + 1), 3, stride=2, pad=1, dtype=self.dtype,
+                      kernel_init=KERNEL_INIT, name=f'down_{i}')(y)
       y = nn.relu(layers.instance_norm(y))
     for i in range(self.num_res_blocks):
       y = ResnetBlock(self.ngf * 4, dtype=self.dtype, name=f'res_{i}')(y)

@@ -1,13 +1,15 @@
 """Layers the CycleGAN reference uses that flax lacks, written for XLA's CPU/GPU conv paths.
 
 - `reflect_pad`: PyTorch `nn.ReflectionPad2d` (edge pixel not repeated).
+- `Conv`: `nn.Conv` with zero padding and the same parameters, through `conv_ops.conv2d`
+  (XLA's conv forward, im2col matmuls backward: XLA:CPU's strided gradient convs are slow).
 - `ReflectConv`: reflect padding + stride-1 conv with bias, parameters as `nn.Conv`'s.
   XLA:CPU (jax 0.10, YNNPACK convs) runs a convolution without padding ~2.5x slower than
   the same one with padding, so the unpadded ("VALID") conv after a reflect pad is computed
   with one extra zero row at the bottom whose output row is dropped (`conv_valid`); its
-  backward is hand-written too (padded input-gradient conv, kernel gradient as matmuls). A conv
-  to a single output channel (the generator's last layer) is ~30x slower still, forward and
-  backward, so it is written as one matmul to kh*kw planes plus shifted sums
+  backward is hand-written too (padded input-gradient conv, kernel gradient as matmuls). A
+  conv to a single output channel (the generator's last layer) is ~30x slower still, forward
+  and backward, so it is written as one matmul to kh*kw planes plus shifted sums
   (`conv_to_one_channel`), with a hand-written backward of two matmuls.
 - `instance_norm`: PyTorch `nn.InstanceNorm2d(affine=False)` (per image and channel, biased
   variance, eps 1e-5, no parameters); statistics in float32 whatever the compute dtype.
@@ -22,6 +24,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mr2ct_jax.models import conv_ops
 
 Array = jax.Array
 _DN = ('NHWC', 'HWIO', 'NHWC')
@@ -52,10 +56,6 @@ def instance_norm(x: Array, eps: float = 1e-5) -> Array:
   return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _conv(x: Array, kernel: Array, padding) -> Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_DN)
-
-
 @jax.custom_vjp
 def conv_valid(x: Array, kernel: Array) -> Array:
   """Stride-1 unpadded conv of NHWC `x` with HWIO `kernel` ([B, H-kh+1, W-kw+1, Cout]).
@@ -64,8 +64,11 @@ def conv_valid(x: Array, kernel: Array) -> Array:
   numbers, but XLA:CPU then takes its fast (padded) conv path. The backward pass is written
   out too: XLA:CPU's kernel-gradient convolution runs at a fraction of matmul speed, so the
   kernel gradient is kh matmuls of column-shifted copies of `x` with the output gradient.
+  (`conv_ops.conv2d`'s single im2col matmul measured ~10% slower on the 256^2 train step,
+  where the res-block cols would be 4096 x 2304.)
   """
-  return _conv(x, kernel, ((0, 1), (0, 0)))[:, :-1]
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((0, 1), (0, 0)),
+                                      dimension_numbers=_DN)[:, :-1]
 
 
 def _conv_valid_fwd(x, kernel):
@@ -152,6 +155,31 @@ class ReflectConv(nn.Module):
     return conv(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+class Conv(nn.Module):
+  """`nn.Conv(features, (k, k), strides=stride, padding=pad)` with bias, same parameters.
+
+  Computed by `conv_ops.conv2d`, whose backward pass is im2col matmuls: XLA:CPU's own
+  gradient convs of strided and wide convs run at a fraction of matmul speed.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  pad: int = 0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    y = conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
+                        self.pad)
+    return y + bias.astype(self.dtype)
+
+
 def upconv2x(x: Array, kernel: Array) -> Array:
   """Transposed conv, k=3, stride 2, padding 1, output_padding 1, in PyTorch semantics.
 
@@ -172,10 +200,11 @@ def upconv2x(x: Array, kernel: Array) -> Array:
   even = kernel[1:2]      # tap rows (or columns) used by even output rows
   odd = kernel[2::-2]     # taps 2 then 0: input row m, then m + 1
   no_pad, pad_end = (0, 0), (0, 1)
-  ee = _conv(x, even[:, 1:2], (no_pad, no_pad))
-  eo = _conv(x, even[:, 2::-2], (no_pad, pad_end))
-  oe = _conv(x, odd[:, 1:2], (pad_end, no_pad))
-  oo = _conv(x, odd[:, 2::-2], (pad_end, pad_end))
+  # conv_ops.conv2d: XLA's own gradient of these small convs ran at ~20 GFLOP/s.
+  ee = conv_ops.conv2d(x, even[:, 1:2], 1, (no_pad, no_pad))
+  eo = conv_ops.conv2d(x, even[:, 2::-2], 1, (no_pad, pad_end))
+  oe = conv_ops.conv2d(x, odd[:, 1:2], 1, (pad_end, no_pad))
+  oo = conv_ops.conv2d(x, odd[:, 2::-2], 1, (pad_end, pad_end))
   b, h, w, c = ee.shape
   rows_even = jnp.stack([ee, eo], axis=3)   # [B, H, W, 2, C]
   rows_odd = jnp.stack([oe, oo], axis=3)
