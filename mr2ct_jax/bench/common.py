@@ -1,13 +1,12 @@
 """What the benchmarks share: the --config flag, the machine's CPU name, the JSON report."""
 
-import json
-import os
 import platform
 from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
 
+from mr2ct_jax import atomic
 from mr2ct_jax import cli_flags
 
 
@@ -30,7 +29,4 @@ def cpu_name() -> str:
 
 def write_report(path: str, report: dict[str, Any]) -> None:
   """Writes the JSON report to a temporary name, then renames it."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(report, f, indent=1, default=str)
-  os.replace(tmp, path)
+  atomic.write_json(path, report, indent=1, default=str)

@@ -13,7 +13,6 @@ process (the best the machine does on dense arithmetic right now). The PyTorch r
 """
 
 import functools
-import json
 import os
 import platform
 import statistics
@@ -25,25 +24,19 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from mr2ct_jax import cli_flags
+from mr2ct_jax.bench import common
 
 # Seconds per step, batch 1, 2 CPU threads (DESIGN.md): size -> (without GC, with GC).
 REFERENCE_STEP_S = {128: (1.96, 2.19), 256: (7.62, 7.76)}
 _MATMUL_N = 2048
 
 
-def _default_config_path() -> str:
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), 'configs', 'gc.py')
-
-
 def _define_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', _default_config_path(),
-                                  'Config file (configs/gc.py[:variant]).', flag_values=fv)
+  common.define_config_flag(fv)
   flags.DEFINE_integer('size', 256, 'Image size (square).', flag_values=fv)
   flags.DEFINE_bool('gc', False, 'With the gradient-consistency term (loss.gc_weight).',
                     flag_values=fv)
@@ -151,18 +144,13 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
 def machine_info() -> dict[str, Any]:
   """Devices, CPU and library versions."""
   import flax  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
-  except OSError:
-    pass
   try:
     load = os.getloadavg()
   except OSError:
     load = None
   return {'jax': jax.__version__, 'flax': flax.__version__, 'backend': jax.default_backend(),
-          'devices': [str(d) for d in jax.devices()], 'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'devices': [str(d) for d in jax.devices()], 'cpu': common.cpu_name(),
+          'cpu_count': os.cpu_count(),
           'load_average': load, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'platform': platform.platform(), 'python': platform.python_version()}
 
@@ -179,10 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   result = run(config, fv.steps, fv.warmup)
   report = {'benchmark': 'train', 'size': fv.size, 'gc': fv.gc, 'batch_size': 1, **result,
             'config': config.to_dict(), 'machine': machine_info()}
-  tmp = f'{fv.output}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(report, f, indent=1, default=str)
-  os.replace(tmp, fv.output)
+  common.write_report(fv.output, report)
   ref = result['reference_pytorch_step_s']
   print(f'train step at {fv.size}^2 (gc={fv.gc}): {result["step_time_s"]:.3f} s '
         f'(PyTorch reference {ref} s), {result["achieved_gflops"]:.1f} GFLOP/s = '
