@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mr2ct_jax import checkpointing
@@ -28,10 +29,19 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """config.data.dir, or the built-in phantom generated and prepared under WORKDIR/phantom."""
+  """config.data.dir, or the built-in phantom generated and prepared under WORKDIR/phantom.
+
+  On several hosts (WORKDIR on a shared filesystem) process 0 builds the phantom while the
+  others wait at a barrier, then reuse the finished build instead of racing to rewrite it.
+  """
   if config.data.dir:
     return config.data.dir
-  return prepare.prepare_phantom(os.path.join(workdir, 'phantom'), config)
+  directory = os.path.join(workdir, 'phantom')
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      prepare.prepare_phantom(directory, config)
+    multihost_utils.sync_global_devices('mr2ct_jax: phantom prepared')
+  return prepare.prepare_phantom(directory, config)
 
 
 def _check_finite(step: int, metrics: dict[str, float]) -> None:

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,7 @@ def _bench(*args):
 def test_bench_train_writes_its_report(tmp_path):
   output = tmp_path / 'bench_train.json'
   result = _bench('--size=32', '--gc', '--config=configs/gc.py:test', '--steps=2',
-                  '--warmup=1', f'--output={output}')
+                  '--warmup=1', '--nopytorch', f'--output={output}')
   assert result.returncode == 0, result.stderr
   report = json.loads(output.read_text(encoding='utf-8'))
   assert report['benchmark'] == 'train' and report['size'] == 32 and report['gc'] is True
@@ -28,6 +30,9 @@ def test_bench_train_writes_its_report(tmp_path):
   assert report['matmul_ceiling_gflops'] > 0
   assert abs(report['ratio'] - report['achieved_gflops'] / report['matmul_ceiling_gflops']) < 1e-9
   assert report['reference_pytorch_step_s'] is None  # no PyTorch reference at 32 px
+  assert report['generator_params'] == 7953 and report['discriminator_params'] == 11389
+  assert report['pytorch_measured'] == {'skipped': '--nopytorch'}
+  assert report['speedup_vs_pytorch_measured'] is None
   assert 'train step at 32^2 (gc=True)' in result.stdout
 
 
@@ -36,3 +41,24 @@ def test_bench_train_rejects_bad_size(tmp_path):
   assert result.returncode != 0
   assert 'error: --size=30: must be >= 16 and divisible by 4' in result.stderr
   assert not (tmp_path / 'x.json').exists()
+
+
+def test_pytorch_reference_is_skipped_with_a_reason_without_torch(monkeypatch, test_config):
+  from mr2ct_jax.bench import train as bench_train
+  monkeypatch.setattr(bench_train.importlib.util, 'find_spec', lambda name: None)
+  config = bench_train.bench_config(test_config, 32, gc=True)
+  assert bench_train.time_pytorch_reference(config, 1, 0) == {
+      'skipped': 'PyTorch is not installed (pip install torch to compare)'}
+
+
+def test_pytorch_reference_step_has_our_parameter_counts():
+  """Where PyTorch is installed: the reference networks are ours, and the step runs."""
+  torch = pytest.importorskip('torch')
+  from mr2ct_jax.bench import torch_reference
+  generator, discriminator = torch_reference.build_networks(torch, 64, 64, 9, 3)
+  count = lambda module: sum(p.numel() for p in module.parameters())
+  assert (count(generator()), count(discriminator())) == (11_365_633, 2_762_689)
+  result = torch_reference.run(32, True, 4, 4, 1, 3, steps=1, warmup=0)
+  assert (result['generator_params'], result['discriminator_params']) == (7953, 11389)
+  assert result['step_time_s'] > 0 and len(result['step_times_s']) == 1
+

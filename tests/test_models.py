@@ -7,6 +7,7 @@ import pytest
 
 from configs import gc
 from mr2ct_jax import models
+from mr2ct_jax.models import conv_ops
 from mr2ct_jax.models import layers
 from mr2ct_jax.models.discriminator import PatchDiscriminator
 from mr2ct_jax.models.generator import ResnetGenerator
@@ -177,6 +178,44 @@ def test_upconv_gradients_equal_lax_conv_transpose():
   naive = grad(_naive_conv_transpose)(x, kernel)
   for f, n in zip(fast, naive):
     np.testing.assert_allclose(f, n, atol=1e-4)
+
+
+def _scatter_conv_transpose(x, kernel, stride, pad, output_padding):
+  """PyTorch conv_transpose2d by scattering: input (a, c) adds to (s a - p + i, s c - p + j)."""
+  b, h, w, _ = x.shape
+  kh, kw, _, cout = kernel.shape
+  out_h = (h - 1) * stride - 2 * pad + kh + output_padding
+  out_w = (w - 1) * stride - 2 * pad + kw + output_padding
+  out = np.zeros((b, out_h, out_w, cout), np.float64)
+  for a in range(h):
+    for c in range(w):
+      for i in range(kh):
+        for j in range(kw):
+          r, q = stride * a - pad + i, stride * c - pad + j
+          if 0 <= r < out_h and 0 <= q < out_w:
+            out[:, r, q] += x[:, a, c].astype(np.float64) @ kernel[i, j]
+  return out
+
+
+@pytest.mark.parametrize('k,stride,pad,output_padding', [(3, 2, 1, 1), (4, 2, 1, 0),
+                                                         (3, 1, 1, 0), (5, 3, 2, 2),
+                                                         (2, 2, 0, 0)])
+def test_conv_transpose2d_values_and_gradients(k, stride, pad, output_padding):
+  rng = np.random.default_rng(k * 10 + stride)
+  x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+  kernel = rng.standard_normal((k, k, 3, 5)).astype(np.float32)
+  f = lambda a, w: conv_ops.conv_transpose2d(a, w, stride, pad, output_padding)
+  y = jax.jit(f)(x, kernel)
+  np.testing.assert_allclose(y, _scatter_conv_transpose(x, kernel, stride, pad,
+                                                        output_padding), atol=1e-4)
+  edge = ((k - 1 - pad, k - 1 - pad + output_padding),) * 2
+  naive = lambda a, w: jax.lax.conv_transpose(a, jnp.swapaxes(w, 2, 3), (stride, stride),
+                                              edge, dimension_numbers=_DN,
+                                              transpose_kernel=True)
+  weights = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  grad = lambda g: jax.jit(jax.grad(lambda a, w: jnp.sum(g(a, w) * weights), argnums=(0, 1)))
+  for fast, ref in zip(grad(f)(x, kernel), grad(naive)(x, kernel)):
+    np.testing.assert_allclose(fast, ref, atol=1e-4)
 
 
 def test_generator_equals_naive_reference():

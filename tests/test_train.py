@@ -147,3 +147,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   with pytest.raises(train.NonFiniteLossError, match=r'^step 3: loss/g_total is nan'):
     train.train(config, str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+
+
+@pytest.mark.parametrize('process_index', [0, 1])
+def test_multi_host_phantom_is_built_by_process_0_before_the_others_read_it(
+    process_index, test_config, tmp_path, monkeypatch):
+  from mr2ct_jax import train as train_lib
+  events = []
+  monkeypatch.setattr(train_lib.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(train_lib.jax, 'process_index', lambda: process_index)
+  monkeypatch.setattr(train_lib.multihost_utils, 'sync_global_devices',
+                      lambda name: events.append('barrier'))
+  monkeypatch.setattr(train_lib.prepare, 'prepare_phantom',
+                      lambda directory, config: events.append(('prepare', directory)) or 'data')
+  assert train_lib.resolve_data_dir(test_config, str(tmp_path)) == 'data'
+  build = ('prepare', os.path.join(str(tmp_path), 'phantom'))
+  # Process 0 builds, then all meet; afterwards every process opens the (finished) build.
+  assert events == ([build, 'barrier', build] if process_index == 0 else ['barrier', build])

@@ -1,3 +1,7 @@
-"""Benchmarks: `python -m mr2ct_jax.bench pipeline|train [flags]` (each writes a JSON report)."""
+"""Benchmarks: `python -m mr2ct_jax.bench pipeline|train|torch_reference [flags]`.
 
-COMMANDS = ('pipeline', 'train')
+`pipeline` and `train` write a JSON report; `torch_reference` (the PyTorch step that `train`
+compares against when PyTorch is installed) prints one JSON line.
+"""
+
+COMMANDS = ('pipeline', 'train', 'torch_reference')

@@ -8,14 +8,18 @@ ResNet-9 generators, 70x70 PatchGANs, pools, both Adam updates) at batch 1 on on
 with `loss.gc_weight` = the config's lambda_GC (`--gc`) or 0 (`--nogc`, the default).
 It reports the median step time after compilation, the step's FLOPs from XLA's cost
 analysis, the achieved GFLOP/s, and their ratio to a float32 2048^3 matmul timed in the same
-process (the best the machine does on dense arithmetic right now). The PyTorch reference
-(junyanz/pytorch-CycleGAN-and-pix2pix on the same 2-core CPU) is in the report for comparison.
+process (the best the machine does on dense arithmetic right now). When PyTorch is installed
+it then times the reference step on this machine too (`torch_reference`: same sizes, batch 1,
+in a child process) and reports the speedup; DESIGN.md's PyTorch numbers (measured on the
+project's original 2-core CPU) are in the report as well.
 """
 
-import functools
+import importlib.util
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -44,6 +48,9 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_integer('steps', 5, 'Steps timed (after warmup).', flag_values=fv)
   flags.DEFINE_integer('warmup', 1, 'Steps run after compilation before timing.',
                        flag_values=fv)
+  flags.DEFINE_bool('pytorch', True, 'Also time the PyTorch reference step on this machine '
+                    '(mr2ct_jax.bench.torch_reference, same sizes) when PyTorch is installed.',
+                    flag_values=fv)
   return fv
 
 
@@ -125,7 +132,10 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
   ceiling = max(ceiling_before['median_gflops'], ceiling_after['median_gflops'])
   achieved = flops / median / 1e9
   reference = REFERENCE_STEP_S.get(size, (None, None))[1 if config.loss.gc_weight else 0]
+  count = lambda tree: int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
   return {
+      'generator_params': count(holder['state'].params['g_ct']),
+      'discriminator_params': count(holder['state'].params['d_ct']),
       'step_time_s': median,
       'step_times_s': times,
       'steps_timed': steps,
@@ -139,6 +149,26 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
       'reference_pytorch_step_s': reference,
       'speedup_vs_reference': reference / median if reference else None,
   }
+
+
+def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
+                           warmup: int) -> dict[str, Any]:
+  """Runs `torch_reference` for `config`'s sizes in a child process; its JSON, or why not.
+
+  A child process, after the JAX timing is done, so the two never share the cores.
+  """
+  if importlib.util.find_spec('torch') is None:
+    return {'skipped': 'PyTorch is not installed (pip install torch to compare)'}
+  model = config.model
+  command = [sys.executable, '-m', 'mr2ct_jax.bench.torch_reference',
+             f'--size={config.data.image_size}', f'--gc={bool(config.loss.gc_weight)}',
+             f'--ngf={model.ngf}', f'--ndf={model.ndf}', f'--res_blocks={model.num_res_blocks}',
+             f'--disc_layers={model.num_disc_layers}', f'--steps={steps}', f'--warmup={warmup}']
+  result = subprocess.run(command, capture_output=True, encoding='utf-8', check=False)
+  if result.returncode != 0:
+    last = (result.stderr.strip().splitlines() or ['no output'])[-1]
+    return {'skipped': f'the PyTorch reference failed: {last}'}
+  return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def machine_info() -> dict[str, Any]:
@@ -165,12 +195,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit('error: --steps must be >= 1 and --warmup >= 0')
   config = bench_config(fv.config, fv.size, fv.gc)
   result = run(config, fv.steps, fv.warmup)
+  pytorch = (time_pytorch_reference(config, fv.steps, fv.warmup) if fv.pytorch
+             else {'skipped': '--nopytorch'})
+  measured = pytorch.get('step_time_s')
+  if measured and (pytorch['generator_params'], pytorch['discriminator_params']) != (
+      result['generator_params'], result['discriminator_params']):
+    raise SystemExit(f'error: the PyTorch reference networks have other parameter counts '
+                     f'({pytorch["generator_params"]}, {pytorch["discriminator_params"]}) than '
+                     f'ours ({result["generator_params"]}, {result["discriminator_params"]})')
   report = {'benchmark': 'train', 'size': fv.size, 'gc': fv.gc, 'batch_size': 1, **result,
+            'pytorch_measured': pytorch,
+            'speedup_vs_pytorch_measured': measured / result['step_time_s'] if measured else None,
             'config': config.to_dict(), 'machine': machine_info()}
   common.write_report(fv.output, report)
   ref = result['reference_pytorch_step_s']
+  here = (f'PyTorch here {measured:.3f} s, {measured / result["step_time_s"]:.2f}x'
+          if measured else f'PyTorch here: {pytorch["skipped"]}')
   print(f'train step at {fv.size}^2 (gc={fv.gc}): {result["step_time_s"]:.3f} s '
-        f'(PyTorch reference {ref} s), {result["achieved_gflops"]:.1f} GFLOP/s = '
+        f'({here}; DESIGN.md reference {ref} s), {result["achieved_gflops"]:.1f} GFLOP/s = '
         f'{100 * result["ratio"]:.0f}% of the matmul ceiling '
         f'{result["matmul_ceiling_gflops"]:.1f} GFLOP/s -> {fv.output}')
   return 0

@@ -15,6 +15,13 @@ The scatter of each tap is an `lax.pad` (low = offset, interior = stride - 1), s
 one fused elementwise loop. `cols` is rebuilt in the backward pass rather than saved: it is
 kh*kw times the input, and rebuilding it is a copy, cheap next to the matmul. Reflect padding
 is left to the caller (autodiff handles its adjoint); zero padding is the `pad` argument.
+
+`conv_transpose2d` is the same pair of maps read the other way round: a transposed conv is
+the input gradient of a strided conv, so its forward is one matmul to kh*kw taps plus
+col2im (an overlap-add), and its backward is im2col of the output gradient plus two matmuls.
+Every pixel costs exactly kh*kw taps and the matmuls are wide (N = kh*kw*Cout), where XLA
+lowers a strided `conv_transpose` to a conv over a zero-dilated input (stride^2 times the
+arithmetic) whose gradients take XLA:CPU's slow conv paths.
 """
 
 import functools
@@ -117,3 +124,68 @@ def _conv2d_bwd(stride, pad, residuals, dy):
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def _transpose_geometry(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
+                        pad: int, output_padding: int) -> tuple[int, int, int, int]:
+  """(full_h, full_w, out_h, out_w): the overlap-add canvas and the cropped output size."""
+  kh, kw = kernel_shape[:2]
+  h, w = x_shape[1:3]
+  full_h, full_w = (h - 1) * stride + kh, (w - 1) * stride + kw
+  return (full_h, full_w, full_h - 2 * pad + output_padding,
+          full_w - 2 * pad + output_padding)
+
+
+def _crop_or_pad(z: Array, start: int, size_h: int, size_w: int) -> Array:
+  """z[:, start:start + size_h, start:start + size_w], zero-extended past the end."""
+  extra_h = max(0, start + size_h - z.shape[1])
+  extra_w = max(0, start + size_w - z.shape[2])
+  if extra_h or extra_w:
+    z = jnp.pad(z, ((0, 0), (0, extra_h), (0, extra_w), (0, 0)))
+  return z[:, start:start + size_h, start:start + size_w]
+
+
+def _taps_by_input(kernel: Array) -> Array:
+  """HWIO kernel [kh, kw, Cin, Cout] -> [kh*kw*Cout, Cin], rows in im2col's (i, j, c) order."""
+  kh, kw, cin, cout = kernel.shape
+  return kernel.transpose(0, 1, 3, 2).reshape(kh * kw * cout, cin)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_transpose2d(x: Array, kernel: Array, stride: int, pad: int,
+                     output_padding: int = 0) -> Array:
+  """PyTorch `conv_transpose2d` of NHWC `x` with `kernel` [kh, kw, Cin, Cout], no bias.
+
+  kernel[i, j, c, o] == torch weight[c, o, i, j]. Output [B, (H - 1) * stride - 2 pad + kh +
+  output_padding, ..., Cout], as `nn.ConvTranspose2d(stride, padding, output_padding)`.
+  """
+  b, h, w, cin = x.shape
+  kh, kw, _, cout = kernel.shape
+  full_h, full_w, out_h, out_w = _transpose_geometry(x.shape, kernel.shape, stride, pad,
+                                                      output_padding)
+  taps = _matmul(x.reshape(b * h * w, cin), _taps_by_input(kernel), (1, 1))
+  full = col2im(taps, (b, full_h, full_w, cout), kh, kw, stride)
+  return _crop_or_pad(full, pad, out_h, out_w)
+
+
+def _conv_transpose2d_fwd(x, kernel, stride, pad, output_padding):
+  return conv_transpose2d(x, kernel, stride, pad, output_padding), (x, kernel)
+
+
+def _conv_transpose2d_bwd(stride, pad, output_padding, residuals, dy):
+  x, kernel = residuals
+  b, h, w, cin = x.shape
+  kh, kw, _, cout = kernel.shape
+  full_h, full_w, _, _ = _transpose_geometry(x.shape, kernel.shape, stride, pad,
+                                             output_padding)
+  # The output gradient placed back on the overlap-add canvas (zero where output was cropped).
+  d_full = jnp.pad(dy, ((0, 0), (pad, 0), (pad, 0), (0, 0)))
+  d_full = _crop_or_pad(d_full, 0, full_h, full_w)
+  cols = im2col(d_full, kh, kw, stride)                       # [B*H*W, kh*kw*Cout]
+  dx = (cols @ _taps_by_input(kernel)).reshape(x.shape)
+  d_taps = _matmul(cols, x.reshape(b * h * w, cin), (0, 0))   # [kh*kw*Cout, Cin]
+  d_kernel = d_taps.reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
+  return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+conv_transpose2d.defvjp(_conv_transpose2d_fwd, _conv_transpose2d_bwd)
