@@ -15,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mr2ct_jax import hugepages
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/gc.py or configs/gc.py:quick.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
@@ -49,4 +51,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_hugepages()  # Before JAX is imported; see mr2ct_jax/hugepages.py.
   app.run(main)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from mr2ct_jax import hugepages
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,9 @@ def test_bench_train_writes_its_report(tmp_path):
   assert report['pytorch_measured'] == {'skipped': '--nopytorch'}
   assert report['speedup_vs_pytorch_measured'] is None
   assert 'train step at 32^2 (gc=True)' in result.stdout
+  # The bench CLI re-executes itself with glibc's huge-page tunable where that is available.
+  huge = hugepages.wanted() or 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')
+  assert ('glibc.malloc.hugetlb=1' in report['machine']['glibc_tunables']) is huge
 
 
 def test_bench_train_rejects_bad_size(tmp_path):

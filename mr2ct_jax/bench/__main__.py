@@ -5,6 +5,7 @@ import sys
 from typing import Sequence
 
 from mr2ct_jax import bench
+from mr2ct_jax import hugepages
 
 
 def main(argv: Sequence[str]) -> int:
@@ -20,4 +21,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
+  # Benchmarks time what `mr2ct_jax.main` runs, so they get its allocator setting too (the
+  # PyTorch reference child process inherits it).
+  hugepages.reexec_with_hugepages()
   sys.exit(main(sys.argv))

@@ -182,6 +182,8 @@ def machine_info() -> dict[str, Any]:
           'devices': [str(d) for d in jax.devices()], 'cpu': common.cpu_name(),
           'cpu_count': os.cpu_count(),
           'load_average': load, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          # mr2ct_jax/hugepages.py: set by the bench CLI, shared with the PyTorch child.
+          'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
           'platform': platform.platform(), 'python': platform.python_version()}
 
 
