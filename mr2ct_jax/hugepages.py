@@ -78,3 +78,20 @@ def reexec_with_hugepages() -> None:
   # sys.orig_argv keeps the interpreter's own options (-u, -X ...) as well as `-m module`.
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
+
+def environ_without_reexec(environ: os._Environ | dict[str, str] = os.environ) -> dict[str, str]:
+  """`environ` as the user had it before `reexec_with_hugepages` added the tunable.
+
+  For child processes that should run as they would by default (the PyTorch reference of
+  `bench train`), not with this package's allocator setting.
+  """
+  env = dict(environ)
+  if env.pop(ENV_VAR, None) != '1':
+    return dict(environ)
+  tunables = env.get('GLIBC_TUNABLES', '')
+  original = tunables[:-len(TUNABLE)].rstrip(':') if tunables.endswith(TUNABLE) else tunables
+  if original:
+    env['GLIBC_TUNABLES'] = original
+  else:
+    env.pop('GLIBC_TUNABLES', None)
+  return env

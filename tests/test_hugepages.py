@@ -64,3 +64,14 @@ def test_reexec_sets_the_tunable_once_where_the_system_supports_it():
 
 def test_reexec_respects_the_opt_out():
   assert _run_child(_clean_env(MR2CT_JAX_HUGEPAGES='0')) == ['None', '0']
+
+
+def test_children_can_get_the_users_environment_back():
+  reexeced = {'PATH': '/bin', hugepages.ENV_VAR: '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  assert hugepages.environ_without_reexec(reexeced) == {'PATH': '/bin'}
+  kept = {hugepages.ENV_VAR: '1',
+          'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'}
+  assert hugepages.environ_without_reexec(kept) == {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
+  # Not re-executed (or opted out): the environment is the user's already.
+  own = {hugepages.ENV_VAR: '0', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  assert hugepages.environ_without_reexec(own) == own

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from mr2ct_jax import cli_flags
+from mr2ct_jax import hugepages
 from mr2ct_jax.bench import common
 
 # Seconds per step, batch 1, 2 CPU threads (DESIGN.md): size -> (without GC, with GC).
@@ -155,7 +156,8 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
                            warmup: int) -> dict[str, Any]:
   """Runs `torch_reference` for `config`'s sizes in a child process; its JSON, or why not.
 
-  A child process, after the JAX timing is done, so the two never share the cores.
+  A child process, after the JAX timing is done, so the two never share the cores, with the
+  environment the user started the benchmark in (PyTorch's default allocator behaviour).
   """
   if importlib.util.find_spec('torch') is None:
     return {'skipped': 'PyTorch is not installed (pip install torch to compare)'}
@@ -164,11 +166,14 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
              f'--size={config.data.image_size}', f'--gc={bool(config.loss.gc_weight)}',
              f'--ngf={model.ngf}', f'--ndf={model.ndf}', f'--res_blocks={model.num_res_blocks}',
              f'--disc_layers={model.num_disc_layers}', f'--steps={steps}', f'--warmup={warmup}']
-  result = subprocess.run(command, capture_output=True, encoding='utf-8', check=False)
+  # PyTorch runs as its users run it: without the allocator tunable our CLI added.
+  env = hugepages.environ_without_reexec()
+  result = subprocess.run(command, capture_output=True, encoding='utf-8', check=False, env=env)
   if result.returncode != 0:
     last = (result.stderr.strip().splitlines() or ['no output'])[-1]
     return {'skipped': f'the PyTorch reference failed: {last}'}
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return {**json.loads(result.stdout.strip().splitlines()[-1]),
+          'glibc_tunables': env.get('GLIBC_TUNABLES', '')}
 
 
 def machine_info() -> dict[str, Any]:
@@ -182,7 +187,7 @@ def machine_info() -> dict[str, Any]:
           'devices': [str(d) for d in jax.devices()], 'cpu': common.cpu_name(),
           'cpu_count': os.cpu_count(),
           'load_average': load, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          # mr2ct_jax/hugepages.py: set by the bench CLI, shared with the PyTorch child.
+          # mr2ct_jax/hugepages.py: set by the bench CLI (the PyTorch child runs without it).
           'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
           'platform': platform.platform(), 'python': platform.python_version()}
 
