@@ -76,7 +76,10 @@ def reexec_with_hugepages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   # sys.orig_argv keeps the interpreter's own options (-u, -X ...) as well as `-m module`.
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError:
+    return  # Could not re-execute (e.g. no sys.executable): run on, just without the tunable.
 
 
 def environ_without_reexec(environ: os._Environ | dict[str, str] = os.environ) -> dict[str, str]:

@@ -75,3 +75,13 @@ def test_children_can_get_the_users_environment_back():
   # Not re-executed (or opted out): the environment is the user's already.
   own = {hugepages.ENV_VAR: '0', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
   assert hugepages.environ_without_reexec(own) == own
+
+
+def test_a_failed_reexec_runs_on_without_the_tunable(monkeypatch):
+  def refuse(*args):
+    raise OSError('exec refused')
+  monkeypatch.setattr(hugepages, 'wanted', lambda: True)
+  monkeypatch.setattr(hugepages.os, 'execve', refuse)
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  hugepages.reexec_with_hugepages()  # returns instead of raising
+  assert 'GLIBC_TUNABLES' not in os.environ
