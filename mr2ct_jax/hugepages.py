@@ -6,7 +6,7 @@ mmap, so the kernel faults it in again 4 KiB at a time on every step: ~330,000 p
 and ~1 CPU-second of kernel time per step, on a step of ~4 s. With the glibc tunable
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for transparent huge pages on those
 mappings (madvise), which cuts the faults ~400x and the kernel time ~4x; the 128^2 step
-measured ~15% faster on the 2-core CPU (see `python -m mr2ct_jax.bench train`).
+measured 10-15% faster on the 2-core CPU (see `python -m mr2ct_jax.bench train`).
 
 Tunables are read once, when the process starts, so the command-line tools re-execute
 themselves with the setting before they import JAX. Only the CLIs do this: importing the
@@ -14,6 +14,7 @@ library (a notebook, a test) changes nothing in the process. Set MR2CT_JAX_HUGEP
 turn it off; the re-executed process sees MR2CT_JAX_HUGEPAGES=1 and does not loop.
 """
 
+from collections.abc import Mapping
 import os
 import platform
 import sys
@@ -51,7 +52,7 @@ def tunables_with_hugetlb(current: str | None) -> str | None:
   return f'{current}:{TUNABLE}' if current else TUNABLE
 
 
-def wanted(environ: os._Environ | dict[str, str] = os.environ) -> bool:
+def wanted(environ: Mapping[str, str] = os.environ) -> bool:
   """Whether this process should re-execute itself with the huge-page tunable."""
   if environ.get(ENV_VAR) is not None or sys.platform != 'linux':
     return False
@@ -82,7 +83,7 @@ def reexec_with_hugepages() -> None:
     return  # Could not re-execute (e.g. no sys.executable): run on, just without the tunable.
 
 
-def environ_without_reexec(environ: os._Environ | dict[str, str] = os.environ) -> dict[str, str]:
+def environ_without_reexec(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
   """`environ` as the user had it before `reexec_with_hugepages` added the tunable.
 
   For child processes that should run as they would by default (the PyTorch reference of
