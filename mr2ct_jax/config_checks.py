@@ -4,6 +4,8 @@ from typing import Any
 
 import ml_collections
 
+from mr2ct_jax.models import layers
+
 
 class ConfigError(ValueError):
   """A config value is invalid; the message names the key."""
@@ -51,6 +53,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _require(model.num_res_blocks >= 0, 'model.num_res_blocks', model.num_res_blocks, 'must be >= 0')
   _require(model.dtype in ('float32', 'bfloat16', 'float16'), 'model.dtype', model.dtype,
            "must be 'float32', 'bfloat16' or 'float16'")
+  _require(model.conv_impl in layers.CONV_IMPLS, 'model.conv_impl', model.conv_impl,
+           f'must be one of {layers.CONV_IMPLS}')
 
   for key in ('cycle_weight', 'gc_weight', 'identity_weight'):
     _require(loss[key] >= 0, f'loss.{key}', loss[key], 'must be >= 0 (a loss weight)')

@@ -35,7 +35,7 @@ def test_bench_train_writes_its_report(tmp_path):
   assert report['generator_params'] == 7953 and report['discriminator_params'] == 11389
   assert report['pytorch_measured'] == {'skipped': '--nopytorch'}
   assert report['speedup_vs_pytorch_measured'] is None
-  assert 'train step at 32^2 (gc=True)' in result.stdout
+  assert 'train step at 32^2 (gc=True, cpu)' in result.stdout
   # The bench CLI re-executes itself with glibc's huge-page tunable where that is available.
   huge = hugepages.wanted() or 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')
   assert ('glibc.malloc.hugetlb=1' in report['machine']['glibc_tunables']) is huge

@@ -42,6 +42,7 @@ def test_unknown_variant():
     ('optim.lr', 0.0, 'config.optim.lr'),
     ('train.num_steps', 0, 'config.train.num_steps'),
     ('model.dtype', 'float64', 'config.model.dtype'),
+    ('model.conv_impl', 'cudnn', 'config.model.conv_impl'),
 ])
 def test_bad_values_name_the_key(key, value, message):
   config = gc.get_config('test')

@@ -167,6 +167,8 @@ def test_upconv_equals_pytorch_semantics_and_lax_conv_transpose(shape):
   y = jax.jit(layers.upconv2x)(x, kernel)
   np.testing.assert_allclose(y, _torch_conv_transpose(x, kernel), atol=1e-5)
   np.testing.assert_allclose(y, jax.jit(_naive_conv_transpose)(x, kernel), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(layers.xla_upconv2x)(x, kernel),
+                             _torch_conv_transpose(x, kernel), atol=1e-5)
 
 
 def test_upconv_gradients_equal_lax_conv_transpose():
@@ -218,9 +220,10 @@ def test_conv_transpose2d_values_and_gradients(k, stride, pad, output_padding):
     np.testing.assert_allclose(fast, ref, atol=1e-4)
 
 
-def test_generator_equals_naive_reference():
+@pytest.mark.parametrize('conv_impl', ['matmul', 'xla'])
+def test_generator_equals_naive_reference(conv_impl):
   x = jax.random.uniform(jax.random.key(0), (2, 16, 20, 1), minval=-1, maxval=1)
-  generator = ResnetGenerator(ngf=4, num_res_blocks=2)
+  generator = ResnetGenerator(ngf=4, num_res_blocks=2, conv_impl=conv_impl)
   # Larger weights than the N(0, 0.02) init (tanh input std ~1) so every layer matters.
   variables = _random_variables(generator, x, 1, 0.1)
   naive_apply = lambda v, a: _naive_generator(v['params'], a, 2)
@@ -232,6 +235,38 @@ def test_generator_equals_naive_reference():
   g_naive = grad(naive_apply)(variables)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_naive)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_discriminator_conv_paths_agree_in_values_and_gradients():
+  x = jax.random.uniform(jax.random.key(0), (2, 40, 36, 1), minval=-1, maxval=1)
+  variables = _random_variables(PatchDiscriminator(ndf=4), x, 2, 0.1)
+  outputs = {}
+  for impl in ('matmul', 'xla'):
+    apply = PatchDiscriminator(ndf=4, conv_impl=impl).apply
+    loss = lambda v, a: jnp.sum(jnp.sin(apply(v, a)))
+    outputs[impl] = (jax.jit(apply)(variables, x),
+                     jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x))
+  assert outputs['matmul'][0].shape == (2, 3, 2, 1)
+  np.testing.assert_allclose(outputs['matmul'][0], outputs['xla'][0], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(outputs['matmul'][1]), jax.tree.leaves(outputs['xla'][1])):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_impl_comes_from_the_config_and_bad_values_fail():
+  assert layers.check_conv_impl('xla') == 'xla'
+  with pytest.raises(ValueError, match="conv_impl='cudnn'"):
+    layers.check_conv_impl('cudnn')
+  config = gc.get_config('test')
+  assert models.build(config.model)[0].conv_impl == 'matmul'
+  config.model.conv_impl = 'xla'
+  generator, discriminator = models.build(config.model)
+  assert generator.conv_impl == discriminator.conv_impl == 'xla'
+  config.model.conv_impl = 'cudnn'
+  with pytest.raises(ValueError, match='model.conv_impl'):
+    models.build(config.model)
+  with pytest.raises(ValueError, match="conv_impl='cudnn'"):
+    jax.eval_shape(ResnetGenerator(ngf=4, num_res_blocks=1, conv_impl='cudnn').init,
+                   jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
 
 
 def test_generator_rejects_bad_input_shape():

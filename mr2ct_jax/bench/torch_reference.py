@@ -1,7 +1,7 @@
 r"""The PyTorch CycleGAN(+GC) training step, timed on this machine, for `bench train`.
 
   python -m mr2ct_jax.bench.torch_reference --size=128 [--gc] [--ngf=64 --ndf=64 \
-      --res_blocks=9 --disc_layers=3 --steps=5 --warmup=1 --threads=0]
+      --res_blocks=9 --disc_layers=3 --steps=5 --warmup=1 --threads=0 --device=cpu]
 
 Prints one JSON line: {"step_time_s": median, "step_times_s": [...], "torch": version, ...}.
 
@@ -41,6 +41,10 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_integer('warmup', 1, 'Untimed steps first.', flag_values=fv)
   flags.DEFINE_integer('threads', 0, 'torch.set_num_threads (0: PyTorch default).',
                        flag_values=fv)
+  flags.DEFINE_enum('device', 'cpu', ['cpu', 'cuda'], 'Where the step runs (eager, as the '
+                    'reference runs).', flag_values=fv)
+  flags.DEFINE_bool('cudnn_benchmark', False, 'Set torch.backends.cudnn.benchmark (off by '
+                    'default: cuDNN picks conv algorithms without timing them).', flag_values=fv)
   return fv
 
 
@@ -105,14 +109,19 @@ def _gradient_correlation(torch: Any, a: Any, b: Any, eps: float = 1e-8) -> Any:
 
 
 def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: int,
-        steps: int, warmup: int, threads: int = 0) -> dict[str, Any]:
+        steps: int, warmup: int, threads: int = 0, device: str = 'cpu',
+        cudnn_benchmark: bool = False) -> dict[str, Any]:
   """Times the reference training step at batch 1; returns the measurements."""
   import torch  # pylint: disable=g-import-not-at-top
   if threads:
     torch.set_num_threads(threads)
+  torch.backends.cudnn.benchmark = cudnn_benchmark
+  if device == 'cuda' and not torch.cuda.is_available():
+    raise SystemExit('error: --device=cuda but this PyTorch sees no CUDA device')
   torch.manual_seed(0)
   generator, discriminator = build_networks(torch, ngf, ndf, res_blocks, disc_layers)
-  g_a, g_b, d_a, d_b = generator(), generator(), discriminator(), discriminator()
+  g_a, g_b, d_a, d_b = (net().to(device) for net in
+                        (generator, generator, discriminator, discriminator))
   count = lambda m: sum(p.numel() for p in m.parameters())
   opt_g = torch.optim.Adam(itertools.chain(g_a.parameters(), g_b.parameters()), 2e-4,
                            betas=(0.5, 0.999))
@@ -120,8 +129,8 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
                            betas=(0.5, 0.999))
   mse, l1 = torch.nn.MSELoss(), torch.nn.L1Loss()
   gan = lambda pred, target: mse(pred, torch.full_like(pred, target))
-  real_a = torch.randn(1, 1, size, size).clamp(-1, 1)
-  real_b = torch.randn(1, 1, size, size).clamp(-1, 1)
+  real_a = torch.randn(1, 1, size, size).clamp(-1, 1).to(device)
+  real_b = torch.randn(1, 1, size, size).clamp(-1, 1).to(device)
   discriminators = list(itertools.chain(d_a.parameters(), d_b.parameters()))
 
   def step() -> float:
@@ -145,6 +154,7 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
         gan(d_b(real_a), 1.0) + gan(d_b(fake_a.detach()), 0.0))
     loss_d.backward()
     opt_d.step()
+    # .item() waits for the device, so a CUDA step is timed to its end.
     return loss_g.item() + loss_d.item()
 
   for _ in range(warmup):
@@ -155,7 +165,9 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
     step()
     times.append(time.perf_counter() - start)
   return {'step_time_s': statistics.median(times), 'step_times_s': times,
-          'torch': torch.__version__, 'threads': torch.get_num_threads(),
+          'torch': torch.__version__, 'threads': torch.get_num_threads(), 'device': device,
+          'device_name': (torch.cuda.get_device_name() if device == 'cuda' else 'cpu'),
+          'cudnn_benchmark': cudnn_benchmark,
           'generator_params': count(g_a), 'discriminator_params': count(d_a)}
 
 
@@ -169,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit('error: PyTorch is not installed (pip install torch) - it is only '
                      'needed to time the reference step') from None
   print(json.dumps(run(fv.size, fv.gc, fv.ngf, fv.ndf, fv.res_blocks, fv.disc_layers,
-                       fv.steps, fv.warmup, fv.threads)))
+                       fv.steps, fv.warmup, fv.threads, fv.device, fv.cudnn_benchmark)))
   return 0
 
 

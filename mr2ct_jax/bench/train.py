@@ -7,11 +7,12 @@ The step is the real one (`train_step.make_train_step` of `configs/gc.py`'s defa
 ResNet-9 generators, 70x70 PatchGANs, pools, both Adam updates) at batch 1 on one device,
 with `loss.gc_weight` = the config's lambda_GC (`--gc`) or 0 (`--nogc`, the default).
 It reports the median step time after compilation, the step's FLOPs from XLA's cost
-analysis, the achieved GFLOP/s, and their ratio to a float32 2048^3 matmul timed in the same
-process (the best the machine does on dense arithmetic right now). When PyTorch is installed
-it then times the reference step on this machine too (`torch_reference`: same sizes, batch 1,
-in a child process) and reports the speedup; DESIGN.md's PyTorch numbers (measured on the
-project's original 2-core CPU) are in the report as well.
+analysis, the achieved GFLOP/s, and their ratio to a float32 matmul timed in the same process
+(2048^3 on a CPU, 8192^3 on a GPU: the best the machine does on dense arithmetic right now).
+When PyTorch is installed it then times the reference step on this machine too
+(`torch_reference`: same sizes, batch 1, in a child process, on the GPU when JAX uses one) and
+reports the speedup; on a CPU, DESIGN.md's PyTorch numbers (measured on the project's original
+2-core CPU) are in the report as well. On a GPU, time more steps (`--steps=50`).
 """
 
 import importlib.util
@@ -35,8 +36,13 @@ from mr2ct_jax import hugepages
 from mr2ct_jax.bench import common
 
 # Seconds per step, batch 1, 2 CPU threads (DESIGN.md): size -> (without GC, with GC).
+# CPU numbers: they are compared with ours only when JAX runs on the CPU.
 REFERENCE_STEP_S = {128: (1.96, 2.19), 256: (7.62, 7.76)}
-_MATMUL_N = 2048
+
+
+def _matmul_size() -> int:
+  """The ceiling matmul's side: 2048 fills a CPU; a GPU/TPU needs 8192 to leave launch time."""
+  return 2048 if jax.default_backend() == 'cpu' else 8192
 
 
 def _define_flags() -> flags.FlagValues:
@@ -79,20 +85,35 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, list[fl
 
 
 def matmul_ceiling(repeats: int = 5) -> dict[str, float]:
-  """GFLOP/s of a float32 2048x2048 matmul (median and best of `repeats`)."""
-  a = jax.random.normal(jax.random.key(0), (_MATMUL_N, _MATMUL_N), jnp.float32)
+  """GFLOP/s of a float32 n x n matmul (n = `_matmul_size()`; median and best of `repeats`).
+
+  At JAX's default precision, as the train step runs (on GPUs that may mean TF32).
+  """
+  n = _matmul_size()
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x).lower(a).compile()
   jax.block_until_ready(matmul(a))
   median, times = _median_seconds(lambda: matmul(a), repeats)
-  flop = 2 * _MATMUL_N ** 3
-  return {'median_gflops': flop / median / 1e9, 'best_gflops': flop / min(times) / 1e9}
+  flop = 2 * n ** 3
+  return {'median_gflops': flop / median / 1e9, 'best_gflops': flop / min(times) / 1e9,
+          'n': n}
 
 
-def _flops(compiled: Any) -> float:
-  analysis = compiled.cost_analysis()
+def _flops(lowered: Any, compiled: Any) -> tuple[float | None, str]:
+  """FLOPs of one step from XLA's cost analysis, and which analysis gave them.
+
+  On the CPU, the compiled program's (every op is XLA's own there). Elsewhere the compiled
+  program hands convs and matmuls to library calls (cuDNN, cuBLAS) that the analysis counts
+  as (almost) nothing, so only the lowered program's count is used, and None where the
+  backend has no such analysis (GPUs with jax 0.11).
+  """
+  source = 'compiled' if jax.default_backend() == 'cpu' else 'lowered'
+  analysis = (compiled if source == 'compiled' else lowered).cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
     analysis = analysis[0]
-  return float(analysis.get('flops', 0.0))
+  if not analysis or not analysis.get('flops'):
+    return None, 'unavailable'
+  return float(analysis['flops']), source
 
 
 def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
@@ -112,9 +133,10 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
   step_fn = train_step_lib.make_train_step(config, mesh)
 
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  lowered = step_fn.lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(compiled)
+  flops, flops_source = _flops(lowered, compiled)
 
   holder = {'state': state}
 
@@ -131,8 +153,9 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
   if not all(np.isfinite(v) for v in metrics.values()):
     raise SystemExit(f'error: non-finite metrics after the timed steps: {metrics}')
   ceiling = max(ceiling_before['median_gflops'], ceiling_after['median_gflops'])
-  achieved = flops / median / 1e9
-  reference = REFERENCE_STEP_S.get(size, (None, None))[1 if config.loss.gc_weight else 0]
+  achieved = flops / median / 1e9 if flops else None
+  reference = (REFERENCE_STEP_S.get(size, (None, None))[1 if config.loss.gc_weight else 0]
+               if jax.default_backend() == 'cpu' else None)
   count = lambda tree: int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
   return {
       'generator_params': count(holder['state'].params['g_ct']),
@@ -143,10 +166,11 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
       'warmup_steps': warmup,
       'compile_s': compile_s,
       'flops_per_step': flops,
+      'flops_source': flops_source,
       'achieved_gflops': achieved,
       'matmul_ceiling_gflops': ceiling,
       'matmul_ceiling_runs': {'before': ceiling_before, 'after': ceiling_after},
-      'ratio': achieved / ceiling,
+      'ratio': achieved / ceiling if achieved else None,
       'reference_pytorch_step_s': reference,
       'speedup_vs_reference': reference / median if reference else None,
   }
@@ -157,7 +181,8 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
   """Runs `torch_reference` for `config`'s sizes in a child process; its JSON, or why not.
 
   A child process, after the JAX timing is done, so the two never share the cores, with the
-  environment the user started the benchmark in (PyTorch's default allocator behaviour).
+  environment the user started the benchmark in (PyTorch's default allocator behaviour). When
+  JAX runs on a GPU, so does the reference (`--device=cuda`).
   """
   if importlib.util.find_spec('torch') is None:
     return {'skipped': 'PyTorch is not installed (pip install torch to compare)'}
@@ -165,7 +190,8 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
   command = [sys.executable, '-m', 'mr2ct_jax.bench.torch_reference',
              f'--size={config.data.image_size}', f'--gc={bool(config.loss.gc_weight)}',
              f'--ngf={model.ngf}', f'--ndf={model.ndf}', f'--res_blocks={model.num_res_blocks}',
-             f'--disc_layers={model.num_disc_layers}', f'--steps={steps}', f'--warmup={warmup}']
+             f'--disc_layers={model.num_disc_layers}', f'--steps={steps}', f'--warmup={warmup}',
+             f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}']
   # PyTorch runs as its users run it: without the allocator tunable our CLI added.
   env = hugepages.environ_without_reexec()
   result = subprocess.run(command, capture_output=True, encoding='utf-8', check=False, env=env)
@@ -216,11 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             'config': config.to_dict(), 'machine': machine_info()}
   common.write_report(fv.output, report)
   ref = result['reference_pytorch_step_s']
-  here = (f'PyTorch here {measured:.3f} s, {measured / result["step_time_s"]:.2f}x'
+  here = (f'PyTorch here {measured:.4f} s, {measured / result["step_time_s"]:.2f}x'
           if measured else f'PyTorch here: {pytorch["skipped"]}')
-  print(f'train step at {fv.size}^2 (gc={fv.gc}): {result["step_time_s"]:.3f} s '
-        f'({here}; DESIGN.md reference {ref} s), {result["achieved_gflops"]:.1f} GFLOP/s = '
-        f'{100 * result["ratio"]:.0f}% of the matmul ceiling '
+  design = f'; DESIGN.md reference {ref} s' if ref else ''
+  rate = (f'{result["achieved_gflops"]:.1f} GFLOP/s = {100 * result["ratio"]:.0f}% of '
+          if result['achieved_gflops'] else 'FLOPs not counted on this backend; ')
+  print(f'train step at {fv.size}^2 (gc={fv.gc}, {jax.default_backend()}): '
+        f'{result["step_time_s"]:.4f} s ({here}{design}), {rate}the matmul ceiling '
         f'{result["matmul_ceiling_gflops"]:.1f} GFLOP/s -> {fv.output}')
   return 0
 

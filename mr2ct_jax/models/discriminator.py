@@ -17,16 +17,19 @@ class PatchDiscriminator(nn.Module):
 
   All convs are 4x4 with zero padding 1; the first `num_layers` have stride 2. Parameters
   (1 input channel, ndf=64, 3 layers): 2,762,689, as the reference. Logits are float32.
+  `conv_impl` picks the conv code path (`layers.CONV_IMPLS`), not the function.
   """
   ndf: int = 64
   num_layers: int = 3
   dtype: Any = jnp.float32
+  conv_impl: str = 'matmul'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Maps NHWC images [B, H, W, C] to patch logits [B, h, w, 1] (h = H/8 - 2 for 3 layers)."""
     conv = lambda f, stride, name: layers.Conv(f, 4, stride=stride, pad=1, dtype=self.dtype,
-                                               kernel_init=KERNEL_INIT, name=name)
+                                               kernel_init=KERNEL_INIT, conv_impl=self.conv_impl,
+                                               name=name)
     y = x.astype(self.dtype)
     y = nn.leaky_relu(conv(self.ndf, 2, 'conv_0')(y), 0.2)
     for i in range(1, self.num_layers + 1):
