@@ -67,3 +67,32 @@ def test_pytorch_reference_step_has_our_parameter_counts():
   assert (result['generator_params'], result['discriminator_params']) == (7953, 11389)
   assert result['step_time_s'] > 0 and len(result['step_times_s']) == 1
 
+
+
+class _Analysed:
+  """Stands in for a jax Lowered/Compiled stage with a fixed cost analysis."""
+
+  def __init__(self, analysis):
+    self._analysis = analysis
+
+  def cost_analysis(self):
+    return self._analysis
+
+
+def test_flops_come_from_the_compiled_program_on_cpu_and_the_lowered_one_elsewhere(monkeypatch):
+  from mr2ct_jax.bench import train as bench_train
+  lowered, compiled = _Analysed({'flops': 5.0}), _Analysed([{'flops': 3.0}])
+  assert bench_train._flops(lowered, compiled) == (3.0, 'compiled')
+  monkeypatch.setattr(bench_train.jax, 'default_backend', lambda: 'gpu')
+  assert bench_train._flops(lowered, compiled) == (5.0, 'lowered')
+  # GPUs with jax 0.11 have no lowered cost analysis: no FLOPs rather than cuDNN-blind ones.
+  assert bench_train._flops(_Analysed(None), compiled) == (None, 'unavailable')
+
+
+def test_pytorch_reference_on_cuda_without_a_gpu_fails_clearly():
+  torch = pytest.importorskip('torch')
+  if torch.cuda.is_available():
+    pytest.skip('this machine has a CUDA device')
+  from mr2ct_jax.bench import torch_reference
+  with pytest.raises(SystemExit, match='--device=cuda but this PyTorch sees no CUDA device'):
+    torch_reference.run(32, False, 4, 4, 1, 3, steps=1, warmup=0, device='cuda')
