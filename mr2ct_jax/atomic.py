@@ -1,7 +1,11 @@
-"""Atomic outputs: files and directories appear complete or not at all.
+"""Safe outputs: checked before any work, and appearing complete or not at all.
 
 Everything a command writes goes to a temporary sibling first and is renamed into place when
 complete, so a killed run, a full disk or an exception never leaves a half-written output.
+The `check_*` functions let a command refuse a bad output location at start (before loading a
+model or reading data): one it cannot create, one that overlaps its inputs, or an existing
+folder that `--overwrite` would wrongly delete. Failures of the writes themselves are reported
+as `OutputError`s naming the output, not the temporary sibling.
 """
 
 import contextlib
@@ -9,19 +13,141 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Mapping
+from typing import IO, Any, Iterator
+
+Path = str | os.PathLike
+
+
+class OutputError(ValueError):
+  """An output location that cannot or must not be written; the message starts with the path."""
+
+
+def _failed(path: str, e: OSError) -> OutputError:
+  # The user named `path`; the temporary sibling that actually failed means nothing to them.
+  return OutputError(f'{path}: cannot write it ({e.strerror or e})')
+
+
+def _within(path: str, folder: str) -> bool:
+  """Whether `path` lies strictly inside `folder` (both absolute, normalised)."""
+  return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def check_writable(path: Path, *, folder: bool = False,
+                   error: type[Exception] = OutputError) -> None:
+  """Raises `error` unless `path` can be created (with its missing parent folders).
+
+  The nearest existing ancestor must be a folder in which this process can create entries.
+  That is tested by creating and removing an empty temporary folder there: permission bits,
+  read-only mounts, /proc and /sys (writable to root by os.access, yet refusing a mkdir) all
+  answer a real mkdir truthfully.
+
+  Args:
+    path: the output file, or folder, to be written.
+    folder: files are written inside `path` (which may exist already); otherwise `path`
+      itself (or a temporary sibling of it) is created in its parent.
+    error: exception type to raise (a command's own error type).
+  """
+  path = os.path.abspath(os.fspath(path))
+  ancestor = path if folder else os.path.dirname(path)
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    if ancestor == path:
+      raise error(f'{path}: exists and is not a folder')
+    raise error(f'{path}: cannot be created: {ancestor} is not a folder')
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix='.write-check-', dir=ancestor))
+  except OSError as e:
+    raise error(f'{path}: cannot be created ({e.strerror or e}: {ancestor})') from e
+
+
+def check_apart(output: Path, inputs: Mapping[str, Path | None], *, inside_ok: bool = False,
+                error: type[Exception] = OutputError) -> None:
+  """Raises `error` if `output` is, contains or (unless `inside_ok`) lies inside an input.
+
+  Replacing such an output would delete (or, while building it, feed on) the data it reads.
+  Symbolic links are resolved, so a link to an input counts as the input.
+
+  Args:
+    output: the path a command creates or replaces.
+    inputs: flag name ('--mr_dir') -> the path given (None or '': not given).
+    inside_ok: allow `output` inside an input (e.g. evaluate's default WORKDIR/eval).
+    error: exception type to raise.
+  """
+  out = os.path.realpath(os.fspath(output))
+  for name, given in inputs.items():
+    if not given:
+      continue
+    src = os.path.realpath(os.fspath(given))
+    if out == src:
+      relation = 'is'
+    elif _within(src, out):
+      relation = 'contains'
+    elif _within(out, src) and not inside_ok:
+      relation = 'is inside'
+    else:
+      continue
+    raise error(f'{os.fspath(output)}: the output {relation} the input {name}={os.fspath(given)};'
+                ' choose an output location apart from the inputs')
+
+
+def check_replaceable(path: Path, overwrite: bool, own_file: str, what: str, *,
+                      error: type[Exception] = OutputError) -> None:
+  """Raises `error` unless `path` is absent, or `overwrite` and it is this command's output.
+
+  `--overwrite` replaces a whole folder, so it is honoured only for a folder the command wrote
+  earlier (recognised by `own_file`, which it always writes) or an empty one: a mistyped
+  output must not delete a training run, a dataset or raw data.
+
+  Args:
+    path: the output folder.
+    overwrite: the user asked to replace an existing output.
+    own_file: a file name that every complete output of the command holds.
+    what: the output's kind for the message, e.g. 'a prepared dataset'.
+    error: exception type to raise.
+  """
+  path = os.fspath(path)
+  if not os.path.lexists(path):
+    return
+  if not overwrite:
+    raise error(f'{path}: already exists (pass --overwrite to replace it)')
+  if not os.path.isdir(path):
+    raise error(f'{path}: exists and is not a folder; --overwrite replaces only {what}')
+  if os.listdir(path) and not os.path.isfile(os.path.join(path, own_file)):
+    raise error(f'{path}: not {what} (no {own_file}); refusing to replace it even with '
+                '--overwrite')
+
+
+@contextlib.contextmanager
+def writing(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
+  """Yields a file object on a temporary sibling that becomes `path` when the block succeeds.
+
+  Args:
+    path: the file to write.
+    mode: 'w' (UTF-8 text, newlines as written) or 'wb'.
+
+  Raises:
+    OutputError: a write fails (full disk, no permission...); the message names `path`.
+  """
+  tmp = f'{path}.tmp-{os.getpid()}'
+  text = {'encoding': 'utf-8', 'newline': ''} if 'b' not in mode else {}
+  try:
+    try:
+      with open(tmp, mode, **text) as f:
+        yield f
+      os.replace(tmp, path)
+    except OSError as e:
+      raise _failed(path, e) from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def write_text(path: str, text: str) -> None:
   """Writes `text` (UTF-8) to `path` through a temporary sibling and a rename."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  try:
-    with open(tmp, 'w', encoding='utf-8', newline='') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with writing(path) as f:
+    f.write(text)
 
 
 def write_json(path: str, obj: Any, **dumps_kwargs: Any) -> None:
@@ -51,14 +177,24 @@ def building_dir(target: str) -> Iterator[str]:
 
   On any exception (including KeyboardInterrupt) the temporary directory is removed and
   `target` is left as it was.
+
+  Raises:
+    OutputError: the temporary directory cannot be created or renamed (errors inside the
+      block, which may come from reading inputs, pass through unchanged).
   """
   target = os.path.abspath(target)
   parent = os.path.dirname(target)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.tmp-', dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.tmp-', dir=parent)
+  except OSError as e:
+    raise _failed(target, e) from e
   try:
     yield tmp
-    replace_dir(tmp, target)
+    try:
+      replace_dir(tmp, target)
+    except OSError as e:
+      raise _failed(target, e) from e
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)

@@ -6,10 +6,13 @@ Workdir layout:
                            and item 'data_iter' (the input pipeline's iterator state, JSON)
 """
 
+import contextlib
 import json
 import logging as std_logging
 import os
-from typing import Any
+import sys
+import tempfile
+from typing import Any, Iterator
 
 import jax
 from absl import logging
@@ -122,6 +125,8 @@ def _shape_mismatch_message(path: str, target: Any, saved_meta: Any) -> str | No
     saved_leaves = dict(jax.tree_util.tree_leaves_with_path(saved_meta))
   except Exception:  # pylint: disable=broad-except
     return None
+  if not set(saved_leaves) & set(target_leaves):
+    return None  # nothing in common: unreadable metadata, not another config
   for key, leaf in target_leaves.items():
     saved = saved_leaves.get(key)
     name = jax.tree_util.keystr(key)
@@ -133,6 +138,34 @@ def _shape_mismatch_message(path: str, target: Any, saved_meta: Any) -> str | No
   return None
 
 
+@contextlib.contextmanager
+def _stderr_replayed_unless_failed() -> Iterator[None]:
+  """Holds back what is written to file descriptor 2 in the block; replays it on success.
+
+  When a read of a corrupt checkpoint fails, tensorstore's worker threads keep calling back
+  into orbax's closed asyncio loop, and each call prints a traceback straight to fd 2 (a
+  thousand lines for one truncated file). A failure is reported as one CheckpointError
+  line instead; after a successful restore, any warnings are passed on.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  failed = False
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        os.write(2, held.read())
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
   """Restores (state, data_iter_state) of `step` into the structure/shardings of `abstract_state`.
 
@@ -141,9 +174,10 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
   """
   path = os.path.join(str(manager.directory), str(step))
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_iter=ocp.args.JsonRestore()))
+    with _stderr_replayed_unless_failed():
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data_iter=ocp.args.JsonRestore()))
   except (ValueError, KeyError, TypeError) as e:
     meta = None
     try:
@@ -151,7 +185,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
     except Exception:  # pylint: disable=broad-except
       pass
     message = _shape_mismatch_message(path, abstract_state, meta) if meta is not None else None
-    raise CheckpointError(message or f'{path}: cannot restore ({str(e).splitlines()[0]})') from e
+    raise CheckpointError(message or f'{path}: cannot restore; its files may be corrupt or '
+                          f'truncated ({str(e).splitlines()[0]})') from e
   return restored.state, restored.data_iter
 
 

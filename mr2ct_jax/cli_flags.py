@@ -4,7 +4,8 @@ Each command (prepare, translate, export, evaluate, segmentation, the benchmarks
 flags on a private `absl.flags.FlagValues`, so the modules can be imported together (tests,
 train.py calling evaluate) without duplicate-flag errors, and `main(argv)` can be called from
 Python. `run` is the whole `main`: help, parsing, the command, and errors as one line
-('error: ...', exit status 1) instead of a traceback.
+('error: ...', exit status 1) instead of a traceback. Every command reports an unusable
+output (`atomic.OutputError`) and a failed file operation (OSError) that way too.
 """
 
 import contextlib
@@ -13,6 +14,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from absl import flags
+
+from mr2ct_jax import atomic
 
 HELP_ARGS = ('-h', '--help', '-help', '--helpfull')
 # Exception types whose message is a one-line explanation for the user, or a function giving
@@ -42,6 +45,32 @@ def last_line(error: BaseException) -> str:
   """The last non-empty line of an error (config-file errors carry the loader's traceback)."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return lines[-1] if lines else type(error).__name__
+
+
+def config_error(error: BaseException, argv: Sequence[str]) -> str:
+  """A one-line message for a --config file that does not load or an unknown override key.
+
+  ml_collections reports an override of a field the config lacks (--config.data.nonexist=1)
+  as a KeyError/AttributeError naming only the field, and a config file that fails to load
+  lazily, as an OSError on first use; both carry tracebacks in their text.
+  """
+  if isinstance(error, (KeyError, AttributeError)):
+    field = str(error).strip('"\'')
+    for arg in argv[1:]:
+      if arg.startswith('--config.') and field in arg.split('=')[0].split('.'):
+        return f'{arg.split("=")[0]}: the config has no field {field!r}'
+    return f'--config: the config has no field {field!r}'
+  return f'--config: {last_line(error)}'
+
+
+def load_config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  """Loads a --config flag now, so a bad config file fails at parse time with one line."""
+  if 'config' not in fv or fv['config'].value is None:
+    return
+  try:
+    getattr(fv['config'].value, 'to_dict')
+  except (OSError, KeyError, AttributeError, ValueError) as e:
+    raise SystemExit(f'error: {config_error(e, argv)}') from e
 
 
 def _flag_error(error: flags.Error) -> str:
@@ -79,6 +108,9 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
     rest = fv(argv)
   except flags.Error as e:
     raise SystemExit(f'error: {_flag_error(e)}') from e
+  except (KeyError, AttributeError) as e:  # an override of a field the config lacks
+    raise SystemExit(f'error: {config_error(e, argv)}') from e
+  load_config_flag(fv, argv)
   if len(rest) > 1 and not positional:
     raise SystemExit(f'error: unexpected arguments {rest[1:]} (flags are --name=value)')
   for name in required:
@@ -87,14 +119,27 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
   return rest[1:]
 
 
+def os_error_line(error: OSError) -> str:
+  """'PATH: reason' of a failed file operation (str(OSError) is '[Errno 13] ...: 'PATH'')."""
+  reason = error.strerror or str(error)
+  return f'{error.filename}: {reason}' if error.filename is not None else reason
+
+
 @contextlib.contextmanager
 def one_line_errors(errors: ErrorTypes) -> Iterator[None]:
-  """Turns the listed exceptions raised in the block into SystemExit('error: MESSAGE')."""
+  """Turns the listed exceptions raised in the block into SystemExit('error: MESSAGE').
+
+  `atomic.OutputError` is always listed. An OSError that is not listed becomes
+  'error: PATH: reason' (a disk that fills up or a folder that vanishes mid-run is the
+  user's problem to fix, not a bug to debug from a traceback).
+  """
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except  (re-raised unless listed)
-    if isinstance(e, errors() if callable(errors) else errors):
+    if isinstance(e, (errors() if callable(errors) else errors) + (atomic.OutputError,)):
       raise SystemExit(f'error: {e}') from e
+    if isinstance(e, OSError):
+      raise SystemExit(f'error: {os_error_line(e)}') from e
     raise
 
 

@@ -23,10 +23,11 @@ Regions: voxels outside the MR/CT common field of view (FOV) are never evaluated
   is how `mr2ct_jax.data.prepare` defines the common FOV (slices where the registered CT has
   tissue).
 
-Outputs (written to a temporary directory, renamed when complete; an existing output is
-refused unless --overwrite): per_volume.csv/.json, per_slice.csv, summary.md, summary.json,
-figures/<patient>.png (MR | sCT | CT | |error| panels), figures/metrics_boxplot.png,
-figures/mi_boxplot.png.
+Outputs (written to a temporary directory, renamed when complete): per_volume.csv/.json,
+per_slice.csv, summary.md, summary.json, figures/<patient>.png (MR | sCT | CT | |error|
+panels), figures/metrics_boxplot.png, figures/mi_boxplot.png. An existing output is refused
+unless --overwrite, which replaces only an earlier evaluation output (one with
+per_volume.json); the output may never be, or contain, the workdir, export or data dir read.
 """
 
 import os
@@ -38,6 +39,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
+from mr2ct_jax import atomic
 from mr2ct_jax import cli_flags
 from mr2ct_jax import evaluation_core
 from mr2ct_jax import report_figures
@@ -52,6 +54,9 @@ ApplyFn = evaluation_core.ApplyFn
 EvaluateError = evaluation_core.EvaluateError
 translate_slices = evaluation_core.translate_slices
 evaluate_volumes = evaluation_core.evaluate_volumes
+# Every evaluation output holds this file (and --compare reads it): --overwrite may replace a
+# folder only if it has it.
+OWN_FILE = 'per_volume.json'
 
 
 def region_note(regions: set[str]) -> str:
@@ -124,6 +129,12 @@ def _check_data_matches(data_dir: str, config: ml_collections.ConfigDict) -> Non
     raise EvaluateError(mismatch)
 
 
+def _check_apart(output_dir: str, source: str, data_dir: str | None) -> None:
+  """The output must not be, nor contain, the workdir / export or the data dir it reads."""
+  atomic.check_apart(output_dir, {'--workdir' if os.path.isdir(source) else '--npz': source,
+                                  '--data': data_dir}, inside_ok=True, error=EvaluateError)
+
+
 def _load_generators(source: str, step: int | None, backend: str
                      ) -> tuple[ApplyFn, ApplyFn | None, ml_collections.ConfigDict, Any]:
   """(G_ct, G_mr or None, the run's config, G_ct's GeneratorInfo); both from one step."""
@@ -152,7 +163,7 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
       workdir with data.dir='' the phantom prepared under WORKDIR/phantom.
     output_dir: directory to create (see the module docstring for its files).
     step: checkpoint step (None: the latest).
-    overwrite: replace an existing output_dir.
+    overwrite: replace an existing output_dir written by an earlier evaluation.
     backend: 'jax' or 'numpy' generator forward.
     progress: show a progress bar.
 
@@ -165,9 +176,12 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
     EvaluateError / reports.ReportError / generator_source.SourceError / data errors: one line.
   """
   output_dir = os.path.abspath(output_dir)
-  reports.check_output_dir(output_dir, overwrite)  # fail before loading anything
+  # Fail before loading anything; the output may lie inside the workdir (WORKDIR/eval).
+  _check_apart(output_dir, source, data_dir)
+  reports.check_output_dir(output_dir, overwrite, OWN_FILE)
   sct_fn, smr_fn, config, info = _load_generators(source, step, backend)
   data_dir = _resolve_data_dir(source, info.kind, data_dir, config)
+  _check_apart(output_dir, source, data_dir)  # data.dir of the run's config
   from mr2ct_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TFDS is slow)
   if not pipeline.has_split(data_dir, 'test'):
     raise EvaluateError(f'{data_dir}: dataset has no paired `test` split to evaluate on')
@@ -175,7 +189,7 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
   meta = {'source': source, 'kind': info.kind, 'step': info.step, 'data_dir': data_dir,
           'output_dir': output_dir, 'ct_window': list(config.data.ct_window),
           'mr_window': list(config.data.mr_window)}
-  with reports.atomic_output_dir(output_dir, overwrite) as tmp:
+  with reports.atomic_output_dir(output_dir, overwrite, OWN_FILE) as tmp:
     figure_dir = os.path.join(tmp, 'figures')
     os.makedirs(figure_dir)
     per_volume, per_slice = evaluate_volumes(pipeline.iterate_volumes(data_dir, 'test'), sct_fn,
@@ -203,26 +217,26 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
      'markdown'}; the Markdown table is also printed.
 
   Raises:
-    reports.ReportError: a missing per_volume.json, differing patient sets, existing outputs.
+    reports.ReportError: a missing per_volume.json, differing patient sets, existing outputs,
+      an `output` that cannot be created.
   """
   rows_a = reports.read_rows_json(os.path.join(dir_a, 'per_volume.json'))
   rows_b = reports.read_rows_json(os.path.join(dir_b, 'per_volume.json'))
   results = reports.paired_ttests(rows_a, rows_b, where_a=dir_a, where_b=dir_b)
   markdown = reports.ttest_markdown(results, dir_a, dir_b)
   output = dir_b if output is None else output
+  atomic.check_writable(output, folder=True, error=reports.ReportError)
   paths = [os.path.join(output, name) for name in ('compare.md', 'compare.json')]
   for path in paths:
     if os.path.exists(path) and not overwrite:
-      raise reports.ReportError(f'{path}: output exists; pass --overwrite to replace it')
+      raise reports.ReportError(f'{path}: already exists (pass --overwrite to replace it)')
   os.makedirs(output, exist_ok=True)
   out = {'a': dir_a, 'b': dir_b, 'patients': sorted(str(r['patient_id']) for r in rows_a),
          'test': 'scipy.stats.ttest_rel(B, A), two-sided; diff = mean(B - A)',
          'results': [{k: reports.json_number(v) for k, v in r.items()} for r in results],
          'markdown': markdown}
   reports.write_json(paths[1], out)
-  with open(paths[0] + f'.tmp-{os.getpid()}', 'w', encoding='utf-8') as f:
-    f.write(markdown)
-  os.replace(paths[0] + f'.tmp-{os.getpid()}', paths[0])
+  atomic.write_text(paths[0], markdown)
   print(markdown, flush=True)
   return out
 

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from mr2ct_jax import atomic
 from mr2ct_jax import checkpointing
 from mr2ct_jax import cli_flags
 from mr2ct_jax import generator_source
@@ -70,6 +71,7 @@ def write_export(path: str, params: dict[str, Any], config: ml_collections.Confi
   Raises:
     FileExistsError: `path` exists and not `overwrite`.
     ValueError: `path` does not end in .npz.
+    atomic.OutputError: `path` cannot be written.
   """
   if not path.endswith('.npz'):
     raise ValueError(f'{path}: the export file name must end in .npz')
@@ -81,16 +83,11 @@ def write_export(path: str, params: dict[str, Any], config: ml_collections.Confi
       arrays[f'{network}/{name}'] = np.asarray(leaf, np.float32)
   arrays[numpy_generator.CONFIG_KEY] = np.array(checkpointing.config_to_json(config))
   arrays[numpy_generator.META_KEY] = np.array(json.dumps(meta, sort_keys=True))
+  atomic.check_writable(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  try:
-    # A file object, so NumPy does not append a second '.npz' to the temporary name.
-    with open(tmp, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  # A file object, so NumPy does not append a second '.npz' to the temporary name.
+  with atomic.writing(path, 'wb') as f:
+    np.savez(f, **arrays)
 
 
 def export(workdir: str, output: str, *, direction: str = 'mr2ct', step: int | None = None,
@@ -108,7 +105,8 @@ def export(workdir: str, output: str, *, direction: str = 'mr2ct', step: int | N
     The meta dict written under '__meta__'.
 
   Raises:
-    generator_source.SourceError, FileExistsError, ValueError: one-line messages.
+    generator_source.SourceError, FileExistsError, ValueError (atomic.OutputError: `output`
+    cannot be written): one-line messages.
   """
   if direction not in EXPORT_DIRECTIONS:
     raise ValueError(f'direction={direction!r}: must be one of {EXPORT_DIRECTIONS}')
@@ -117,6 +115,9 @@ def export(workdir: str, output: str, *, direction: str = 'mr2ct', step: int | N
   # Check the destination before the (slow) restore, so a mistake fails at once.
   if os.path.exists(output) and not overwrite:
     raise FileExistsError(f'{output}: already exists (pass --overwrite to replace it)')
+  if os.path.isdir(output):
+    raise ValueError(f'{output}: is a folder; name the output file')
+  atomic.check_writable(output)
   networks = networks_for(direction)
   params, config, got_step = generator_source.restore_generators(workdir, networks, step)
   meta = make_meta(config, networks, got_step, workdir)

@@ -128,6 +128,9 @@ def restore_generators(workdir: str, networks: tuple[str, ...], step: int | None
   """
   # Imported here: the checkpoint machinery (orbax) is only needed for workdir sources.
   from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(workdir):
+    raise SourceError(f'{workdir}: is a file, not a training workdir (an export .npz goes to '
+                      f'--npz)')
   if not os.path.isdir(workdir):
     raise SourceError(f'{workdir}: workdir does not exist')
   if not os.path.isfile(os.path.join(workdir, checkpointing.CONFIG_FILE)):

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mr2ct_jax import cli_flags
 from mr2ct_jax import hugepages
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,6 +24,16 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs
 _JAX_DISTRIBUTED = flags.DEFINE_bool(
     'jax_distributed', False, 'Call jax.distributed.initialize() first (multi-host TPU/GPU).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, plus one-line errors for an unknown --config.X key or a bad config file."""
+  try:
+    rest = app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as e:  # ml_collections: an override of a missing field
+    raise SystemExit(f'error: {cli_flags.config_error(e, argv)}') from e
+  cli_flags.load_config_flag(flags.FLAGS, argv)
+  return rest
 
 
 def main(argv: list[str]) -> None:
@@ -52,4 +63,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   hugepages.reexec_with_hugepages()  # Before JAX is imported; see mr2ct_jax/hugepages.py.
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

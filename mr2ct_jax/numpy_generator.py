@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,9 @@ def read_export(path: str) -> Export:
   """Reads an export .npz (no pickle); raises ExportError with a one-line message."""
   if not os.path.isfile(path):
     raise ExportError(f'{path}: no such export file')
+  if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and say so
+    raise ExportError(f'{path}: not a .npz (zip) file; expected a file written by '
+                      f'mr2ct_jax.export')
   try:
     with np.load(path, allow_pickle=False) as data:
       arrays = {name: data[name] for name in data.files}

@@ -56,26 +56,47 @@ class ReportError(ValueError):
 # ---- Atomic outputs ------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def atomic_output_dir(output_dir: str, overwrite: bool = False) -> Iterator[str]:
+def atomic_output_dir(output_dir: str, overwrite: bool = False,
+                      own_file: str | None = None) -> Iterator[str]:
   """Yields a temporary sibling directory that replaces `output_dir` when the block succeeds.
 
   A failed or killed run leaves `output_dir` untouched (the temp dir is removed on errors).
 
+  Args:
+    output_dir: the output folder.
+    overwrite: replace an existing `output_dir` (see `check_output_dir`).
+    own_file: see `check_output_dir`.
+
   Raises:
-    ReportError: `output_dir` exists and overwrite is False.
+    ReportError: see `check_output_dir`.
   """
   output_dir = os.path.abspath(output_dir)
-  check_output_dir(output_dir, overwrite)
+  check_output_dir(output_dir, overwrite, own_file)
   with atomic.building_dir(output_dir) as tmp:
     yield tmp
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-  """Raises ReportError if `output_dir` exists and may not be replaced."""
-  if os.path.exists(output_dir) and not overwrite:
-    raise ReportError(f'{output_dir}: output exists; pass --overwrite to replace it')
+def check_output_dir(output_dir: str, overwrite: bool, own_file: str | None = None) -> None:
+  """Raises ReportError unless `output_dir` can be (re)placed: called before any work.
+
+  Args:
+    output_dir: the output folder.
+    overwrite: replace an existing `output_dir`.
+    own_file: a file every output of the command holds (e.g. 'per_volume.json'); given, an
+      existing non-empty `output_dir` without it is refused even with `overwrite`.
+
+  Raises:
+    ReportError: it exists (without `overwrite`), is not a folder, is not an earlier output
+      (`own_file`), or cannot be created.
+  """
+  if own_file is not None:
+    atomic.check_replaceable(output_dir, overwrite, own_file, 'an earlier evaluation output',
+                             error=ReportError)
+  elif os.path.exists(output_dir) and not overwrite:
+    raise ReportError(f'{output_dir}: already exists (pass --overwrite to replace it)')
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise ReportError(f'{output_dir}: exists and is not a directory')
+  atomic.check_writable(output_dir, error=ReportError)
 
 
 # ---- Numbers -------------------------------------------------------------------------------

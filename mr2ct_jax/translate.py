@@ -3,7 +3,7 @@
   python -m mr2ct_jax.translate --workdir=runs/gc --input=patient_mr.nii.gz \
       --output=patient_sct.nii.gz
   python -m mr2ct_jax.translate --workdir=runs/gc --input=MR_DIR/ --output=SCT_DIR/ \
-      [--direction=ct2mr] [--step=N] [--overwrite]
+      [--direction=ct2mr] [--step=N] [--overwrite | --skip_existing]
   python -m mr2ct_jax.translate --npz=g_ct.npz --input=... --output=...
 
 Per volume: read (NIfTI or DICOM series), optional N4 (MR, when the run used it), axial
@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from mr2ct_jax import atomic
 from mr2ct_jax import cli_flags
 from mr2ct_jax.data import intensity
 from mr2ct_jax.data import mask as mask_lib
@@ -68,16 +69,18 @@ def grid_size(vol: volume_lib.Volume, spacing_mm: float) -> int:
 
 def translate_slices(apply_fn: ApplyFn, slices: np.ndarray, batch_size: int,
                      progress: bool = False, desc: str = 'slices') -> np.ndarray:
-  """Runs the generator on [N, H, W] model-range slices in batches of exactly `batch_size`.
+  """Runs the generator on [N, H, W] model-range slices in batches of min(`batch_size`, N).
 
-  The last batch is padded to `batch_size` so a jitted generator compiles once per slice
-  shape; the padding's outputs are dropped.
+  Every call gets the same batch size, the last batch padded with zero slices (their
+  outputs dropped), so a jitted generator compiles once per slice shape; a volume with
+  fewer slices than `batch_size` runs as one batch of exactly its slices, not padded up.
 
   Returns:
     float32 [N, H, W] in the model range.
   """
   slices = np.asarray(slices, np.float32)
   n = slices.shape[0]
+  batch_size = max(1, min(batch_size, n))
   out = np.empty_like(slices)
   with tqdm.tqdm(total=n, desc=desc, unit='slice', disable=not progress, leave=False) as bar:
     for start in range(0, n, batch_size):
@@ -160,12 +163,20 @@ def output_name(input_path: str) -> str:
   return volume_lib.volume_id(input_path) + '.nii.gz'
 
 
-def plan(input_path: str, output_path: str, overwrite: bool = False) -> list[Job]:
+def is_single_volume(input_path: str, output_path: str) -> bool:
+  """Whether `input_path` is one volume (a file, or any input with a NIfTI output name)."""
+  return os.path.isfile(input_path) or volume_lib.is_nifti_path(output_path)
+
+
+def plan(input_path: str, output_path: str, overwrite: bool = False,
+         skip_existing: bool = False) -> list[Job]:
   """Pairs inputs with outputs and checks them all before any work starts.
 
   One volume (a NIfTI file, or any input with an output ending in .nii/.nii.gz, e.g. a DICOM
   series folder) -> one output file. Otherwise `input_path` is a folder of volumes
   (`list_volumes`) and `output_path` a folder that receives '<input name>.nii.gz' each.
+  With `skip_existing`, volumes whose output exists are left out (to finish an interrupted
+  folder run) instead of being an error.
 
   Raises:
     TranslateError / volume_lib.VolumeError: missing input, a folder without volumes, an
@@ -173,8 +184,11 @@ def plan(input_path: str, output_path: str, overwrite: bool = False) -> list[Job
   """
   if not os.path.exists(input_path):
     raise TranslateError(f'{input_path}: no such input file or folder')
-  single = os.path.isfile(input_path) or volume_lib.is_nifti_path(output_path)
-  if single:
+  if is_single_volume(input_path, output_path):
+    if os.path.isdir(input_path) and any(volume_lib.is_nifti_path(name)
+                                         for name in os.listdir(input_path)):
+      raise TranslateError(f'{input_path}: is a folder of NIfTI volumes; give an output folder '
+                           f'(not {output_path}) to translate them all')
     if not volume_lib.is_nifti_path(output_path):
       raise TranslateError(f'{output_path}: output for one volume must end in .nii or .nii.gz')
     if os.path.isdir(output_path):
@@ -193,15 +207,24 @@ def plan(input_path: str, output_path: str, overwrite: bool = False) -> list[Job
   for job in jobs:
     if os.path.abspath(job.output_path) == os.path.abspath(job.input_path):
       raise TranslateError(f'{job.output_path}: output would replace its own input')
+  if skip_existing and not overwrite:
+    jobs = [job for job in jobs if not os.path.exists(job.output_path)]
+  for job in jobs:
     if os.path.exists(job.output_path) and not overwrite:
-      raise TranslateError(f'{job.output_path}: already exists (pass --overwrite to replace it)')
+      raise TranslateError(f'{job.output_path}: already exists (pass --overwrite to replace '
+                           f'it, or --skip_existing to keep it)')
   return jobs
 
 
 def translate(source: str, input_path: str, output_path: str, *, direction: str = 'mr2ct',
-              step: int | None = None, overwrite: bool = False, batch_size: int | None = None,
-              backend: str = 'jax', progress: bool = True) -> list[str]:
+              step: int | None = None, overwrite: bool = False, skip_existing: bool = False,
+              batch_size: int | None = None, backend: str = 'jax',
+              progress: bool = True) -> list[str]:
   """Translates a volume or a folder of volumes with a trained generator.
+
+  In a folder, an input that cannot be read or used (`volume_lib.VolumeError`) is reported on
+  stderr and skipped, the others are still translated, and a TranslateError counting the
+  skipped ones is raised at the end.
 
   Args:
     source: training workdir or exported .npz.
@@ -210,6 +233,7 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
     direction: 'mr2ct' (synthetic CT, int16 HU) or 'ct2mr' (synthetic MR, float32).
     step: checkpoint step (workdir sources; None = latest).
     overwrite: replace existing outputs.
+    skip_existing: leave out volumes whose output already exists (folder runs).
     batch_size: slices per generator call (default config.eval.batch_size).
     backend: 'jax' or 'numpy' forward.
     progress: progress bars over volumes and slices.
@@ -223,16 +247,31 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
   # Imported here so `plan`/`translate_volume` stay usable without loading jax/flax.
   from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top
   generator_source.network_for(direction)
-  jobs = plan(input_path, output_path, overwrite)  # fail fast, before loading the model
+  # Fail fast, before loading the model.
+  jobs = plan(input_path, output_path, overwrite, skip_existing)
   apply_fn, config, _ = generator_source.load_generator(source, direction, step, backend)
   dtype = np.int16 if direction == 'mr2ct' else np.float32
-  written = []
+  folder = not is_single_volume(input_path, output_path)
+  written, skipped = [], []
   for job in tqdm.tqdm(jobs, desc='volumes', unit='vol', disable=not progress or len(jobs) < 2):
-    vol = volume_lib.read_volume(job.input_path)
-    result = translate_volume(vol, apply_fn, config, direction, batch_size, progress=progress)
-    volume_lib.write_nifti(job.output_path, result, vol.affine, dtype=dtype,
-                           overwrite=overwrite)
+    try:
+      vol = volume_lib.read_volume(job.input_path)
+      result = translate_volume(vol, apply_fn, config, direction, batch_size,
+                                progress=progress)
+    except volume_lib.VolumeError as e:
+      if not folder:
+        raise
+      # One bad file must not cost the rest of a folder run.
+      print(f'skipped: {e}', file=sys.stderr)
+      skipped.append(job.input_path)
+      continue
+    # file_shape: the input's own shape, trailing singleton axes ([X, Y, Z, 1]) included.
+    volume_lib.write_nifti(job.output_path, result.reshape(vol.file_shape), vol.affine,
+                           dtype=dtype, overwrite=overwrite)
     written.append(job.output_path)
+  if skipped:
+    raise TranslateError(f'{input_path}: {len(skipped)} of {len(jobs)} volumes skipped (listed '
+                         f'above); {len(written)} written to {output_path}')
   return written
 
 
@@ -249,14 +288,23 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_integer('batch_size', None, 'Slices per generator call (default: '
                        'config.eval.batch_size).', lower_bound=1, flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.', flag_values=fv)
+  flags.DEFINE_bool('skip_existing', False, 'Folder input: leave out volumes whose output '
+                    'exists (finish an interrupted run).', flag_values=fv)
   flags.DEFINE_bool('progress', True, 'Show progress bars.', flag_values=fv)
   return fv
 
 
 def _run(fv: flags.FlagValues) -> None:
+  # Before the model loads: an output that cannot be created (its parent is a file, a
+  # read-only or virtual file system) is one line, not a traceback after the translation.
+  atomic.check_writable(fv.output, folder=not is_single_volume(fv.input, fv.output))
   written = translate(cli_flags.generator_source(fv), fv.input, fv.output,
                       direction=fv.direction, step=fv.step, overwrite=fv.overwrite,
-                      batch_size=fv.batch_size, backend=fv.backend, progress=fv.progress)
+                      skip_existing=fv.skip_existing, batch_size=fv.batch_size,
+                      backend=fv.backend, progress=fv.progress)
+  if not written:
+    print(f'nothing to do: every output in {fv.output} exists (--skip_existing)')
+    return
   print(f'wrote {len(written)} volume(s): ' + (written[0] if len(written) == 1 else
                                               os.path.dirname(written[0])))
 

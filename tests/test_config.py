@@ -1,5 +1,10 @@
 """Config variants are valid; bad values fail naming the key."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from configs import gc
@@ -66,3 +71,40 @@ def test_unknown_key_rejected_by_locked_config():
   config.lock()
   with pytest.raises(AttributeError):
     config.loss.gc_wieght = 0.1
+
+
+_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'gc.py')
+
+
+@pytest.mark.parametrize('args, message', [
+    ([f'--config={_CONFIG}:test', '--config.data.nonexist=1'],
+     "error: --config.data.nonexist: the config has no field 'nonexist'"),
+    (['--config=/nonexistent/gc.py'], "error: --config: .*No such file or directory"),
+    ([f'--config={_CONFIG}:bogus'], "error: --config: .*unknown variant 'bogus'"),
+    ([f'--config={_CONFIG}:test', '--config.data.spacing_mm=0'],
+     'error: config.data.spacing_mm=0.0: must be > 0'),
+    ([f'--config={_CONFIG}:test', '--config.data.image_size=30'],
+     'error: config.data.image_size=30: must be >= 16 and divisible by 4'),
+])
+def test_prepare_rejects_bad_config_flags_in_one_line(tmp_path, monkeypatch, args, message):
+  from mr2ct_jax.data import prepare
+  out = tmp_path / 'data'
+  # ml_collections finds --config.X overrides in sys.argv, so the command line goes there.
+  monkeypatch.setattr(sys, 'argv', ['prepare', *args, f'--mr_dir={tmp_path}',
+                                    f'--ct_dir={tmp_path}', f'--out={out}'])
+  with pytest.raises(SystemExit, match=message) as exc:
+    prepare.main()
+  assert '\n' not in str(exc.value.code)
+  assert not out.exists()
+
+
+def test_main_rejects_an_unknown_config_field_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'mr2ct_jax.main', f'--config={_CONFIG}:test',
+       f'--workdir={tmp_path / "run"}', '--config.train.nonexist=1'],
+      capture_output=True, encoding='utf-8', timeout=300,
+      env={**os.environ, 'PYTHONPATH': str(pathlib.Path(_CONFIG).parents[1])})
+  assert result.returncode == 1
+  assert result.stderr.strip() == ("error: --config.train.nonexist: the config has no field "
+                                   "'nonexist'")
+  assert not (tmp_path / 'run').exists()

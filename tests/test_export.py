@@ -118,7 +118,7 @@ def test_numpy_generator_rejects_bad_input(npz_both, tmp_path):
     gen(np.zeros((1, 18, 16, 1), np.float32))
   bad = tmp_path / 'bad.npz'
   bad.write_bytes(b'not a zip')
-  with pytest.raises(numpy_generator.ExportError, match='not a readable'):
+  with pytest.raises(numpy_generator.ExportError, match=r'not a .npz \(zip\) file'):
     numpy_generator.read_export(str(bad))
   np.savez(tmp_path / 'plain.npz', a=np.zeros(3))
   with pytest.raises(numpy_generator.ExportError, match='__config__'):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -198,3 +199,16 @@ def test_bench_pipeline_cli(data_dir, tmp_path):
   bad = subprocess.run([sys.executable, '-m', 'mr2ct_jax.bench', 'nope'], cwd=REPO,
                        capture_output=True, encoding='utf-8', timeout=120)
   assert bad.returncode != 0 and 'usage: python -m mr2ct_jax.bench' in bad.stderr
+
+
+def test_truncated_record_file_is_a_one_line_dataset_error(data_dir, tmp_path):
+  broken = tmp_path / 'broken'
+  shutil.copytree(data_dir, broken)
+  records = sorted(str(p) for p in broken.rglob('*train_mr.array_record*'))
+  assert records
+  with open(records[0], 'r+b') as f:
+    f.truncate(200)
+  with pytest.raises(volume.DatasetError,
+                     match=f"{broken}: the 'train_mr' split cannot be read .*prepare the data "
+                           f"again"):
+    list(pipeline.iterate_volumes(str(broken), 'train_mr'))

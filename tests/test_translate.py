@@ -1,8 +1,6 @@
 """Whole-volume translation: geometry round trip, HU output, folders, DICOM, CLI and bad input."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -23,15 +21,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AIR = -1024
 
 
-@pytest.fixture(scope='module')
-def run(tmp_path_factory, test_config):
-  """A tiny run (random weights, step 2) and its export with both generators."""
-  root = tmp_path_factory.mktemp('translate')
+def make_run(root, config):
+  """(workdir, npz): a tiny run (random weights, step 2) and its export of both generators."""
   workdir = str(root / 'run')
-  tiny_run.make_workdir(workdir, test_config, step=2)
+  tiny_run.make_workdir(workdir, config, step=2)
   npz = str(root / 'g.npz')
   export.export(workdir, npz, direction='both')
   return workdir, npz
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, test_config):
+  return make_run(tmp_path_factory.mktemp('translate'), test_config)
 
 
 @pytest.fixture(scope='module')
@@ -201,6 +202,14 @@ def test_ct2mr_writes_float_mr(run, tmp_path, numpy_sct):
   assert np.all((data >= low - 1e-3) & (data <= high + 1e-3))
 
 
+def test_output_keeps_trailing_singleton_axes(run, tmp_path):  # [X, Y, Z, 1, 1] in and out
+  arr, aff, _ = make_volume('RAS', (7.0, 7.0, 7.0), (41, 39, 6))
+  src = write(tmp_path / 'mr.nii.gz', arr[..., None, None], aff)
+  img = nib.load(translate.translate(run[1], src, str(tmp_path / 's.nii.gz'), backend='numpy',
+                                     progress=False)[0])
+  assert img.shape == arr.shape + (1, 1) and np.allclose(img.affine, aff, atol=1e-5)
+
+
 def test_translate_slices_pads_last_batch_to_one_shape():
   shapes = []
 
@@ -212,6 +221,11 @@ def test_translate_slices_pads_last_batch_to_one_shape():
   out = translate.translate_slices(apply_fn, slices, batch_size=3)
   np.testing.assert_allclose(out, slices * 0.5)
   assert shapes == [(3, 8, 12, 1)] * 3
+  # A batch larger than the volume runs the volume's slices only, not padded up to it.
+  shapes.clear()
+  out = translate.translate_slices(apply_fn, slices, batch_size=100_000)
+  np.testing.assert_allclose(out, slices * 0.5)
+  assert shapes == [(7, 8, 12, 1)]
 
 
 def test_folder_input_with_nifti_and_dicom(run, tmp_path):
@@ -268,59 +282,3 @@ def test_cli_subprocess(run, tmp_path):
       cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert nib.load(out).shape == arr.shape
-
-
-@pytest.fixture()
-def bad_setup(run, tmp_path):
-  """Paths for the error cases: a valid MR, a text file, a corrupt NIfTI, broken workdirs."""
-  workdir, npz = run
-  arr, aff, _ = make_volume('RAS', (7.0, 7.0, 7.0), (41, 39, 6))
-  paths = dict(workdir=workdir, npz=npz, tmp=str(tmp_path),
-               mr=write(tmp_path / 'mr.nii.gz', arr, aff),
-               missing=str(tmp_path / 'no_run'), out=str(tmp_path / 'sct.nii.gz'))
-  (tmp_path / 'notes.txt').write_text('hello', encoding='utf-8')
-  paths['txt'] = str(tmp_path / 'notes.txt')
-  (tmp_path / 'corrupt.nii.gz').write_bytes(b'\x1f\x8b garbage')
-  paths['corrupt'] = str(tmp_path / 'corrupt.nii.gz')
-  (tmp_path / 'exists.nii.gz').write_bytes(b'old')
-  paths['exists'] = str(tmp_path / 'exists.nii.gz')
-  # A checkpoint from another config: the config.json says 8 filters, the weights have 4.
-  other = tmp_path / 'other_run'
-  shutil.copytree(workdir, other)
-  config = json.loads((other / 'config.json').read_text(encoding='utf-8'))
-  config['model']['ngf'] = 8
-  (other / 'config.json').write_text(json.dumps(config), encoding='utf-8')
-  paths['other'] = str(other)
-  empty = tmp_path / 'empty_run'
-  empty.mkdir()
-  shutil.copy(os.path.join(workdir, 'config.json'), empty / 'config.json')
-  paths['empty'] = str(empty)
-  (tmp_path / 'empty_dir').mkdir()
-  paths['empty_dir'] = str(tmp_path / 'empty_dir')
-  return paths
-
-
-@pytest.mark.parametrize('args,match', [
-    (['--workdir={workdir}', '--input={txt}', '--output={out}'], 'not a volume'),
-    (['--workdir={workdir}', '--input={corrupt}', '--output={out}'], 'cannot read NIfTI'),
-    (['--workdir={workdir}', '--input={tmp}/nope.nii.gz', '--output={out}'], 'no such input'),
-    (['--workdir={workdir}', '--input={empty_dir}', '--output={tmp}/o'], 'no NIfTI files'),
-    (['--workdir={workdir}', '--input={mr}', '--output={exists}'], 'already exists'),
-    (['--workdir={workdir}', '--input={mr}', '--output={tmp}/sct.png'], r'\.nii or \.nii\.gz'),
-    (['--workdir={missing}', '--input={mr}', '--output={out}'], 'no such workdir'),
-    (['--workdir={empty}', '--input={mr}', '--output={out}'], 'no checkpoint'),
-    (['--workdir={other}', '--input={mr}', '--output={out}'], 'another config'),
-    (['--workdir={workdir}', '--input={mr}', '--output={out}', '--step=9'], 'step 9'),
-    (['--workdir={workdir}', '--npz={npz}', '--input={mr}', '--output={out}'], 'exactly one'),
-    (['--workdir={workdir}', '--input={mr}', '--output={out}', '--direction=ct2mr'],
-     'Hounsfield'),
-    (['--workdir={workdir}', '--output={out}'], '--input is required'),
-    (['--workdir={workdir}', '--input={mr}', '--output={out}', '--bogus=1'], 'bogus'),
-])
-def test_cli_errors_are_one_line(bad_setup, args, match):
-  with pytest.raises(SystemExit, match=match) as info:
-    translate.main(['translate', '--noprogress'] + [a.format(**bad_setup) for a in args])
-  message = str(info.value.code)
-  assert message.startswith('error: ') and '\n' not in message, message
-  assert not os.path.exists(bad_setup['out'])
-  assert open(bad_setup['exists'], 'rb').read() == b'old'

@@ -14,6 +14,7 @@ next position of each stream: a restored iterator yields exactly the batches an
 uninterrupted one would have.
 """
 
+import contextlib
 import json
 import zlib
 from typing import Any, Iterator, Sequence
@@ -43,6 +44,17 @@ def has_split(data_dir: str, split: str) -> bool:
   return split in prepare.load_meta(data_dir)['splits']
 
 
+@contextlib.contextmanager
+def _read_errors(data_dir: str, split: str) -> Iterator[None]:
+  """Turns a corrupt or truncated record file (array_record's RuntimeError) into one line."""
+  try:
+    yield
+  except (RuntimeError, OSError) as e:
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+    raise DatasetError(f'{data_dir}: the {split!r} split cannot be read ({detail}); prepare '
+                       f'the data again') from e
+
+
 def load_split(data_dir: str, split: str) -> Sequence[dict[str, Any]]:
   """Random-access source of a split's examples (see tfds_builder.features for the keys).
 
@@ -52,7 +64,8 @@ def load_split(data_dir: str, split: str) -> Sequence[dict[str, Any]]:
   meta = prepare.load_meta(data_dir)
   if split not in meta['splits']:
     raise DatasetError(f'{data_dir}: no {split!r} split (it has {sorted(meta["splits"])})')
-  return tfds_builder.data_source(data_dir, split)
+  with _read_errors(data_dir, split):
+    return tfds_builder.data_source(data_dir, split)
 
 
 def iterate_volumes(data_dir: str, split: str) -> Iterator[dict[str, Any]]:
@@ -66,7 +79,8 @@ def iterate_volumes(data_dir: str, split: str) -> Iterator[dict[str, Any]]:
   source = load_split(data_dir, split)
   patients = prepare.load_meta(data_dir)['splits'][split]['patients']
   for pid in sorted(patients):
-    examples = [source[i] for i in patients[pid]['records']]
+    with _read_errors(data_dir, split):
+      examples = [source[i] for i in patients[pid]['records']]
     out: dict[str, Any] = {'patient_id': pid}
     for key in tfds_builder.ARRAY_KEYS:
       out[key] = np.stack([np.asarray(e[key]) for e in examples])

@@ -30,6 +30,8 @@ Output (DATA_DIR, built in a temporary sibling directory and renamed when comple
   mr2ct_slices/1.0.0/    the TFDS dataset: splits train_mr, train_ct, [labeled], [test]
   geometry/<id>.json     SliceGeometry per patient (maps slices back to the input volume)
   dataset_meta.json      preprocessing values, patients and record index per split
+DATA_DIR must lie apart from the input folders; an existing one is replaced only with
+--overwrite, and only if it is a dataset prepared earlier (it holds dataset_meta.json).
 """
 
 import dataclasses
@@ -48,6 +50,7 @@ import numpy as np
 
 from mr2ct_jax import atomic
 from mr2ct_jax import cli_flags
+from mr2ct_jax import config_checks
 from mr2ct_jax.data import prepare_volumes
 from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import tfds_builder
@@ -139,17 +142,25 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
     image_size: slices are image_size x image_size.
     mr_percentile: percentile of the MR body voxels mapped to 100.
     n4: N4 bias correction of every MR (training and test).
-    overwrite: replace an existing `out_dir`.
+    overwrite: replace an existing `out_dir` written by `prepare` (or an empty folder).
 
   Returns:
     `out_dir`.
 
   Raises:
-    DatasetError: missing/empty folder, no usable MR or CT volume, `out_dir` exists.
+    DatasetError: missing/empty folder, no usable MR or CT volume, `out_dir` exists (or with
+      `overwrite`: is not a prepared dataset), is/contains/lies inside an input folder, or
+      cannot be created.
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
-  if os.path.exists(out_dir) and not overwrite:
-    raise DatasetError(f'{out_dir}: already exists (pass --overwrite to replace it)')
+  # Before reading any volume: --overwrite replaces out_dir wholesale, so it must not be (or
+  # hold, or lie in) an input folder, nor anything but an earlier dataset.
+  atomic.check_apart(out_dir, {'--mr_dir': mr_dir, '--ct_dir': ct_dir,
+                               '--labeled_dir': labeled_dir, '--paired_dir': paired_dir},
+                     error=DatasetError)
+  atomic.check_replaceable(out_dir, overwrite, META_FILE, 'a prepared dataset',
+                           error=DatasetError)
+  atomic.check_writable(out_dir, error=DatasetError)
   settings = prepare_volumes.Settings(float(spacing_mm), int(image_size), float(mr_percentile),
                                       bool(n4))
   skipped: list[str] = []
@@ -308,7 +319,8 @@ def _define_flags() -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_bool('n4', None, 'N4 bias correction of MR (default: config.data.n4).',
                     flag_values=fv)
-  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.', flag_values=fv)
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out (only a dataset prepared '
+                    'earlier, or an empty folder).', flag_values=fv)
   return fv
 
 
@@ -324,6 +336,8 @@ def _log_warnings_to_stderr() -> None:
 
 def _run(fv: flags.FlagValues) -> None:
   _log_warnings_to_stderr()
+  # The same checks as training, so a dataset is never built with values a run rejects.
+  config_checks.validate(fv.config)
   data = fv.config.data
   prepare(fv.mr_dir, fv.ct_dir, fv.out, labeled_dir=fv.labeled_dir, paired_dir=fv.paired_dir,
           spacing_mm=data.spacing_mm, image_size=data.image_size,
@@ -335,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
   fv = _define_flags()
   return cli_flags.run(fv, argv, 'mr2ct_jax.data.prepare', lambda: _run(fv),
-                       errors=(volume_lib.VolumeError, DatasetError),
+                       errors=(volume_lib.VolumeError, DatasetError, config_checks.ConfigError),
                        required=('mr_dir', 'ct_dir', 'out'), doc=__doc__)
 
 

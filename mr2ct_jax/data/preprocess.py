@@ -103,6 +103,8 @@ def _geometry(vol: volume_lib.Volume, spacing_mm: float, size: int,
               pad_value: float) -> tuple[np.ndarray, SliceGeometry]:
   if not spacing_mm > 0 or size < 1:
     raise ValueError(f'spacing_mm must be > 0 and size >= 1, got {spacing_mm}, {size}')
+  # read_volume checks this already; in-memory volumes must not reach a huge resampled grid.
+  volume_lib.check_field_of_view(vol.path, vol.array.shape, vol.affine)
   array_ras, affine_ras, ornt = orientation.to_canonical(vol)
   voxel = np.linalg.norm(affine_ras[:3, :3], axis=0)
   zoom = tuple(float(spacing_mm / voxel[a]) for a in range(2))
@@ -209,4 +211,4 @@ def n4_correct(vol: volume_lib.Volume, shrink_factor: int = 4,
   corrector.Execute(sitk.Shrink(image, factors), sitk.Shrink(mask_image, factors))
   log_bias = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image))
   corrected = array / np.exp(np.transpose(log_bias, (2, 1, 0)).astype(np.float32))
-  return volume_lib.Volume(corrected.astype(np.float32), np.asarray(vol.affine), vol.path)
+  return dataclasses.replace(vol, array=corrected.astype(np.float32))  # keeps file_shape

@@ -1,9 +1,11 @@
 """Reading and writing 3-D volumes: NIfTI (nibabel) and DICOM series folders (SimpleITK).
 
 Every volume comes back as a `Volume`: a float32 array in stored voxel order and the
-nibabel-style RAS+ voxel-to-world affine (mm). Anything that would make a volume unusable
-(wrong dimensionality, NaN/Inf, zero spacing, several DICOM series in one folder, a corrupt
-file) raises `VolumeError` with a one-line message that starts with the offending path.
+nibabel-style RAS+ voxel-to-world affine in mm (NIfTI files in metres or microns are scaled
+on reading). Anything that would make a volume unusable (wrong dimensionality, complex or
+multi-channel voxels, NaN/Inf, zero or implausible spacing, several DICOM series in one
+folder, a corrupt file) raises `VolumeError` with a one-line message that starts with the
+offending path; header geometry is checked before the voxels are loaded.
 """
 
 import dataclasses
@@ -15,10 +17,17 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from mr2ct_jax.data import nifti_header
+
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
 _DICOM_SUFFIXES = ('.dcm', '.dicom', '.ima')
 # ITK reports physical points in LPS; nibabel affines are RAS: negate x and y.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+# Largest extent (mm) accepted along any voxel axis. The tallest recorded human was 2.72 m
+# and the widest CT bores are under 1 m, so 3 m holds any body image; a header typo (1000 mm
+# voxels) or a unit mix-up (microns read as mm) exceeds it by orders of magnitude, and
+# resampling such a field of view to ~1 mm pixels would need tens of GB and minutes.
+MAX_FOV_MM = 3000.0
 
 
 class VolumeError(ValueError):
@@ -37,10 +46,13 @@ class Volume:
     array: float32 [I, J, K] voxels in stored order.
     affine: float64 [4, 4] voxel index -> RAS+ world (mm), nibabel convention.
     path: where it was read from ('' for in-memory volumes).
+    squeezed: trailing singleton axes of the file dropped from `array` ([X, Y, Z, 1] -> 1);
+      outputs are reshaped to `file_shape` to keep the input's shape.
   """
   array: np.ndarray
   affine: np.ndarray
   path: str = ''
+  squeezed: int = 0
 
   @property
   def spacing(self) -> np.ndarray:
@@ -50,6 +62,11 @@ class Volume:
   @property
   def shape(self) -> tuple[int, ...]:
     return tuple(self.array.shape)
+
+  @property
+  def file_shape(self) -> tuple[int, ...]:
+    """The shape as stored in the file, trailing singleton axes included."""
+    return self.shape + (1,) * self.squeezed
 
 
 def is_nifti_path(path: str) -> bool:
@@ -86,13 +103,28 @@ def is_dicom_dir(path: str) -> bool:
   return False
 
 
-def _check_geometry(path: str, array: np.ndarray, affine: np.ndarray,
-                    zooms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Squeezes trailing singleton axes and validates shape, values and spacing."""
-  shape = tuple(array.shape)
-  while array.ndim > 3 and array.shape[-1] == 1:
-    array = array[..., 0]
-  if array.ndim != 3 or min(array.shape) < 1:
+def _fmt(values: np.ndarray) -> list[float]:
+  return np.round(np.asarray(values, np.float64), 4).tolist()
+
+
+def check_field_of_view(path: str, shape: tuple[int, ...], affine: np.ndarray) -> None:
+  """Raises VolumeError when the volume spans more than MAX_FOV_MM along a voxel axis."""
+  spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+  fov = np.asarray(shape[:3], np.float64) * spacing
+  if np.any(fov > MAX_FOV_MM):
+    raise VolumeError(f'{path}: implausible geometry: voxel spacing {_fmt(spacing)} mm x shape '
+                      f'{tuple(int(n) for n in shape[:3])} = field of view {_fmt(fov)} mm, over '
+                      f'{MAX_FOV_MM:g} mm; check the header\'s voxel size and units')
+
+
+def _check_geometry(path: str, shape: tuple[int, ...], affine: np.ndarray,
+                    zooms: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+  """Validates shape and spacing (before loading voxels); returns (squeezed axes, affine)."""
+  shape = tuple(int(n) for n in shape)
+  squeezed = 0
+  while len(shape) - squeezed > 3 and shape[len(shape) - squeezed - 1] == 1:
+    squeezed += 1
+  if len(shape) - squeezed != 3 or min(shape) < 1:
     raise VolumeError(f'{path}: expected a 3-D volume, got shape {shape}')
   affine = np.asarray(affine, dtype=np.float64)
   spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -103,41 +135,42 @@ def _check_geometry(path: str, array: np.ndarray, affine: np.ndarray,
                       f'{np.round(spacing[:3], 6).tolist()} mm')
   if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
     raise VolumeError(f'{path}: the voxel-to-world affine is singular')
+  check_field_of_view(path, shape, affine)
+  return squeezed, affine
+
+
+def _volume(path: str, array: np.ndarray, affine: np.ndarray, squeezed: int) -> Volume:
+  """The checked Volume: trailing singleton axes dropped, no NaN/Inf voxels."""
+  array = np.reshape(array, array.shape[:array.ndim - squeezed])
   bad = int(np.count_nonzero(~np.isfinite(array)))
   if bad:
     raise VolumeError(f'{path}: {bad} of {array.size} voxels are NaN or Inf')
-  return np.ascontiguousarray(array, dtype=np.float32), affine
-
-
-def _raw_zooms(path: str, img: nib.Nifti1Image) -> np.ndarray | None:
-  """Spatial pixdim as stored, when the affine is built from it (else None).
-
-  nibabel silently repairs zero/negative pixdim on load (to 1 / abs); we would rather say the
-  header is broken than guess a spacing.
-  """
-  header = img.header
-  if header['sform_code'] > 0:
-    return None  # the affine comes from the sform; its column norms are checked instead
-  with nib.openers.ImageOpener(path) as f:
-    raw = type(header).from_fileobj(f, check=False)
-  return np.asarray(raw['pixdim'][1:4], np.float64)
+  return Volume(np.ascontiguousarray(array, dtype=np.float32), affine, path, squeezed)
 
 
 def _read_nifti(path: str) -> Volume:
   try:
-    img = nib.load(path)
+    with nifti_header.without_pixdim_repair_warning():
+      img = nib.load(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
       raise VolumeError(f'{path}: not a NIfTI image ({type(img).__name__})')
-    zooms = _raw_zooms(path, img)
+    problem = nifti_header.voxel_type_problem(img.get_data_dtype())
+    if problem:
+      raise VolumeError(f'{path}: {problem}')
+    # Geometry in mm from here on: scale the world coordinates (rotation, zooms, origin).
+    to_mm = nifti_header.mm_per_unit(img.header)
+    affine = np.diag([to_mm] * 3 + [1.0]) @ img.affine
+    zooms = nifti_header.raw_zooms(path, img)
+    squeezed, affine = _check_geometry(path, img.shape, affine,
+                                       None if zooms is None else zooms * to_mm)
     array = np.asarray(img.dataobj, dtype=np.float32)
-    affine = img.affine
   except VolumeError:
     raise
   except Exception as e:  # nibabel raises many types for corrupt/truncated/non-image files.
     msg = ' '.join(str(e).replace(path, 'the file').split()) or type(e).__name__
     raise VolumeError(f'{path}: cannot read NIfTI (corrupt, truncated or not an image): '
                       f'{msg}') from e
-  return Volume(*_check_geometry(path, array, affine, zooms), path=path)
+  return _volume(path, array, affine, squeezed)
 
 
 def sitk_to_ras(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -217,13 +250,16 @@ def _read_dicom_dir(path: str) -> Volume:
   array, affine = sitk_to_ras(image)
   if array.ndim != 3:
     raise VolumeError(f'{path}: expected a 3-D volume, got shape {tuple(array.shape)}')
-  return Volume(*_check_geometry(path, array, affine), path=path)
+  squeezed, affine = _check_geometry(path, array.shape, affine)
+  return _volume(path, array, affine, squeezed)
 
 
 def read_volume(path: str) -> Volume:
   """Reads a .nii/.nii.gz file or a DICOM series folder.
 
-  Trailing singleton axes beyond the third are squeezed (e.g. [X, Y, Z, 1]).
+  Trailing singleton axes beyond the third are squeezed (e.g. [X, Y, Z, 1]) and counted in
+  `Volume.squeezed`. NIfTI spatial units are honoured (metres x1000, microns x0.001,
+  unknown = mm), so the affine is always in mm.
 
   Args:
     path: a NIfTI file or a folder holding exactly one DICOM series.
@@ -232,8 +268,9 @@ def read_volume(path: str) -> Volume:
     The volume: float32 voxels in stored order and the RAS+ affine.
 
   Raises:
-    VolumeError: missing path, not an image, corrupt file, not 3-D, NaN/Inf voxels,
-      zero/negative spacing, several DICOM series or mixed orientations in one folder.
+    VolumeError: missing path, not an image, corrupt file, not 3-D, complex or multi-channel
+      voxels, NaN/Inf voxels, zero/negative spacing, a field of view over MAX_FOV_MM, several
+      DICOM series or mixed orientations in one folder.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -311,12 +348,15 @@ def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16
                 overwrite: bool = False) -> str:
   """Writes `array` as NIfTI atomically (temporary name in the same folder, then rename).
 
-  Float data written to an integer dtype is rounded and clipped to the dtype's range.
+  Float data written to an integer dtype is rounded and clipped to the dtype's range. The file
+  is labelled in mm with `affine` as sform and, unless the affine is sheared (a qform cannot
+  hold a shear), also as qform; otherwise qform_code is 0. A volume read from a file in metres
+  or microns therefore comes back in mm with the scaled affine: same physical geometry.
 
   Args:
     path: destination (.nii or .nii.gz); its folder is created if needed.
     array: voxels in the order the affine describes.
-    affine: [4, 4] voxel -> RAS+ world (mm).
+    affine: [4, 4] voxel -> RAS+ world (mm), e.g. `Volume.affine`.
     dtype: on-disk data type (int16 for CT in HU, uint8 for masks/labels, float32 ...).
     overwrite: replace an existing file; otherwise an existing path is an error.
 
@@ -335,7 +375,10 @@ def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16
   img = nib.Nifti1Image(data, affine)
   img.header.set_data_dtype(data.dtype)
   img.header.set_xyzt_units('mm', 'sec')
-  img.set_qform(affine, code=1)  # scanner coordinates
+  if nifti_header.qform_representable(affine):
+    img.set_qform(affine, code=1)  # scanner coordinates
+  else:  # nibabel would store an orthogonal approximation that disagrees with the sform
+    img.set_qform(None, code=0)
   img.set_sform(affine, code=1)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)

@@ -22,6 +22,7 @@ from mr2ct_jax import reports
 from mr2ct_jax import tb_logging
 
 RUN_FILE = 'run.json'
+EVAL_OWN_FILE = 'per_volume.json'  # written by seg_eval.write_outputs into every eval/
 EVAL_DIR = 'eval'
 _ARCH_KEYS = ('base_filters', 'depth', 'num_classes')
 
@@ -102,7 +103,8 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
 
   output = os.path.abspath(output or os.path.join(workdir, 'seg'))
   eval_dir = os.path.join(output, EVAL_DIR)
-  reports.check_output_dir(eval_dir, overwrite)  # fail before any work
+  # Fail before any work; --overwrite replaces only an earlier evaluation (per_volume.json).
+  reports.check_output_dir(eval_dir, overwrite, EVAL_OWN_FILE)
   run_path = os.path.join(output, RUN_FILE)
   previous = _read_run_file(run_path)
   pinned = previous.get('generator_step') if previous else None
@@ -153,7 +155,7 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
   names = seg_eval.structure_names(int(config.seg.num_classes))
   meta = {'source': os.path.abspath(workdir), 'generator_step': info.step,
           'unet_step': unet_step, 'data_dir': data_dir, 'output_dir': eval_dir}
-  with reports.atomic_output_dir(eval_dir, overwrite) as tmp:
+  with reports.atomic_output_dir(eval_dir, overwrite, EVAL_OWN_FILE) as tmp:
     figure_dir = os.path.join(tmp, 'figures')
     os.makedirs(figure_dir)
     rows = seg_eval.evaluate_volumes(pipeline.iterate_volumes(data_dir, 'test'), sct_fn,
