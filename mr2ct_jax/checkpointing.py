@@ -12,6 +12,7 @@ import logging as std_logging
 import os
 import sys
 import tempfile
+import threading
 from typing import Any, Iterator
 
 import jax
@@ -47,6 +48,19 @@ def _restore_tuples(config_dict: dict[str, Any],
   return config_dict
 
 
+# Fields that choose how a run computes, not what: a resumed run may change them (a run
+# started before the field existed holds none).
+_CODE_PATH_FIELDS = {'model': ('conv_impl',)}
+
+
+def _compared(config: dict[str, Any], section: str) -> Any:
+  """`config[section]` without the fields a resumed run may change."""
+  value = config.get(section)
+  if not isinstance(value, dict):
+    return value
+  return {k: v for k, v in value.items() if k not in _CODE_PATH_FIELDS.get(section, ())}
+
+
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes WORKDIR/config.json; on resume, refuses a config that changes the model or data.
 
@@ -60,7 +74,7 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     with open(path, encoding='utf-8') as f:
       old = json.load(f)
     for section in ('model', 'data', 'loss', 'optim'):
-      if old.get(section) != new.get(section):
+      if _compared(old, section) != _compared(new, section):
         raise CheckpointError(
             f'{path}: this workdir holds a run with a different config.{section} '
             f'({old.get(section)} vs {new.get(section)}); use another --workdir')
@@ -138,6 +152,9 @@ def _shape_mismatch_message(path: str, target: Any, saved_meta: Any) -> str | No
   return None
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _stderr_replayed_unless_failed() -> Iterator[None]:
   """Holds back what is written to file descriptor 2 in the block; replays it on success.
@@ -147,10 +164,16 @@ def _stderr_replayed_unless_failed() -> Iterator[None]:
   thousand lines for one truncated file). A failure is reported as one CheckpointError
   line instead; after a successful restore, any warnings are passed on.
   """
-  sys.stderr.flush()
-  saved = os.dup(2)
+  try:
+    saved = os.dup(2)
+  except OSError:  # no fd 2 (the process was started with stderr closed): nothing to hold
+    yield
+    return
   failed = False
-  with tempfile.TemporaryFile() as held:
+  # One holder at a time: overlapping restores in two threads would otherwise restore fd 2
+  # to each other's temporary file.
+  with _STDERR_LOCK, tempfile.TemporaryFile() as held:
+    _flush_stderr()
     os.dup2(held.fileno(), 2)
     try:
       yield
@@ -158,12 +181,17 @@ def _stderr_replayed_unless_failed() -> Iterator[None]:
       failed = True
       raise
     finally:
-      sys.stderr.flush()
+      _flush_stderr()
       os.dup2(saved, 2)
       os.close(saved)
       if not failed:
         held.seek(0)
         os.write(2, held.read())
+
+
+def _flush_stderr() -> None:
+  if sys.stderr is not None:  # None when Python started without a stderr
+    sys.stderr.flush()
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:

@@ -54,13 +54,14 @@ def config_error(error: BaseException, argv: Sequence[str]) -> str:
   as a KeyError/AttributeError naming only the field, and a config file that fails to load
   lazily, as an OSError on first use; both carry tracebacks in their text.
   """
-  if isinstance(error, (KeyError, AttributeError)):
-    field = str(error).strip('"\'')
-    for arg in argv[1:]:
-      if arg.startswith('--config.') and field in arg.split('=')[0].split('.'):
-        return f'{arg.split("=")[0]}: the config has no field {field!r}'
-    return f'--config: the config has no field {field!r}'
-  return f'--config: {last_line(error)}'
+  field = str(error).strip('"\'')
+  if isinstance(error, (KeyError, AttributeError)) and field.isidentifier():
+    names = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
+    suspects = [name for name in names if field in name.split('.')[1:]] or ['--config']
+    return f'{" or ".join(suspects)}: the config has no field {field!r}'
+  if isinstance(error, OSError):  # the loader's own report, already naming the exception
+    return f'--config: {last_line(error)}'
+  return f'--config: {type(error).__name__}: {last_line(error)}'
 
 
 def load_config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
@@ -69,7 +70,7 @@ def load_config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     return
   try:
     getattr(fv['config'].value, 'to_dict')
-  except (OSError, KeyError, AttributeError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except  (any error of the user's config file)
     raise SystemExit(f'error: {config_error(e, argv)}') from e
 
 
@@ -108,7 +109,9 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
     rest = fv(argv)
   except flags.Error as e:
     raise SystemExit(f'error: {_flag_error(e)}') from e
-  except (KeyError, AttributeError) as e:  # an override of a field the config lacks
+  except Exception as e:  # pylint: disable=broad-except
+    # Only a --config flag runs user code while parsing: its file failed to load, or an
+    # override names a field the config lacks.
     raise SystemExit(f'error: {config_error(e, argv)}') from e
   load_config_flag(fv, argv)
   if len(rest) > 1 and not positional:

@@ -4,7 +4,9 @@ from typing import Any
 
 import ml_collections
 
-from mr2ct_jax.models import layers
+# model.conv_impl values (see mr2ct_jax/models/layers.py); here so that checking a config
+# (e.g. in prepare) does not import the models and flax.
+CONV_IMPLS = ('matmul', 'xla')
 
 
 class ConfigError(ValueError):
@@ -53,8 +55,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _require(model.num_res_blocks >= 0, 'model.num_res_blocks', model.num_res_blocks, 'must be >= 0')
   _require(model.dtype in ('float32', 'bfloat16', 'float16'), 'model.dtype', model.dtype,
            "must be 'float32', 'bfloat16' or 'float16'")
-  _require(model.conv_impl in layers.CONV_IMPLS, 'model.conv_impl', model.conv_impl,
-           f'must be one of {layers.CONV_IMPLS}')
+  conv_impl = model.get('conv_impl', 'matmul')  # configs saved before the field existed
+  _require(conv_impl in CONV_IMPLS, 'model.conv_impl', conv_impl,
+           f'must be one of {CONV_IMPLS}')
 
   for key in ('cycle_weight', 'gc_weight', 'identity_weight'):
     _require(loss[key] >= 0, f'loss.{key}', loss[key], 'must be >= 0 (a loss weight)')

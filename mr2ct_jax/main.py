@@ -30,7 +30,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, plus one-line errors for an unknown --config.X key or a bad config file."""
   try:
     rest = app.parse_flags_with_usage(argv)
-  except (KeyError, AttributeError) as e:  # ml_collections: an override of a missing field
+  except Exception as e:  # pylint: disable=broad-except
+    # Only --config runs user code while parsing: its file failed, or an override names a
+    # field the config lacks (ml_collections raises KeyError/AttributeError).
     raise SystemExit(f'error: {cli_flags.config_error(e, argv)}') from e
   cli_flags.load_config_flag(flags.FLAGS, argv)
   return rest

@@ -71,9 +71,10 @@ def translate_slices(apply_fn: ApplyFn, slices: np.ndarray, batch_size: int,
                      progress: bool = False, desc: str = 'slices') -> np.ndarray:
   """Runs the generator on [N, H, W] model-range slices in batches of min(`batch_size`, N).
 
-  Every call gets the same batch size, the last batch padded with zero slices (their
-  outputs dropped), so a jitted generator compiles once per slice shape; a volume with
-  fewer slices than `batch_size` runs as one batch of exactly its slices, not padded up.
+  Within a volume every call gets the same batch size, the last batch padded with zero
+  slices (their outputs dropped), so a jitted generator compiles once per batch shape; a
+  volume with fewer slices than `batch_size` runs as one batch of exactly its slices rather
+  than padded up to it (which cost memory and time in proportion to `batch_size`).
 
   Returns:
     float32 [N, H, W] in the model range.
@@ -185,8 +186,9 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
   if not os.path.exists(input_path):
     raise TranslateError(f'{input_path}: no such input file or folder')
   if is_single_volume(input_path, output_path):
-    if os.path.isdir(input_path) and any(volume_lib.is_nifti_path(name)
-                                         for name in os.listdir(input_path)):
+    if (os.path.isdir(input_path) and not volume_lib.is_dicom_dir(input_path)
+        and any(volume_lib.is_nifti_path(name) and not name.startswith('.')
+                for name in os.listdir(input_path))):
       raise TranslateError(f'{input_path}: is a folder of NIfTI volumes; give an output folder '
                            f'(not {output_path}) to translate them all')
     if not volume_lib.is_nifti_path(output_path):
@@ -205,7 +207,8 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
       raise TranslateError(f'{dup}: two inputs map to this output name (e.g. a.nii and '
                            f'a.nii.gz); rename one')
   for job in jobs:
-    if os.path.abspath(job.output_path) == os.path.abspath(job.input_path):
+    # realpath: an output folder that is a link to the input folder is the input folder.
+    if os.path.realpath(job.output_path) == os.path.realpath(job.input_path):
       raise TranslateError(f'{job.output_path}: output would replace its own input')
   if skip_existing and not overwrite:
     jobs = [job for job in jobs if not os.path.exists(job.output_path)]
@@ -249,6 +252,8 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
   generator_source.network_for(direction)
   # Fail fast, before loading the model.
   jobs = plan(input_path, output_path, overwrite, skip_existing)
+  if not jobs:  # --skip_existing and every output exists
+    return []
   apply_fn, config, _ = generator_source.load_generator(source, direction, step, backend)
   dtype = np.int16 if direction == 'mr2ct' else np.float32
   folder = not is_single_volume(input_path, output_path)

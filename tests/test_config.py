@@ -108,3 +108,13 @@ def test_main_rejects_an_unknown_config_field_in_one_line(tmp_path):
   assert result.stderr.strip() == ("error: --config.train.nonexist: the config has no field "
                                    "'nonexist'")
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_config_file_that_raises_is_one_line(tmp_path, monkeypatch):
+  from mr2ct_jax.data import prepare
+  bad = tmp_path / 'bad_config.py'
+  bad.write_text('def get_config(arg=None):\n  return 1 / 0\n', encoding='utf-8')
+  monkeypatch.setattr(sys, 'argv', ['prepare', f'--config={bad}', f'--mr_dir={tmp_path}',
+                                    f'--ct_dir={tmp_path}', f'--out={tmp_path / "data"}'])
+  with pytest.raises(SystemExit, match='error: --config: ZeroDivisionError: division by zero'):
+    prepare.main()

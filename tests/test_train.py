@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from mr2ct_jax import checkpointing
+from mr2ct_jax import config_checks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -164,3 +166,22 @@ def test_multi_host_phantom_is_built_by_process_0_before_the_others_read_it(
   build = ('prepare', os.path.join(str(tmp_path), 'phantom'))
   # Process 0 builds, then all meet; afterwards every process opens the (finished) build.
   assert events == ([build, 'barrier', build] if process_index == 0 else ['barrier', build])
+
+
+def test_resume_accepts_another_conv_path_and_configs_saved_before_it(tmp_path, test_config):
+  """conv_impl changes how a run computes, not what: resuming may switch it or lack it."""
+  workdir = str(tmp_path / 'run')
+  checkpointing.save_config(workdir, test_config)
+  path = tmp_path / 'run' / checkpointing.CONFIG_FILE
+  saved = json.loads(path.read_text(encoding='utf-8'))
+  del saved['model']['conv_impl']  # as written by a version without the field
+  path.write_text(json.dumps(saved), encoding='utf-8')
+  config_checks.validate(checkpointing.load_config(workdir))
+  checkpointing.save_config(workdir, test_config)
+  switched = ml_collections.ConfigDict(test_config.to_dict())
+  switched.model.conv_impl = 'xla'
+  checkpointing.save_config(workdir, switched)
+  assert checkpointing.load_config(workdir).model.conv_impl == 'xla'
+  switched.model.ngf = 8
+  with pytest.raises(checkpointing.CheckpointError, match='different config.model'):
+    checkpointing.save_config(workdir, switched)

@@ -133,3 +133,13 @@ def test_misused_sources_and_folders_get_messages_that_say_what_is_wrong(run, tm
   with pytest.raises(translate.TranslateError, match='is a folder of NIfTI volumes; give an '
                                                      'output folder'):
     translate.plan(str(folder), str(tmp_path / 'out.nii.gz'))
+
+
+def test_an_output_folder_linked_to_the_input_folder_is_refused(tmp_path):
+  src = tmp_path / 'mr'
+  src.mkdir()
+  arr, aff, _ = make_volume(*CASES[0])
+  write(src / 'p01.nii.gz', arr, aff)
+  os.symlink(src, tmp_path / 'link')
+  with pytest.raises(translate.TranslateError, match='output would replace its own input'):
+    translate.plan(str(src), str(tmp_path / 'link'), overwrite=True)

@@ -37,11 +37,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mr2ct_jax import config_checks
 from mr2ct_jax.models import conv_ops
 
 Array = jax.Array
 _DN = ('NHWC', 'HWIO', 'NHWC')
-CONV_IMPLS = ('matmul', 'xla')
+CONV_IMPLS = config_checks.CONV_IMPLS
 # Largest kh*kw*Cin for which `ReflectConv` uses `conv_ops.conv2d` (im2col backward).
 _SMALL_IM2COL = 256
 
