@@ -63,9 +63,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.num_res_blocks = 9
   model.num_disc_layers = 3       # 3 stride-2 layers: the 70x70 PatchGAN
   model.dtype = 'float32'         # compute dtype ('bfloat16' for mixed precision, params fp32)
-  # Conv code path, not the function: 'matmul' (backward passes as im2col matmuls; the
-  # faster on CPUs and on an H100) or 'xla' (XLA's own convs and gradients, e.g. cuDNN).
-  model.conv_impl = 'matmul'
+  # Conv code path, not the function (mr2ct_jax/models/layers.py): 'auto' (the fastest
+  # measured on the backend: 'winograd' on CPUs, 'matmul' elsewhere), 'winograd' (res-block
+  # convs as Winograd F(2x2, 3x3)), 'matmul' (backward passes as im2col matmuls; the
+  # fastest on an H100) or 'xla' (XLA's own convs and gradients, e.g. cuDNN).
+  model.conv_impl = 'auto'
 
   # ---- Loss ---------------------------------------------------------------------------
   config.loss = loss = ml_collections.ConfigDict()

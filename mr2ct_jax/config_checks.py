@@ -5,8 +5,10 @@ from typing import Any
 import ml_collections
 
 # model.conv_impl values (see mr2ct_jax/models/layers.py); here so that checking a config
-# (e.g. in prepare) does not import the models and flax.
-CONV_IMPLS = ('matmul', 'xla')
+# (e.g. in prepare) does not import the models and flax. A config saved before the field
+# existed reads as DEFAULT_CONV_IMPL.
+CONV_IMPLS = ('auto', 'winograd', 'matmul', 'xla')
+DEFAULT_CONV_IMPL = 'auto'
 
 
 class ConfigError(ValueError):
@@ -55,7 +57,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _require(model.num_res_blocks >= 0, 'model.num_res_blocks', model.num_res_blocks, 'must be >= 0')
   _require(model.dtype in ('float32', 'bfloat16', 'float16'), 'model.dtype', model.dtype,
            "must be 'float32', 'bfloat16' or 'float16'")
-  conv_impl = model.get('conv_impl', 'matmul')  # configs saved before the field existed
+  conv_impl = model.get('conv_impl', DEFAULT_CONV_IMPL)
   _require(conv_impl in CONV_IMPLS, 'model.conv_impl', conv_impl,
            f'must be one of {CONV_IMPLS}')
 

@@ -21,8 +21,9 @@ def _bench(*args):
 
 def test_bench_train_writes_its_report(tmp_path):
   output = tmp_path / 'bench_train.json'
-  result = _bench('--size=32', '--gc', '--config=configs/gc.py:test', '--steps=2',
-                  '--warmup=1', '--nopytorch', f'--output={output}')
+  # ngf=32: res blocks of 128 channels, wide enough for the CPU's Winograd path to save FLOPs.
+  result = _bench('--size=32', '--gc', '--config=configs/gc.py:test', '--config.model.ngf=32',
+                  '--steps=2', '--warmup=1', '--nopytorch', f'--output={output}')
   assert result.returncode == 0, result.stderr
   report = json.loads(output.read_text(encoding='utf-8'))
   assert report['benchmark'] == 'train' and report['size'] == 32 and report['gc'] is True
@@ -31,8 +32,18 @@ def test_bench_train_writes_its_report(tmp_path):
   assert report['step_time_s'] > 0 and report['flops_per_step'] > 0
   assert report['matmul_ceiling_gflops'] > 0
   assert abs(report['ratio'] - report['achieved_gflops'] / report['matmul_ceiling_gflops']) < 1e-9
+  # The rate counts the direct convs' FLOPs; Winograd executes fewer.
+  assert report['conv_impl'] == 'winograd'
+  assert report['flops_source'] == "lowered with conv_impl='matmul'"
+  assert report['executed_flops_source'] == 'compiled'
+  assert 0 < report['executed_flops_per_step'] < report['flops_per_step']
+  assert report['achieved_gflops'] == pytest.approx(
+      report['flops_per_step'] / report['step_time_s'] / 1e9)
+  assert report['executed_gflops'] == pytest.approx(
+      report['executed_flops_per_step'] / report['step_time_s'] / 1e9)
   assert report['reference_pytorch_step_s'] is None  # no PyTorch reference at 32 px
-  assert report['generator_params'] == 7953 and report['discriminator_params'] == 11389
+  # The test config's networks with ngf=32 (1 res block) and ndf=4.
+  assert report['generator_params'] == 482_945 and report['discriminator_params'] == 11389
   assert report['pytorch_measured'] == {'skipped': '--nopytorch'}
   assert report['speedup_vs_pytorch_measured'] is None
   assert 'train step at 32^2 (gc=True, cpu)' in result.stdout

@@ -220,10 +220,11 @@ def test_conv_transpose2d_values_and_gradients(k, stride, pad, output_padding):
     np.testing.assert_allclose(fast, ref, atol=1e-4)
 
 
-@pytest.mark.parametrize('conv_impl', ['matmul', 'xla'])
+@pytest.mark.parametrize('conv_impl', ['auto', 'winograd', 'matmul', 'xla'])
 def test_generator_equals_naive_reference(conv_impl):
   x = jax.random.uniform(jax.random.key(0), (2, 16, 20, 1), minval=-1, maxval=1)
-  generator = ResnetGenerator(ngf=4, num_res_blocks=2, conv_impl=conv_impl)
+  # ngf=16: res blocks of 64 channels, wide enough for the Winograd path.
+  generator = ResnetGenerator(ngf=16, num_res_blocks=2, conv_impl=conv_impl)
   # Larger weights than the N(0, 0.02) init (tanh input std ~1) so every layer matters.
   variables = _random_variables(generator, x, 1, 0.1)
   naive_apply = lambda v, a: _naive_generator(v['params'], a, 2)
@@ -257,7 +258,9 @@ def test_conv_impl_comes_from_the_config_and_bad_values_fail():
   with pytest.raises(ValueError, match="conv_impl='cudnn'"):
     layers.check_conv_impl('cudnn')
   config = gc.get_config('test')
-  assert models.build(config.model)[0].conv_impl == 'matmul'
+  assert models.build(config.model)[0].conv_impl == 'auto'
+  del config.model['conv_impl']  # a config saved before the field reads as the default
+  assert models.build(config.model)[0].conv_impl == 'auto'
   config.model.conv_impl = 'xla'
   generator, discriminator = models.build(config.model)
   assert generator.conv_impl == discriminator.conv_impl == 'xla'

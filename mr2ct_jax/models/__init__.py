@@ -5,6 +5,7 @@ import ml_collections
 
 from mr2ct_jax.models.discriminator import PatchDiscriminator
 from mr2ct_jax.models.generator import ResnetGenerator
+from mr2ct_jax.config_checks import DEFAULT_CONV_IMPL
 from mr2ct_jax.models.layers import CONV_IMPLS
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -20,7 +21,7 @@ def build(model_config: ml_collections.ConfigDict) -> tuple[ResnetGenerator, Pat
     raise ValueError(f'config.model.dtype={model_config.dtype!r}: must be one of '
                      f'{sorted(_DTYPES)}')
   dtype = _DTYPES[model_config.dtype]
-  conv_impl = model_config.get('conv_impl', 'matmul')  # configs saved before the field
+  conv_impl = model_config.get('conv_impl', DEFAULT_CONV_IMPL)  # configs saved before it
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'config.model.conv_impl={conv_impl!r}: must be one of {CONV_IMPLS}')
   generator = ResnetGenerator(ngf=model_config.ngf, num_res_blocks=model_config.num_res_blocks,

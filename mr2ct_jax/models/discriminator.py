@@ -22,7 +22,7 @@ class PatchDiscriminator(nn.Module):
   ndf: int = 64
   num_layers: int = 3
   dtype: Any = jnp.float32
-  conv_impl: str = 'matmul'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:

@@ -17,7 +17,7 @@ class ResnetBlock(nn.Module):
   """x + IN(conv3x3(reflect1(ReLU(IN(conv3x3(reflect1(x)))))))."""
   features: int
   dtype: Any = jnp.float32
-  conv_impl: str = 'matmul'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -44,7 +44,7 @@ class ResnetGenerator(nn.Module):
   num_res_blocks: int = 9
   out_channels: int = 1
   dtype: Any = jnp.float32
-  conv_impl: str = 'matmul'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:

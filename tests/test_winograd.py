@@ -1,0 +1,80 @@
+"""Winograd F(m x m, 3 x 3) convolution: values and both gradients against XLA's conv."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mr2ct_jax.models import layers
+from mr2ct_jax.models import winograd
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _direct(xp, kernel):
+  return jax.lax.conv_general_dilated(xp, kernel, (1, 1), 'VALID', dimension_numbers=_DN,
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+# Output sizes that do and do not divide into tiles, a single row, and a single pixel.
+@pytest.mark.parametrize('tile', winograd.TILES)
+@pytest.mark.parametrize('out_hw', [(8, 8), (7, 10), (1, 5), (1, 1)])
+def test_values_and_gradients_equal_the_direct_conv(tile, out_hw):
+  rng = np.random.default_rng(0)
+  xp = jnp.asarray(rng.standard_normal((2, out_hw[0] + 2, out_hw[1] + 2, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 5, 7)), jnp.float32)
+  y = jax.jit(winograd.conv3x3_valid, static_argnums=2)(xp, kernel, tile)
+  reference = _direct(xp, kernel)
+  assert y.shape == (2, *out_hw, 7)
+  # Relative to the outputs' size (~7 here): F(4x4) transforms have entries up to 8.
+  tolerance = 2e-6 if tile == 2 else 2e-5
+  np.testing.assert_allclose(y, reference, atol=tolerance * 10)
+  weights = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  grad = lambda f: jax.jit(jax.grad(lambda a, k: jnp.sum(f(a, k) * weights), argnums=(0, 1)))
+  fast = grad(lambda a, k: winograd.conv3x3_valid(a, k, tile))(xp, kernel)
+  slow = grad(_direct)(xp, kernel)
+  for got, want in zip(fast, slow):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=tolerance * 20)
+
+
+def test_hand_computed_single_tile():
+  # One 4x4 input (a single F(2x2) tile), one channel, kernel of ones: each output is the sum
+  # of its 3x3 window.
+  xp = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  y = winograd.conv3x3_valid(xp, jnp.ones((3, 3, 1, 1)), 2)
+  np.testing.assert_allclose(y[0, :, :, 0], [[45.0, 54.0], [81.0, 90.0]])
+
+
+def test_bad_tile_and_kernel_fail_clearly():
+  xp = jnp.zeros((1, 6, 6, 2))
+  with pytest.raises(ValueError, match='tile must be one of'):
+    winograd.conv3x3_valid(xp, jnp.zeros((3, 3, 2, 2)), 3)
+  with pytest.raises(ValueError, match=r'kernel must be \[3, 3'):
+    winograd.conv3x3_valid(xp, jnp.zeros((5, 5, 2, 2)), 2)
+
+
+def test_auto_picks_winograd_on_cpu_and_matmul_elsewhere():
+  assert layers.check_conv_impl('auto', 'cpu') == 'winograd'
+  assert layers.check_conv_impl('auto', 'gpu') == 'matmul'
+  assert layers.check_conv_impl('auto', 'tpu') == 'matmul'
+  assert layers.check_conv_impl('xla', 'cpu') == 'xla'
+  assert layers.check_conv_impl('auto') == 'winograd'  # the tests run on the CPU
+
+
+def test_reflect_conv_uses_winograd_only_on_its_path():
+  """The res-block conv runs Winograd under 'winograd' and direct convs under 'matmul'."""
+  x = jnp.zeros((1, 8, 8, 64))
+  jaxprs = {}
+  for impl in ('winograd', 'matmul'):
+    conv = layers.ReflectConv(64, 3, 1, conv_impl=impl)
+    variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+    jaxprs[impl] = str(jax.make_jaxpr(conv.apply)(variables, x))
+  # Winograd's (m + 2)^2 = 16 batched matmuls; the direct path has a conv and no dot.
+  assert 'dot_general' in jaxprs['winograd'] and 'conv_general_dilated' not in jaxprs['winograd']
+  assert 'conv_general_dilated' in jaxprs['matmul'] and 'dot_general' not in jaxprs['matmul']
+  # Narrower convs gain nothing from Winograd and stay direct.
+  narrow = layers.ReflectConv(32, 3, 1, conv_impl='winograd')
+  x = jnp.zeros((1, 8, 8, 32))
+  jaxpr = str(jax.make_jaxpr(narrow.apply)(jax.eval_shape(narrow.init, jax.random.key(0), x), x))
+  assert 'conv_general_dilated' in jaxpr and 'dot_general' not in jaxpr
