@@ -32,15 +32,18 @@ def test_bench_train_writes_its_report(tmp_path):
   assert report['step_time_s'] > 0 and report['flops_per_step'] > 0
   assert report['matmul_ceiling_gflops'] > 0
   assert abs(report['ratio'] - report['achieved_gflops'] / report['matmul_ceiling_gflops']) < 1e-9
-  # The rate counts the direct convs' FLOPs; Winograd executes fewer.
-  assert report['conv_impl'] == 'winograd'
-  assert report['flops_source'] == "lowered with conv_impl='matmul'"
-  assert report['executed_flops_source'] == 'compiled'
-  assert 0 < report['executed_flops_per_step'] < report['flops_per_step']
   assert report['achieved_gflops'] == pytest.approx(
       report['flops_per_step'] / report['step_time_s'] / 1e9)
-  assert report['executed_gflops'] == pytest.approx(
-      report['executed_flops_per_step'] / report['step_time_s'] / 1e9)
+  # Winograd executes fewer FLOPs than the same step with direct convs: both are reported.
+  assert report['conv_impl'] == 'auto' and report['conv_impl_resolved'] == 'winograd'
+  assert report['flops_source'] == 'compiled'
+  assert report['direct_conv_flops_source'] == "lowered with conv_impl='matmul'"
+  assert 0 < report['flops_per_step'] < report['direct_conv_flops_per_step']
+  assert report['effective_gflops'] == pytest.approx(
+      report['direct_conv_flops_per_step'] / report['step_time_s'] / 1e9)
+  assert report['effective_ratio'] == pytest.approx(
+      report['effective_gflops'] / report['matmul_ceiling_gflops'])
+  assert 'effective GFLOP/s (direct-conv FLOPs)' in result.stdout
   assert report['reference_pytorch_step_s'] is None  # no PyTorch reference at 32 px
   # The test config's networks with ngf=32 (1 res block) and ndf=4.
   assert report['generator_params'] == 482_945 and report['discriminator_params'] == 11389

@@ -46,12 +46,34 @@ def test_hand_computed_single_tile():
   np.testing.assert_allclose(y[0, :, :, 0], [[45.0, 54.0], [81.0, 90.0]])
 
 
-def test_bad_tile_and_kernel_fail_clearly():
+@pytest.mark.parametrize('differentiated', [False, True])
+def test_bad_tile_and_kernel_fail_clearly(differentiated):
   xp = jnp.zeros((1, 6, 6, 2))
+  conv = winograd.conv3x3_valid
+  if differentiated:  # the checks also guard the custom VJP's forward pass
+    conv = lambda a, k, t: jax.grad(lambda k2: jnp.sum(winograd.conv3x3_valid(a, k2, t)))(k)
   with pytest.raises(ValueError, match='tile must be one of'):
-    winograd.conv3x3_valid(xp, jnp.zeros((3, 3, 2, 2)), 3)
-  with pytest.raises(ValueError, match=r'kernel must be \[3, 3'):
-    winograd.conv3x3_valid(xp, jnp.zeros((5, 5, 2, 2)), 2)
+    conv(xp, jnp.zeros((3, 3, 2, 2)), 3)
+  with pytest.raises(ValueError, match=r'kernel \[3, 3, Cin, Cout\], got \(1, 6, 6, 2\) and '
+                                       r'\(5, 5, 2, 2\)'):
+    conv(xp, jnp.zeros((5, 5, 2, 2)), 2)
+
+
+def test_bfloat16_keeps_dtypes_and_bfloat16_accuracy():
+  tile = 2
+  rng = np.random.default_rng(1)
+  xp = jnp.asarray(rng.standard_normal((1, 10, 9, 64)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 64, 8)) / 24, jnp.float32)
+  reference = _direct(xp, kernel)
+  low = lambda a: a.astype(jnp.bfloat16)
+  y, vjp = jax.vjp(lambda a, k: winograd.conv3x3_valid(a, k, tile), low(xp), low(kernel))
+  dx, dk = vjp(jnp.ones_like(y))
+  assert y.dtype == dx.dtype == dk.dtype == jnp.bfloat16
+  # bfloat16 keeps 8 bits: ~0.4% per rounding, a few roundings deep.
+  error = np.max(np.abs(np.asarray(y, np.float32) - reference)) / np.max(np.abs(reference))
+  assert error < 0.02
+  with pytest.raises(ValueError, match='tile 4 needs float32 or wider, got bfloat16'):
+    winograd.conv3x3_valid(low(xp), low(kernel), 4)
 
 
 def test_auto_picks_winograd_on_cpu_and_matmul_elsewhere():

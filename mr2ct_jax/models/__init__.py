@@ -3,10 +3,10 @@
 import jax.numpy as jnp
 import ml_collections
 
+from mr2ct_jax.config_checks import CONV_IMPLS
+from mr2ct_jax.config_checks import DEFAULT_CONV_IMPL
 from mr2ct_jax.models.discriminator import PatchDiscriminator
 from mr2ct_jax.models.generator import ResnetGenerator
-from mr2ct_jax.config_checks import DEFAULT_CONV_IMPL
-from mr2ct_jax.models.layers import CONV_IMPLS
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 

@@ -52,12 +52,24 @@ def _transform(mat: np.ndarray, stacked: Array) -> Array:
 
   One matmul with a small K: a single memory-bound pass that XLA compiles as one op, where
   sums of shifted slices compiled to (m + 2)^2 loops and a concatenate per transform (twice
-  the compile time of the whole train step, and no faster).
+  the compile time of the whole train step, and no faster). In float32 whatever the
+  compute dtype, then rounded once to it.
   """
   k = stacked.shape[0]
-  out = jnp.dot(jnp.asarray(mat, stacked.dtype), stacked.reshape(k, -1),
-                precision=lax.Precision.HIGHEST)
-  return out.reshape(mat.shape[0], *stacked.shape[1:])
+  out = jnp.dot(jnp.asarray(mat, jnp.float32), stacked.reshape(k, -1),
+                precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return out.astype(stacked.dtype).reshape(mat.shape[0], *stacked.shape[1:])
+
+
+def _check(xp: Array, kernel: Array, tile: int) -> None:
+  if tile not in _TRANSFORMS:
+    raise ValueError(f'conv3x3_valid: tile must be one of {TILES}, got {tile}')
+  if tile == 4 and jnp.finfo(xp.dtype).bits < 32:
+    # Its transformed tiles are ~100x the input: 8 mantissa bits left ~4% errors.
+    raise ValueError(f'conv3x3_valid: tile 4 needs float32 or wider, got {xp.dtype}')
+  if kernel.ndim != 4 or kernel.shape[:2] != (3, 3) or xp.ndim != 4:
+    raise ValueError(f'conv3x3_valid: need xp [B, H, W, Cin] and kernel [3, 3, Cin, Cout], '
+                     f'got {xp.shape} and {kernel.shape}')
 
 
 def _grid(h: int, w: int, tile: int) -> tuple[int, int]:
@@ -65,11 +77,9 @@ def _grid(h: int, w: int, tile: int) -> tuple[int, int]:
   return -(-h // tile), -(-w // tile)
 
 
-def _forward(xp: Array, kernel: Array, tile: int):
-  bb, gg, aa = _kron(tile)
-  alpha2 = len(bb)
+def _input_transform(xp: Array, tile: int) -> Array:
+  """V [(m + 2)^2, B * rows * cols, Cin]: every input tile in the Winograd domain."""
   b, hp, wp, cin = xp.shape
-  cout = kernel.shape[-1]
   h, w = hp - 2, wp - 2
   rows, cols = _grid(h, w, tile)
   # Zeros past the bottom/right edge so that the output divides into whole tiles.
@@ -77,13 +87,24 @@ def _forward(xp: Array, kernel: Array, tile: int):
   # The (m + 2)^2 pixels of every input tile: tiles[(u, v), b, r, c] = xpt[b, m r + u, m c + v].
   tiles = jnp.stack([xpt[:, u:u + tile * (rows - 1) + 1:tile, v:v + tile * (cols - 1) + 1:tile]
                      for u in range(tile + 2) for v in range(tile + 2)])
-  v = _transform(bb, tiles).reshape(alpha2, b * rows * cols, cin)
-  u = _transform(gg, kernel.reshape(9, cin, cout))                      # [a^2, Cin, Cout]
+  bb = _kron(tile)[0]
+  return _transform(bb, tiles).reshape(len(bb), b * rows * cols, cin)
+
+
+def _forward(xp: Array, kernel: Array, tile: int) -> tuple[Array, Array]:
+  """(y, U): the conv's output and the transformed kernel U [(m + 2)^2, Cin, Cout]."""
+  _check(xp, kernel, tile)
+  _, gg, aa = _kron(tile)
+  b, hp, wp, cin = xp.shape
+  cout = kernel.shape[-1]
+  h, w = hp - 2, wp - 2
+  rows, cols = _grid(h, w, tile)
+  v = _input_transform(xp, tile)
+  u = _transform(gg, kernel.reshape(9, cin, cout))
   m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))              # [a^2, tiles, Cout]
   # y[b, m r + i, m c + j] = (A^T M A)[(i, j)] of tile (r, c).
   y = _transform(aa, m).reshape(tile, tile, b, rows, cols, cout).transpose(2, 3, 0, 4, 1, 5)
-  y = y.reshape(b, rows * tile, cols * tile, cout)[:, :h, :w]
-  return y, (v, u, xp.shape)
+  return y.reshape(b, rows * tile, cols * tile, cout)[:, :h, :w], u
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -92,29 +113,31 @@ def conv3x3_valid(xp: Array, kernel: Array, tile: int = 2) -> Array:
 
   Args:
     xp: [B, H + 2, W + 2, Cin], already padded (reflect or zero) by the caller.
-    kernel: [3, 3, Cin, Cout].
-    tile: output tile side m (`TILES`): 2 (2.25x fewer multiplications) or 4 (4x).
+    kernel: [3, 3, Cin, Cout], of `xp`'s dtype.
+    tile: output tile side m (`TILES`): 2 (2.25x fewer multiplications) or 4 (4x; float32
+      only).
 
   Returns:
     [B, H, W, Cout], equal to `lax.conv_general_dilated(xp, kernel, (1, 1), 'VALID')` up to
-    float32 rounding. Any H, W: the tiles past the edge see zeros and are cropped.
+    rounding (float32: ~1e-6 relative for m = 2; bfloat16: ~1.6x the direct conv's error).
+    Any H, W: the tiles past the edge see zeros and are cropped.
   """
-  if tile not in _TRANSFORMS:
-    raise ValueError(f'conv3x3_valid: tile must be one of {TILES}, got {tile}')
-  if kernel.shape[:2] != (3, 3):
-    raise ValueError(f'conv3x3_valid: kernel must be [3, 3, Cin, Cout], got {kernel.shape}')
   return _forward(xp, kernel, tile)[0]
 
 
 def _conv3x3_fwd(xp, kernel, tile):
-  return _forward(xp, kernel, tile)
+  """Saves the input and U; the input's transform V (4x the input for m = 2) is recomputed
+  in the backward pass rather than held through the whole generator."""
+  y, u = _forward(xp, kernel, tile)
+  return y, (xp, u)  # u has the kernel's dtype
 
 
 def _conv3x3_bwd(tile, residuals, dy):
-  v, u, xp_shape = residuals
+  """The adjoint of every linear step of `_forward`, in reverse order."""
+  xp, u = residuals
   bb, gg, aa = _kron(tile)
   alpha = tile + 2
-  b, hp, wp, cin = xp_shape
+  b, hp, wp, cin = xp.shape
   h, w = hp - 2, wp - 2
   rows, cols = _grid(h, w, tile)
   cout = dy.shape[-1]
@@ -123,13 +146,14 @@ def _conv3x3_bwd(tile, residuals, dy):
   dy_tiles = dy.reshape(b, rows, tile, cols, tile, cout).transpose(2, 4, 0, 1, 3, 5)
   dm = _transform(aa.T, dy_tiles.reshape(tile * tile, -1, cout))      # [a^2, tiles, Cout]
   dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))             # [a^2, tiles, Cin]
-  du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))             # [a^2, Cin, Cout]
+  du = lax.dot_general(_input_transform(xp, tile), dm,
+                       (((1,), (1,)), ((0,), (0,))))                   # [a^2, Cin, Cout]
   d_kernel = _transform(gg.T, du).reshape(3, 3, cin, cout)
   d_tiles = _transform(bb.T, dv).reshape(alpha, alpha, b, rows, cols, cin)
   # Overlap-add, the adjoint of cutting the tiles: tile pixel (p, q) of tile (r, c) came
   # from xpt[:, m r + p, m c + q].
   hpt, wpt = rows * tile + 2, cols * tile + 2
-  zero = jnp.zeros((), dy.dtype)
+  zero = jnp.zeros((), d_tiles.dtype)
   d_xp = None
   for p in range(alpha):
     for q in range(alpha):
@@ -137,7 +161,7 @@ def _conv3x3_bwd(tile, residuals, dy):
                      ((0, 0, 0), (p, hpt - p - tile * (rows - 1) - 1, tile - 1),
                       (q, wpt - q - tile * (cols - 1) - 1, tile - 1), (0, 0, 0)))
       d_xp = part if d_xp is None else d_xp + part
-  return d_xp[:, :hp, :wp], d_kernel
+  return d_xp[:, :hp, :wp].astype(xp.dtype), d_kernel.astype(u.dtype)
 
 
 conv3x3_valid.defvjp(_conv3x3_fwd, _conv3x3_bwd)
