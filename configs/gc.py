@@ -26,7 +26,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'configs/gc.py: unknown variant {variant!r}; choose one of {VARIANTS}')
 
   config = ml_collections.ConfigDict()
-  config.variant = variant
   config.seed = 0
 
   # ---- Data ---------------------------------------------------------------------------
@@ -65,8 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.dtype = 'float32'         # compute dtype ('bfloat16' for mixed precision, params fp32)
   # Conv code path, not the function (mr2ct_jax/models/layers.py): 'auto' (the fastest
   # measured on the backend: 'winograd' on CPUs, 'matmul' elsewhere), 'winograd' (res-block
-  # convs as Winograd F(2x2, 3x3)), 'matmul' (backward passes as im2col matmuls; the
-  # fastest on an H100) or 'xla' (XLA's own convs and gradients, e.g. cuDNN).
+  # convs as Winograd F(2x2, 3x3)), 'matmul' (backward passes as im2col matmuls) or 'xla'
+  # (XLA's own convs and gradients, e.g. cuDNN). Timings: README, Benchmarks.
   model.conv_impl = 'auto'
 
   # ---- Loss ---------------------------------------------------------------------------
@@ -115,8 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.num_res_blocks = 3
     train.num_steps = 800
     train.batch_size = 4
-    # The short schedule learns faster with a higher rate (measured on the phantom, 800 steps:
-    # MAE 14.6 at 8e-4 vs 17.1 at the paper's 2e-4 on the 0-255 scale).
+    # The short schedule learns faster with a higher rate (measured: README, Benchmarks).
     optim.lr = 8e-4
     train.pool_size = 20
     train.log_every = 50

@@ -1,4 +1,4 @@
-"""Run directories: the saved config and Orbax checkpoints of the train state.
+"""Run directories: the saved config and Orbax checkpoints of a train state (both trainers).
 
 Workdir layout:
   WORKDIR/config.json      the run's config (written once, checked on resume)
@@ -48,8 +48,8 @@ def _restore_tuples(config_dict: dict[str, Any],
   return config_dict
 
 
-# Fields that choose how a run computes, not what: a resumed run may change them (a run
-# started before the field existed holds none).
+# Fields that choose how a run computes, not what: a resumed run may change them, so a
+# checkpoint moves between the CPU and GPU code paths.
 _CODE_PATH_FIELDS = {'model': ('conv_impl',)}
 
 
@@ -216,30 +216,3 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
     raise CheckpointError(message or f'{path}: cannot restore; its files may be corrupt or '
                           f'truncated ({str(e).splitlines()[0]})') from e
   return restored.state, restored.data_iter
-
-
-def restore_params(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:
-  """Loads the four networks' parameters of a run (latest step unless `step` is given).
-
-  Returns:
-    (params, step): params is {'g_ct', 'g_mr', 'd_ct', 'd_mr'} of NumPy arrays.
-  Raises:
-    CheckpointError: missing workdir, no checkpoint, unknown step, or another config's shapes.
-  """
-  # Imported here: train_state pulls in the models, which the config reader does not need.
-  from mr2ct_jax import train_state  # pylint: disable=g-import-not-at-top
-
-  config = load_config(workdir)
-  manager = make_manager(workdir, read_only=True)
-  steps = manager.all_steps()
-  if not steps:
-    raise CheckpointError(f'{os.path.join(workdir, CHECKPOINT_DIR)}: no checkpoint found')
-  if step is None:
-    step = manager.latest_step()
-  elif step not in steps:
-    raise CheckpointError(f'{workdir}: no checkpoint for step {step} (have {sorted(steps)})')
-  abstract = jax.eval_shape(lambda: train_state.create(config, jax.random.PRNGKey(0)))
-  abstract = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
-  state, _ = restore(manager, step, abstract)
-  manager.close()
-  return jax.tree.map(np.asarray, state.params), int(step)

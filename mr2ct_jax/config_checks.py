@@ -4,11 +4,8 @@ from typing import Any
 
 import ml_collections
 
-# model.conv_impl values (see mr2ct_jax/models/layers.py); here so that checking a config
-# (e.g. in prepare) does not import the models and flax. A config saved before the field
-# existed reads as DEFAULT_CONV_IMPL.
-CONV_IMPLS = ('auto', 'winograd', 'matmul', 'xla')
-DEFAULT_CONV_IMPL = 'auto'
+# JAX-free (prepare checks configs and must start fast).
+from mr2ct_jax.models import options as model_options
 
 
 class ConfigError(ValueError):
@@ -24,6 +21,11 @@ def _check_window(config: ml_collections.ConfigDict, key: str) -> None:
   window = config.data[key]
   _require(len(window) == 2 and float(window[0]) < float(window[1]), f'data.{key}', window,
            'must be (low, high) with low < high')
+
+
+def _check_dtype(name: str, key: str) -> None:
+  _require(name in model_options.DTYPE_NAMES, key, name,
+           f'must be one of {model_options.DTYPE_NAMES}')
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
@@ -55,11 +57,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   for key in ('ngf', 'ndf', 'num_disc_layers'):
     _require(model[key] >= 1, f'model.{key}', model[key], 'must be >= 1')
   _require(model.num_res_blocks >= 0, 'model.num_res_blocks', model.num_res_blocks, 'must be >= 0')
-  _require(model.dtype in ('float32', 'bfloat16', 'float16'), 'model.dtype', model.dtype,
-           "must be 'float32', 'bfloat16' or 'float16'")
-  conv_impl = model.get('conv_impl', DEFAULT_CONV_IMPL)
-  _require(conv_impl in CONV_IMPLS, 'model.conv_impl', conv_impl,
-           f'must be one of {CONV_IMPLS}')
+  _check_dtype(model.dtype, 'model.dtype')
+  try:
+    model_options.resolve_conv_impl(model.conv_impl, 'cpu')
+  except ValueError:
+    _require(False, 'model.conv_impl', model.conv_impl,
+             f'must be one of {model_options.CONV_IMPLS}')
 
   for key in ('cycle_weight', 'gc_weight', 'identity_weight'):
     _require(loss[key] >= 0, f'loss.{key}', loss[key], 'must be >= 0 (a loss weight)')
@@ -81,8 +84,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   for key in ('log_every', 'image_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(train[key] >= 1, f'train.{key}', train[key], 'must be >= 1')
   _require(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size, 'must be >= 1')
-  if 'seg' in config:  # runs saved before the segmentation section existed have none
-    _validate_seg(config)
+  _validate_seg(config)
 
 
 def _validate_seg(config: ml_collections.ConfigDict) -> None:
@@ -100,5 +102,4 @@ def _validate_seg(config: ml_collections.ConfigDict) -> None:
   _require(seg.lr > 0, 'seg.lr', seg.lr, 'must be > 0')
   _require(seg.dice_loss_weight >= 0, 'seg.dice_loss_weight', seg.dice_loss_weight,
            'must be >= 0 (a loss weight)')
-  _require(seg.dtype in ('float32', 'bfloat16', 'float16'), 'seg.dtype', seg.dtype,
-           "must be 'float32', 'bfloat16' or 'float16'")
+  _check_dtype(seg.dtype, 'seg.dtype')

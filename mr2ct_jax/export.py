@@ -5,7 +5,7 @@
 
 The file holds one array per parameter named '<network>/<layer>/<param>' ('g_ct/stem/kernel';
 g_ct translates MR->CT, g_mr CT->MR), the run's config as a JSON string under '__config__'
-and the intensity mapping under '__meta__' (JSON). `mr2ct_jax.numpy_generator` runs it without
+and the intensity mapping under '__meta__' (JSON). `mr2ct_jax.inference.numpy_generator` runs it without
 JAX; `mr2ct_jax.translate --npz=...` translates volumes with it.
 """
 
@@ -21,9 +21,9 @@ from flax import traverse_util
 
 from mr2ct_jax import atomic
 from mr2ct_jax import checkpointing
-from mr2ct_jax import cli_flags
-from mr2ct_jax import generator_source
-from mr2ct_jax import numpy_generator
+from mr2ct_jax.cli import commands
+from mr2ct_jax.inference import generators
+from mr2ct_jax.inference import numpy_generator
 
 EXPORT_DIRECTIONS = ('mr2ct', 'ct2mr', 'both')
 
@@ -31,8 +31,8 @@ EXPORT_DIRECTIONS = ('mr2ct', 'ct2mr', 'both')
 def networks_for(direction: str) -> tuple[str, ...]:
   """'mr2ct' -> ('g_ct',), 'ct2mr' -> ('g_mr',), 'both' -> ('g_ct', 'g_mr')."""
   if direction == 'both':
-    return tuple(generator_source.DIRECTIONS.values())
-  return (generator_source.network_for(direction),)
+    return tuple(generators.DIRECTIONS.values())
+  return (generators.network_for(direction),)
 
 
 def make_meta(config: ml_collections.ConfigDict, networks: Sequence[str], step: int | None,
@@ -47,7 +47,7 @@ def make_meta(config: ml_collections.ConfigDict, networks: Sequence[str], step: 
   return {
       'format_version': numpy_generator.FORMAT_VERSION,
       'networks': list(networks),
-      'directions': {name: direction for direction, name in generator_source.DIRECTIONS.items()
+      'directions': {name: direction for direction, name in generators.DIRECTIONS.items()
                      if name in networks},
       'step': step,
       'workdir': os.path.abspath(workdir),
@@ -105,7 +105,7 @@ def export(workdir: str, output: str, *, direction: str = 'mr2ct', step: int | N
     The meta dict written under '__meta__'.
 
   Raises:
-    generator_source.SourceError, FileExistsError, ValueError (atomic.OutputError: `output`
+    generators.SourceError, FileExistsError, ValueError (atomic.OutputError: `output`
     cannot be written): one-line messages.
   """
   if direction not in EXPORT_DIRECTIONS:
@@ -119,15 +119,15 @@ def export(workdir: str, output: str, *, direction: str = 'mr2ct', step: int | N
     raise ValueError(f'{output}: is a folder; name the output file')
   atomic.check_writable(output)
   networks = networks_for(direction)
-  params, config, got_step = generator_source.restore_generators(workdir, networks, step)
+  params, config, got_step = generators.restore_generators(workdir, networks, step)
   meta = make_meta(config, networks, got_step, workdir)
   write_export(output, params, config, meta, overwrite=overwrite)
   return meta
 
 
 def _define_flags() -> flags.FlagValues:
-  # A private FlagValues: translate/evaluate/export can be imported in one process (tests,
-  # train.py) without their flags colliding in the global registry.
+  # A private FlagValues: the commands can be imported in one process (tests, a notebook)
+  # without their flags colliding in the global registry.
   fv = flags.FlagValues()
   flags.DEFINE_string('workdir', None, 'Training workdir to export from.', flag_values=fv)
   flags.DEFINE_string('output', None, 'Output .npz path.', flag_values=fv)
@@ -148,10 +148,10 @@ def _run(fv: flags.FlagValues) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
   fv = _define_flags()
-  return cli_flags.run(fv, argv, 'mr2ct_jax.export', lambda: _run(fv),
-                       errors=(generator_source.SourceError, FileExistsError, ValueError,
-                               OSError),
-                       required=('workdir', 'output'), doc=__doc__)
+  return commands.run(fv, argv, 'mr2ct_jax.export', lambda: _run(fv),
+                      errors=(generators.SourceError, FileExistsError, ValueError,
+                              OSError),
+                      required=('workdir', 'output'), doc=__doc__)
 
 
 if __name__ == '__main__':

@@ -15,8 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mr2ct_jax import cli_flags
-from mr2ct_jax import hugepages
+from mr2ct_jax.cli import commands
+from mr2ct_jax.cli import hugepages
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/gc.py or configs/gc.py:quick.', lock_config=True)
@@ -33,8 +33,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except
     # Only --config runs user code while parsing: its file failed, or an override names a
     # field the config lacks (ml_collections raises KeyError/AttributeError).
-    raise SystemExit(f'error: {cli_flags.config_error(e, argv)}') from e
-  cli_flags.load_config_flag(flags.FLAGS, argv)
+    raise SystemExit(f'error: {commands.config_error(e, argv)}') from e
+  commands.load_config_flag(flags.FLAGS, argv)
   return rest
 
 
@@ -44,25 +44,28 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS['verbosity'].present:
     # Library INFO logs (Orbax, TFDS) would drown the progress lines; --verbosity=0 shows them.
     logging.set_verbosity(logging.WARNING)
+  # JAX and the library are imported here, not at the top: the huge-page re-exec must happen
+  # before JAX loads (see `__main__` below), and `--help` should not wait for them.
   import jax  # pylint: disable=g-import-not-at-top
   if _JAX_DISTRIBUTED.value:
     jax.distributed.initialize()
   # grain worker processes re-import modules that define absl flags.
   flags.FLAGS.mark_as_parsed()
+  # The library, likewise after the re-exec (it imports JAX).
   from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from mr2ct_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from mr2ct_jax import train  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import volume  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.training import loop  # pylint: disable=g-import-not-at-top
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (config_checks.ConfigError, checkpointing.CheckpointError, volume.VolumeError,
-          volume.DatasetError,
-          train.NonFiniteLossError) as e:
+          dataset.DatasetError, loop.NonFiniteLossError) as e:
     # One line, no traceback: these are the user's inputs, not our bugs.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == '__main__':
-  hugepages.reexec_with_hugepages()  # Before JAX is imported; see mr2ct_jax/hugepages.py.
+  hugepages.reexec_with_hugepages()  # Before JAX is imported; see mr2ct_jax/cli/hugepages.py.
   app.run(main, flags_parser=parse_flags)

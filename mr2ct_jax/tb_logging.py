@@ -5,6 +5,7 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 def image_grid(rows: list[list[np.ndarray]]) -> np.ndarray:
@@ -29,7 +30,6 @@ class MetricWriter:
   def __init__(self, logdir: str):
     self._writer = None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(logdir=logdir)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:

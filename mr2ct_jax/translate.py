@@ -6,41 +6,24 @@
       [--direction=ct2mr] [--step=N] [--overwrite | --skip_existing]
   python -m mr2ct_jax.translate --npz=g_ct.npz --input=... --output=...
 
-Per volume: read (NIfTI or DICOM series), optional N4 (MR, when the run used it), axial
-slices on the network grid at config.data.spacing_mm, the body mask, the intensity mapping
-to [-1, 1], the generator in fixed-size batches, the inverse mapping (HU or MR units), air
-outside the body, then back to the input's own voxel grid: the output has the input's shape
-and affine. The network grid is sized per volume to the whole resampled field of view
-(rounded up to a multiple of 4), so nothing of the user's image is cropped away.
+Each volume is read (NIfTI or DICOM series), translated on the network grid and mapped back
+to its own voxels (`mr2ct_jax.inference.volumes`), and written with the input's shape and
+affine under a temporary name that is renamed when complete.
 """
 
 import dataclasses
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from absl import flags
-import ml_collections
 import numpy as np
 import tqdm
 
 from mr2ct_jax import atomic
-from mr2ct_jax import cli_flags
-from mr2ct_jax.data import intensity
-from mr2ct_jax.data import mask as mask_lib
-from mr2ct_jax.data import orientation
-from mr2ct_jax.data import preprocess
+from mr2ct_jax.cli import commands
 from mr2ct_jax.data import volume as volume_lib
-
-ApplyFn = Callable[[np.ndarray], np.ndarray]
-# Value outside the body: air for a synthetic CT, background for a synthetic MR.
-AIR_HU = -1024.0
-MR_BACKGROUND = 0.0
-# The generator downsamples twice (stride 2), so slice sides must be multiples of 4; a side
-# of 16 leaves the 4x4 bottleneck that the residual blocks' reflection padding needs.
-GRID_MULTIPLE = 4
-MIN_GRID = 16
-
+from mr2ct_jax.inference import volumes
 
 class TranslateError(ValueError):
   """Translation cannot proceed (bad input/output path); the message starts with the path."""
@@ -51,112 +34,6 @@ class Job:
   """One volume to translate: read `input_path`, write `output_path`."""
   input_path: str
   output_path: str
-
-
-def grid_size(vol: volume_lib.Volume, spacing_mm: float) -> int:
-  """Network slice side covering the whole in-plane FOV at `spacing_mm`, a multiple of 4.
-
-  The in-plane axes are canonical (RAS+) axes 0 and 1; their extent after resampling is
-  (n - 1) * voxel / spacing_mm + 1 pixels (the grid starts on voxel 0 and covers the last).
-  """
-  array_ras, affine_ras, _ = orientation.to_canonical(
-      (np.empty(vol.array.shape, np.uint8), vol.affine))
-  voxel = np.linalg.norm(affine_ras[:3, :3], axis=0)
-  extent = max(int(np.ceil((array_ras.shape[a] - 1) * voxel[a] / spacing_mm - 1e-6)) + 1
-               for a in range(2))
-  return max(MIN_GRID, -(-extent // GRID_MULTIPLE) * GRID_MULTIPLE)
-
-
-def translate_slices(apply_fn: ApplyFn, slices: np.ndarray, batch_size: int,
-                     progress: bool = False, desc: str = 'slices') -> np.ndarray:
-  """Runs the generator on [N, H, W] model-range slices in batches of min(`batch_size`, N).
-
-  Within a volume every call gets the same batch size, the last batch padded with zero
-  slices (their outputs dropped), so a jitted generator compiles once per batch shape; a
-  volume with fewer slices than `batch_size` runs as one batch of exactly its slices rather
-  than padded up to it (which cost memory and time in proportion to `batch_size`).
-
-  Returns:
-    float32 [N, H, W] in the model range.
-  """
-  slices = np.asarray(slices, np.float32)
-  n = slices.shape[0]
-  batch_size = max(1, min(batch_size, n))
-  out = np.empty_like(slices)
-  with tqdm.tqdm(total=n, desc=desc, unit='slice', disable=not progress, leave=False) as bar:
-    for start in range(0, n, batch_size):
-      batch = slices[start:start + batch_size]
-      count = batch.shape[0]
-      if count < batch_size:
-        batch = np.concatenate(
-            [batch, np.zeros((batch_size - count,) + batch.shape[1:], np.float32)])
-      result = np.asarray(apply_fn(batch[..., None]), np.float32)
-      out[start:start + count] = result[:count, ..., 0]
-      bar.update(count)
-  return out
-
-
-def translate_volume(vol: volume_lib.Volume, apply_fn: ApplyFn,
-                     config: ml_collections.ConfigDict, direction: str = 'mr2ct',
-                     batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-  """Translates one volume; returns the result on the input's voxel grid.
-
-  Args:
-    vol: the input (MR for 'mr2ct', CT in HU for 'ct2mr'), any orientation and spacing.
-    apply_fn: generator, NHWC [-1, 1] -> [-1, 1] (from `generator_source.load_generator`).
-    config: the training run's config (data.spacing_mm, windows, mr_percentile, n4).
-    direction: 'mr2ct' or 'ct2mr'.
-    batch_size: slices per generator call (default config.eval.batch_size).
-    progress: show a progress bar over slices.
-
-  Returns:
-    float32 array of `vol.array.shape`: HU for 'mr2ct' (AIR_HU outside the body), MR-normalised
-    units for 'ct2mr' (0 outside the body).
-
-  Raises:
-    volume_lib.VolumeError: the input is unusable (empty body, a CT not in HU...).
-  """
-  data = config.data
-  batch_size = int(batch_size or config.eval.batch_size)
-  if direction == 'mr2ct':
-    if data.n4:
-      vol = preprocess.n4_correct(vol)
-    modality = 'mr'
-  elif direction == 'ct2mr':
-    intensity.check_ct_is_hu(vol.array, vol.path)
-    modality = 'ct'
-  else:
-    raise ValueError(f'direction={direction!r}: must be mr2ct or ct2mr')
-
-  size = grid_size(vol, data.spacing_mm)
-  slices, geom = preprocess.to_network_grid(vol, data.spacing_mm, size)
-  if max(geom.resampled_shape) > size:  # defensive: never crop the user's FOV
-    size = -(-max(geom.resampled_shape) // GRID_MULTIPLE) * GRID_MULTIPLE
-    slices, geom = preprocess.to_network_grid(vol, data.spacing_mm, size)
-  body = mask_lib.body_mask(slices, modality=modality, slice_axis=0)
-  if not body.any():
-    raise volume_lib.VolumeError(f'{vol.path}: empty body mask; is this a {modality.upper()}?')
-
-  if direction == 'mr2ct':
-    mr = intensity.normalise_mr(slices, body, data.mr_percentile, path=vol.path)
-    model_in = intensity.mr_to_model(mr, data.mr_window)
-  else:
-    model_in = intensity.ct_hu_to_model(slices, data.ct_window)
-  model_out = translate_slices(apply_fn, model_in, batch_size, progress=progress,
-                               desc=os.path.basename(vol.path) or 'slices')
-
-  out_fill = AIR_HU if direction == 'mr2ct' else MR_BACKGROUND
-  if direction == 'mr2ct':
-    result = intensity.model_to_ct_hu(model_out, data.ct_window)
-  else:
-    result = intensity.model_to_mr(model_out, data.mr_window)
-  # Mask on the network grid first so interpolation back to the input grid blends tissue
-  # with air at the body edge (not with whatever the generator made of the background), then
-  # mask on the input grid so every voxel outside the body is exactly the fill value.
-  result = np.where(body, result, np.float32(out_fill))
-  result = preprocess.from_network_grid(result, geom, fill=out_fill)
-  body_in = preprocess.from_network_grid(body.astype(np.float32), geom, fill=0.0) >= 0.5
-  return np.where(body_in, result, np.float32(out_fill)).astype(np.float32)
 
 
 def output_name(input_path: str) -> str:
@@ -245,24 +122,25 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
     The written output paths.
 
   Raises:
-    TranslateError, volume_lib.VolumeError, generator_source.SourceError: one-line messages.
+    TranslateError, volume_lib.VolumeError, generators.SourceError: one-line messages.
   """
-  # Imported here so `plan`/`translate_volume` stay usable without loading jax/flax.
-  from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top
-  generator_source.network_for(direction)
+  # Imported here, not at the top: JAX and flax take seconds to load, and `--help`, flag
+  # errors and `plan` should not wait for them.
+  from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
+  generators.network_for(direction)
   # Fail fast, before loading the model.
   jobs = plan(input_path, output_path, overwrite, skip_existing)
   if not jobs:  # --skip_existing and every output exists
     return []
-  apply_fn, config, _ = generator_source.load_generator(source, direction, step, backend)
+  apply_fn, config, _ = generators.load_generator(source, direction, step, backend)
   dtype = np.int16 if direction == 'mr2ct' else np.float32
   folder = not is_single_volume(input_path, output_path)
   written, skipped = [], []
   for job in tqdm.tqdm(jobs, desc='volumes', unit='vol', disable=not progress or len(jobs) < 2):
     try:
       vol = volume_lib.read_volume(job.input_path)
-      result = translate_volume(vol, apply_fn, config, direction, batch_size,
-                                progress=progress)
+      result = volumes.translate_volume(vol, apply_fn, config, direction, batch_size,
+                                        progress=progress)
     except volume_lib.VolumeError as e:
       if not folder:
         raise
@@ -281,9 +159,9 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
 
 
 def _define_flags() -> flags.FlagValues:
-  # A private FlagValues: see cli_flags.
+  # A private FlagValues: see commands.
   fv = flags.FlagValues()
-  cli_flags.define_generator_source_flags(fv)
+  commands.define_generator_source_flags(fv)
   flags.DEFINE_string('input', None, 'NIfTI file, DICOM series folder, or a folder of them.',
                       flag_values=fv)
   flags.DEFINE_string('output', None, 'Output .nii.gz (one volume) or folder.', flag_values=fv)
@@ -303,7 +181,7 @@ def _run(fv: flags.FlagValues) -> None:
   # Before the model loads: an output that cannot be created (its parent is a file, a
   # read-only or virtual file system) is one line, not a traceback after the translation.
   atomic.check_writable(fv.output, folder=not is_single_volume(fv.input, fv.output))
-  written = translate(cli_flags.generator_source(fv), fv.input, fv.output,
+  written = translate(commands.generator_source(fv), fv.input, fv.output,
                       direction=fv.direction, step=fv.step, overwrite=fv.overwrite,
                       skip_existing=fv.skip_existing, batch_size=fv.batch_size,
                       backend=fv.backend, progress=fv.progress)
@@ -311,19 +189,20 @@ def _run(fv: flags.FlagValues) -> None:
     print(f'nothing to do: every output in {fv.output} exists (--skip_existing)')
     return
   print(f'wrote {len(written)} volume(s): ' + (written[0] if len(written) == 1 else
-                                              os.path.dirname(written[0])))
+                                               os.path.dirname(written[0])))
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
-  from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top  (jax/flax)
-  return (TranslateError, volume_lib.VolumeError, generator_source.SourceError)
+  # Called only after a failure; importing here keeps `--help` free of JAX (see `translate`).
+  from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
+  return (TranslateError, volume_lib.VolumeError, generators.SourceError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns 0 or raises SystemExit with a one-line error."""
   fv = _define_flags()
-  return cli_flags.run(fv, argv, 'mr2ct_jax.translate', lambda: _run(fv), errors=_known_errors,
-                       required=('input', 'output'), doc=__doc__)
+  return commands.run(fv, argv, 'mr2ct_jax.translate', lambda: _run(fv), errors=_known_errors,
+                      required=('input', 'output'), doc=__doc__)
 
 
 if __name__ == '__main__':

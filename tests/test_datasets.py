@@ -15,6 +15,8 @@ from mr2ct_jax.data import prepare
 from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import tfds_builder
 from mr2ct_jax.data import volume
+from mr2ct_jax.data import dataset
+from mr2ct_jax.data import writer
 
 import synthetic_volumes as synth
 
@@ -30,8 +32,8 @@ def raw(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def data_dir(raw, tmp_path_factory):
-  return prepare.prepare(*raw[:2], str(tmp_path_factory.mktemp('p') / 'data'),
-                         labeled_dir=raw[2], paired_dir=raw[3], **KW)
+  return writer.prepare(*raw[:2], str(tmp_path_factory.mktemp('p') / 'data'),
+                        labeled_dir=raw[2], paired_dir=raw[3], **KW)
 
 
 def _pid(example):
@@ -40,7 +42,7 @@ def _pid(example):
 
 
 def test_build_and_read_back(data_dir, raw):
-  meta = prepare.load_meta(data_dir)
+  meta = dataset.load_meta(data_dir)
   assert meta['image_size'] == SIZE and meta['spacing_mm'] == SPACING and not meta['n4']
   assert sorted(meta['splits']) == ['labeled', 'test', 'train_ct', 'train_mr']
   patients = {s: sorted(v['patients']) for s, v in meta['splits'].items()}
@@ -49,14 +51,14 @@ def test_build_and_read_back(data_dir, raw):
   # Every patient in exactly one split, every slice of a split from its own patients.
   seen = {}
   for split, ids in patients.items():
-    source = pipeline.load_split(data_dir, split)
+    source = dataset.load_split(data_dir, split)
     assert len(source) == meta['splits'][split]['num_examples']
     ids_read = {_pid(source[i]) for i in range(len(source))}
     assert ids_read == set(ids)
     for pid in ids:
       assert pid not in seen, (pid, split, seen.get(pid))
       seen[pid] = split
-  example = pipeline.load_split(data_dir, 'train_ct')[0]
+  example = dataset.load_split(data_dir, 'train_ct')[0]
   for key, dtype in (('image', np.float32), ('paired', np.float32), ('mask', np.uint8),
                      ('label', np.uint8)):
     assert example[key].shape == (SIZE, SIZE) and example[key].dtype == dtype, key
@@ -67,42 +69,42 @@ def test_slices_equal_preprocessing_of_the_input(data_dir, raw):
   """train_ct slices are the network grid of the input CT, in HU, in slice order."""
   vol = volume.read_volume(os.path.join(raw[1], 'ct1.nii.gz'))
   expected, geom = preprocess.to_network_grid(vol, SPACING, SIZE)
-  (ct1,) = [v for v in pipeline.iterate_volumes(data_dir, 'train_ct') if v['patient_id'] == 'ct1']
+  (ct1,) = [v for v in dataset.iterate_volumes(data_dir, 'train_ct') if v['patient_id'] == 'ct1']
   np.testing.assert_array_equal(ct1['image'], expected)
   np.testing.assert_array_equal(ct1['slice_index'], np.arange(expected.shape[0]))
   assert ct1['image'].max() == 700.0 and ct1['image'].min() == -1000.0
   assert ct1['mask'].any() and not ct1['mask'][:, 0, 0].any()
-  saved = prepare.load_geometry(data_dir, 'ct1')
+  saved = dataset.load_geometry(data_dir, 'ct1')
   assert saved.to_dict() == geom.to_dict()
-  assert prepare.load_meta(data_dir)['splits']['train_ct']['patients']['ct1']['num_slices'] == 5
+  assert dataset.load_meta(data_dir)['splits']['train_ct']['patients']['ct1']['num_slices'] == 5
 
 
 def test_mr_is_normalised_and_labels_stay_integers(data_dir):
-  for mr in pipeline.iterate_volumes(data_dir, 'train_mr'):
+  for mr in dataset.iterate_volumes(data_dir, 'train_mr'):
     body = mr['image'][mr['mask'].astype(bool)]
     assert np.percentile(body, 99.5) == pytest.approx(100.0, rel=1e-4)
-  (lab,) = list(pipeline.iterate_volumes(data_dir, 'labeled'))
+  (lab,) = list(dataset.iterate_volumes(data_dir, 'labeled'))
   assert set(np.unique(lab['label'])) == {0, 1, 2}
   assert lab['image'][lab['label'] == 1].min() > 300  # labels stay on the bone
 
 
 def test_paired_test_split(data_dir):
-  (t0,) = list(pipeline.iterate_volumes(data_dir, 'test'))
+  (t0,) = list(dataset.iterate_volumes(data_dir, 'test'))
   assert t0['paired'].max() == 700.0  # registered CT in HU
   assert t0['image'].max() == pytest.approx(100.0)  # MR in normalised units
   # The CT's field of view ends one slice early: that slice is outside the evaluation mask.
   assert t0['mask'][:-1].any(axis=(1, 2)).all() and not t0['mask'][-1].any()
   assert set(np.unique(t0['label'])) == {0, 1}
-  assert pipeline.has_split(data_dir, 'test')
+  assert dataset.has_split(data_dir, 'test')
 
 
 def test_optional_splits_are_only_written_with_data(raw, tmp_path):
-  out = prepare.prepare(raw[0], raw[1], str(tmp_path / 'd'), **KW)
-  assert sorted(prepare.load_meta(out)['splits']) == ['train_ct', 'train_mr']
+  out = writer.prepare(raw[0], raw[1], str(tmp_path / 'd'), **KW)
+  assert sorted(dataset.load_meta(out)['splits']) == ['train_ct', 'train_mr']
   assert sorted(tfds_builder.split_sizes(out)) == ['train_ct', 'train_mr']
-  assert not pipeline.has_split(out, 'test')
-  with pytest.raises(volume.DatasetError, match='no .test. split'):
-    pipeline.load_split(out, 'test')
+  assert not dataset.has_split(out, 'test')
+  with pytest.raises(dataset.DatasetError, match='no .test. split'):
+    dataset.load_split(out, 'test')
 
 
 def test_same_patient_in_two_folders_stays_in_one_split(raw, tmp_path, caplog):
@@ -111,8 +113,8 @@ def test_same_patient_in_two_folders_stays_in_one_split(raw, tmp_path, caplog):
   for name in ('mr0.nii.gz', 'mr1.nii.gz'):
     os.symlink(os.path.join(raw[0], name), mr_dir / name)
   os.symlink(os.path.join(raw[1], 'ct0.nii.gz'), mr_dir / 't0.nii.gz')  # a test subject
-  out = prepare.prepare(str(mr_dir), raw[1], str(tmp_path / 'd'), paired_dir=raw[3], **KW)
-  assert sorted(prepare.load_meta(out)['splits']['train_mr']['patients']) == ['mr0', 'mr1']
+  out = writer.prepare(str(mr_dir), raw[1], str(tmp_path / 'd'), paired_dir=raw[3], **KW)
+  assert sorted(dataset.load_meta(out)['splits']['train_mr']['patients']) == ['mr0', 'mr1']
   assert "patient id 't0' is already in split 'test'" in caplog.text
 
 
@@ -121,11 +123,11 @@ def test_dicom_series_folder_is_one_patient(raw, tmp_path):
   ct_dir.mkdir()
   os.symlink(os.path.join(raw[1], 'ct0.nii.gz'), ct_dir / 'ct0.nii.gz')
   synth.write_dicom_ct(str(ct_dir / 'dcm7'), synth.ct_array(7))
-  out = prepare.prepare(raw[0], str(ct_dir), str(tmp_path / 'd'), **KW)
-  assert sorted(prepare.load_meta(out)['splits']['train_ct']['patients']) == ['ct0', 'dcm7']
+  out = writer.prepare(raw[0], str(ct_dir), str(tmp_path / 'd'), **KW)
+  assert sorted(dataset.load_meta(out)['splits']['train_ct']['patients']) == ['ct0', 'dcm7']
   expected, _ = preprocess.to_network_grid(volume.read_volume(str(ct_dir / 'dcm7')), SPACING,
                                            SIZE)
-  (dcm,) = [v for v in pipeline.iterate_volumes(out, 'train_ct') if v['patient_id'] == 'dcm7']
+  (dcm,) = [v for v in dataset.iterate_volumes(out, 'train_ct') if v['patient_id'] == 'dcm7']
   np.testing.assert_array_equal(dcm['image'], expected)
 
 
@@ -154,7 +156,7 @@ def test_bad_files_are_skipped_with_one_line_each(raw, tmp_path, caplog):
   synth.write(str(ct_dir / 'png_export.nii.gz'), np.clip(synth.ct_array(1) + 1000, 0, 255) / 4,
               synth.affine(synth.CT_SPACING), np.uint8)
   with caplog.at_level(logging.WARNING):
-    out = prepare.prepare(str(folder), str(ct_dir), str(tmp_path / 'd'), **KW)
+    out = writer.prepare(str(folder), str(ct_dir), str(tmp_path / 'd'), **KW)
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   for name, why in (('notes.txt', 'not a volume'), ('corrupt.nii.gz', 'cannot read'),
                     ('flat.nii.gz', '3-D'), ('series.nii.gz', '3-D'), ('nan.nii.gz', 'NaN'),
@@ -162,7 +164,7 @@ def test_bad_files_are_skipped_with_one_line_each(raw, tmp_path, caplog):
     lines = [w for w in warnings if name in w]
     assert len(lines) == 1 and why in lines[0] and '\n' not in lines[0], (name, warnings)
     assert lines[0].startswith(str(folder if name != 'png_export.nii.gz' else ct_dir))
-  meta = prepare.load_meta(out)
+  meta = dataset.load_meta(out)
   assert list(meta['splits']['train_mr']['patients']) == ['good']
   assert list(meta['splits']['train_ct']['patients']) == ['ct0']
   assert len(meta['skipped']) == 6
@@ -170,12 +172,12 @@ def test_bad_files_are_skipped_with_one_line_each(raw, tmp_path, caplog):
 
 def test_missing_and_empty_folders(raw, tmp_path):
   missing = str(tmp_path / 'nope')
-  with pytest.raises(volume.DatasetError, match=f'{missing}: no such folder'):
-    prepare.prepare(missing, raw[1], str(tmp_path / 'd'), **KW)
+  with pytest.raises(dataset.DatasetError, match=f'{missing}: no such folder'):
+    writer.prepare(missing, raw[1], str(tmp_path / 'd'), **KW)
   empty = tmp_path / 'empty'
   empty.mkdir()
-  with pytest.raises(volume.DatasetError, match=f'{empty}: empty folder'):
-    prepare.prepare(raw[0], str(empty), str(tmp_path / 'd'), **KW)
+  with pytest.raises(dataset.DatasetError, match=f'{empty}: empty folder'):
+    writer.prepare(raw[0], str(empty), str(tmp_path / 'd'), **KW)
   assert sorted(os.listdir(tmp_path)) == ['empty']
 
 
@@ -184,18 +186,18 @@ def test_no_usable_volume_leaves_nothing_behind(raw, tmp_path):
   bad.mkdir()
   (bad / 'a.txt').write_text('x', encoding='utf-8')
   out = tmp_path / 'd'
-  with pytest.raises(volume.DatasetError, match='no usable MR volume'):
-    prepare.prepare(str(bad), raw[1], str(out), **KW)
+  with pytest.raises(dataset.DatasetError, match='no usable MR volume'):
+    writer.prepare(str(bad), raw[1], str(out), **KW)
   assert sorted(os.listdir(tmp_path)) == ['bad']  # no out dir, no .tmp-* dir
 
 
 def test_existing_output_needs_overwrite(raw, tmp_path):
   out = str(tmp_path / 'd')
-  prepare.prepare(raw[0], raw[1], out, **KW)
-  with pytest.raises(volume.DatasetError, match='already exists'):
-    prepare.prepare(raw[0], raw[1], out, **KW)
-  prepare.prepare(raw[0], raw[1], out, **dict(KW, image_size=16), overwrite=True)
-  assert prepare.load_meta(out)['image_size'] == 16
+  writer.prepare(raw[0], raw[1], out, **KW)
+  with pytest.raises(dataset.DatasetError, match='already exists'):
+    writer.prepare(raw[0], raw[1], out, **KW)
+  writer.prepare(raw[0], raw[1], out, **dict(KW, image_size=16), overwrite=True)
+  assert dataset.load_meta(out)['image_size'] == 16
   assert sorted(os.listdir(tmp_path)) == ['d']
 
 
@@ -204,8 +206,8 @@ def test_incomplete_labeled_and_paired_files_are_skipped(raw, tmp_path, caplog):
   lab.mkdir()
   os.symlink(os.path.join(raw[2], 'lab0_ct.nii.gz'), lab / 'lab0_ct.nii.gz')  # no label
   os.symlink(os.path.join(raw[2], 'lab0_label.nii.gz'), lab / 'x_seg.nii.gz')  # bad role
-  out = prepare.prepare(raw[0], raw[1], str(tmp_path / 'd'), labeled_dir=str(lab), **KW)
-  assert 'labeled' not in prepare.load_meta(out)['splits']
+  out = writer.prepare(raw[0], raw[1], str(tmp_path / 'd'), labeled_dir=str(lab), **KW)
+  assert 'labeled' not in dataset.load_meta(out)['splits']
   assert 'has no label file' in caplog.text and 'x_seg.nii.gz: name is not' in caplog.text
 
 
@@ -213,27 +215,27 @@ def test_incomplete_labeled_and_paired_files_are_skipped(raw, tmp_path, caplog):
 
 
 def test_prepare_phantom_is_idempotent(test_config, tmp_path):
-  data_dir = prepare.prepare_phantom(str(tmp_path / 'ph'), test_config)
-  meta = prepare.load_meta(data_dir)
+  data_dir = writer.prepare_phantom(str(tmp_path / 'ph'), test_config)
+  meta = dataset.load_meta(data_dir)
   p = test_config.data.phantom
   assert len(meta['splits']['train_mr']['patients']) == p.num_train_mr
   assert len(meta['splits']['train_ct']['patients']) == p.num_train_ct
   assert sorted(meta['splits']) == ['labeled', 'test', 'train_ct', 'train_mr']
-  stamp = os.path.join(tmp_path, 'ph', prepare.PHANTOM_STAMP)
-  mtime = os.path.getmtime(os.path.join(data_dir, prepare.META_FILE))
-  assert prepare.prepare_phantom(str(tmp_path / 'ph'), test_config) == data_dir
-  assert os.path.getmtime(os.path.join(data_dir, prepare.META_FILE)) == mtime  # reused
+  stamp = os.path.join(tmp_path, 'ph', writer.PHANTOM_STAMP)
+  mtime = os.path.getmtime(os.path.join(data_dir, dataset.META_FILE))
+  assert writer.prepare_phantom(str(tmp_path / 'ph'), test_config) == data_dir
+  assert os.path.getmtime(os.path.join(data_dir, dataset.META_FILE)) == mtime  # reused
   other = ml_collections.ConfigDict(test_config.to_dict())
   other.data.image_size = 16
-  prepare.prepare_phantom(str(tmp_path / 'ph'), other)  # parameters changed: rebuilt
-  assert prepare.load_meta(data_dir)['image_size'] == 16
+  writer.prepare_phantom(str(tmp_path / 'ph'), other)  # parameters changed: rebuilt
+  assert dataset.load_meta(data_dir)['image_size'] == 16
   with open(stamp, encoding='utf-8') as f:
     assert json.load(f)['image_size'] == 16
 
 
 def test_prepare_cli_on_phantom(tmp_path):
   raw = tmp_path / 'raw'
-  from mr2ct_jax.data import phantom  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.data.phantom import cohort as phantom  # pylint: disable=g-import-not-at-top
   phantom.generate(str(raw), num_train_mr=1, num_train_ct=1, num_labeled=1, num_test=1,
                    num_slices=4, seed=0)
   (raw / 'mr' / 'README.txt').write_text('not an image', encoding='utf-8')
@@ -246,7 +248,7 @@ def test_prepare_cli_on_phantom(tmp_path):
   assert f'{raw / "mr" / "README.txt"}: not a volume' in result.stderr
   assert 'prepared 1 MR, 1 CT volumes, 1 labeled, 1 paired test subjects; skipped 1' in (
       result.stderr)
-  assert prepare.load_meta(str(out))['image_size'] == 32
+  assert dataset.load_meta(str(out))['image_size'] == 32
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, encoding='utf-8', timeout=300)
   assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == (
       f'error: {out}: already exists (pass --overwrite to replace it)')

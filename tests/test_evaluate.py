@@ -11,7 +11,12 @@ import pytest
 from scipy import stats
 
 from mr2ct_jax import evaluate
-from mr2ct_jax import reports
+from mr2ct_jax.evaluation import reports
+from mr2ct_jax.evaluation import compare
+from mr2ct_jax.evaluation import paired
+from mr2ct_jax.evaluation import scoring
+from mr2ct_jax.inference import slices
+from mr2ct_jax.data import writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,14 +51,14 @@ def test_translate_slices_batches_and_pads():
     return batch * 2
 
   x = np.arange(5 * 4 * 4, dtype=np.float32).reshape(5, 4, 4)
-  np.testing.assert_array_equal(evaluate.translate_slices(fn, x, 2), 2 * x)
+  np.testing.assert_array_equal(slices.translate_slices(fn, x, 2), 2 * x)
   assert calls == [(2, 4, 4, 1)] * 3  # last batch padded: one shape, one compile
 
 
 def test_evaluate_volumes_known_values(test_config):
   vols = _volumes()
   # Perfect translator: sCT == CT (up to float32 rounding).
-  per_volume, per_slice = evaluate.evaluate_volumes(vols, _shift(0.0), _shift(0.0), test_config)
+  per_volume, per_slice = scoring.evaluate_volumes(vols, _shift(0.0), _shift(0.0), test_config)
   assert [r['patient_id'] for r in per_volume] == ['p0', 'p1']
   assert len(per_slice) == 8
   for r in per_volume:
@@ -66,7 +71,7 @@ def test_evaluate_volumes_known_values(test_config):
   assert all(math.isnan(s['mae_255']) for s in per_slice if s['slice_index'] == 3)
 
   # sCT brighter by 0.1 in the model range = +12.75 on the 0-255 scale = +25 HU everywhere.
-  per_volume, per_slice = evaluate.evaluate_volumes(vols, _shift(0.1), None, test_config)
+  per_volume, per_slice = scoring.evaluate_volumes(vols, _shift(0.1), None, test_config)
   for r in per_volume:
     assert r['mae_255'] == pytest.approx(12.75, abs=1e-3)
     assert r['psnr_255'] == pytest.approx(20 * math.log10(255 / 12.75), abs=1e-3)
@@ -84,7 +89,7 @@ def test_evaluate_volumes_known_values(test_config):
 def test_evaluate_volumes_uses_fov_when_present(test_config):
   vol = _volumes(num=1)[0]
   vol['fov'] = np.ones_like(vol['mask'])
-  (r,), _ = evaluate.evaluate_volumes([vol], _shift(0.1), None, test_config)
+  (r,), _ = scoring.evaluate_volumes([vol], _shift(0.1), None, test_config)
   assert r['region'] == 'fov' and r['valid_voxels'] == 4 * 32 * 32
   assert r['mask_voxels'] == 3 * 24 * 20
 
@@ -92,23 +97,23 @@ def test_evaluate_volumes_uses_fov_when_present(test_config):
 def test_evaluate_volumes_bad_input(test_config):
   vol = _volumes(num=1)[0]
   bad = dict(vol, paired=vol['paired'][:2])
-  with pytest.raises(evaluate.EvaluateError, match="test patient p0: 'paired' has shape"):
-    evaluate.evaluate_volumes([bad], _shift(0.0), None, test_config)
-  with pytest.raises(evaluate.EvaluateError, match='appears twice'):
-    evaluate.evaluate_volumes([vol, vol], _shift(0.0), None, test_config)
+  with pytest.raises(scoring.EvaluateError, match="test patient p0: 'paired' has shape"):
+    scoring.evaluate_volumes([bad], _shift(0.0), None, test_config)
+  with pytest.raises(scoring.EvaluateError, match='appears twice'):
+    scoring.evaluate_volumes([vol, vol], _shift(0.0), None, test_config)
 
 
 def _write_eval(out_dir, config, delta, seed=0, panels=True):
   with reports.atomic_output_dir(out_dir) as tmp:
     figure_dir = os.path.join(tmp, 'figures')
     os.makedirs(figure_dir)
-    per_volume, per_slice = evaluate.evaluate_volumes(
+    per_volume, per_slice = scoring.evaluate_volumes(
         _volumes(num=3, seed=seed), _shift(delta), _shift(0.0), config,
         figure_dir=figure_dir if panels else None)
     for i, r in enumerate(per_volume):  # make the paired differences non-degenerate
       r['mae_255'] += 0.1 * i * (delta != 0)
-    return evaluate.write_outputs(tmp, per_volume, per_slice,
-                                  {'source': 'synthetic', 'step': 7})
+    return paired.write_outputs(tmp, per_volume, per_slice,
+                                {'source': 'synthetic', 'step': 7})
 
 
 def test_outputs_and_compare(tmp_path, test_config, capsys):
@@ -130,7 +135,7 @@ def test_outputs_and_compare(tmp_path, test_config, capsys):
   assert '| p0 |' in md and '**Average ± SD**' in md and 'common field of view' in md
   assert len(open(os.path.join(dir_a, 'per_slice.csv'), encoding='utf-8').read().splitlines()) == 13
 
-  result = evaluate.compare(dir_a, dir_b)
+  result = compare.compare(dir_a, dir_b)
   printed = capsys.readouterr().out
   assert 'Paired t-tests' in printed and 'MAE (0-255, paper)' in printed
   by_metric = {r['metric']: r for r in result['results']}
@@ -142,7 +147,7 @@ def test_outputs_and_compare(tmp_path, test_config, capsys):
   assert os.path.exists(os.path.join(dir_b, 'compare.md'))
   assert json.load(open(os.path.join(dir_b, 'compare.json'), encoding='utf-8'))['a'] == dir_a
   with pytest.raises(reports.ReportError, match='--overwrite'):
-    evaluate.compare(dir_a, dir_b)
+    compare.compare(dir_a, dir_b)
 
   # Different patient sets: a one-line error.
   rows = reports.read_rows_json(os.path.join(dir_a, 'per_volume.json'))[:2]
@@ -150,7 +155,7 @@ def test_outputs_and_compare(tmp_path, test_config, capsys):
   other.mkdir()
   reports.write_json(str(other / 'per_volume.json'), reports.rows_to_json(rows))
   with pytest.raises(reports.ReportError, match='patient ids differ'):
-    evaluate.compare(dir_a, str(other), str(tmp_path / 'cmp'))
+    compare.compare(dir_a, str(other), str(tmp_path / 'cmp'))
 
 
 def test_cli_compare_and_errors(tmp_path, test_config, capsys):
@@ -180,21 +185,20 @@ def test_cli_compare_and_errors(tmp_path, test_config, capsys):
 
 def test_evaluate_end_to_end_on_phantom(tmp_path, test_config, monkeypatch, capsys):
   """evaluate() on the prepared phantom's test split; generators replaced by fixed maps."""
-  from mr2ct_jax import generator_source
-  from mr2ct_jax.data import prepare
-  data_dir = prepare.prepare_phantom(str(tmp_path / 'phantom'), test_config)
+  from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
+  data_dir = writer.prepare_phantom(str(tmp_path / 'phantom'), test_config)
   loaded = []
 
   def fake_load(source, direction='mr2ct', step=None, backend='jax'):
     loaded.append((direction, step))
-    info = generator_source.GeneratorInfo(source=source, kind='workdir', direction=direction,
-                                          network=generator_source.network_for(direction),
-                                          step=4, backend=backend)
+    info = generators.GeneratorInfo(source=source, kind='workdir', direction=direction,
+                                    network=generators.network_for(direction),
+                                    step=4, backend=backend)
     return (lambda x: -np.asarray(x)), test_config, info  # contrast inversion, roughly
 
-  monkeypatch.setattr(generator_source, 'load_generator', fake_load)
+  monkeypatch.setattr(generators, 'load_generator', fake_load)
   out = str(tmp_path / 'eval')
-  summary = evaluate.evaluate(str(tmp_path), data_dir, out, progress=False)
+  summary = paired.evaluate(str(tmp_path), data_dir, out, progress=False)
   assert loaded == [('mr2ct', None), ('ct2mr', 4)]  # ct2mr pinned to the same step
   printed = capsys.readouterr().out
   assert '| MAE (0-255, paper) |' in printed and f'Evaluation written to {out}' in printed
@@ -207,6 +211,6 @@ def test_evaluate_end_to_end_on_phantom(tmp_path, test_config, monkeypatch, caps
   assert row['mi_mr_sct'] > 0 and row['mi_ct_smr'] > 0
   assert os.path.exists(os.path.join(out, 'figures', f"{row['patient_id']}.png"))
   with pytest.raises(reports.ReportError, match='--overwrite'):
-    evaluate.evaluate(str(tmp_path), data_dir, out)
-  evaluate.evaluate(str(tmp_path), data_dir, out, overwrite=True, progress=False)
+    paired.evaluate(str(tmp_path), data_dir, out)
+  paired.evaluate(str(tmp_path), data_dir, out, overwrite=True, progress=False)
   assert not [n for n in os.listdir(tmp_path) if n.startswith('.eval')]  # no temp dirs left

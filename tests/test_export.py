@@ -12,9 +12,9 @@ import pytest
 from flax import traverse_util
 
 from mr2ct_jax import export
-from mr2ct_jax import generator_source
-from mr2ct_jax import models
-from mr2ct_jax import numpy_generator
+from mr2ct_jax.inference import generators
+from mr2ct_jax.models import cyclegan
+from mr2ct_jax.inference import numpy_generator
 import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def npz_both(run, tmp_path_factory):
 
 
 def _jax_forward(config, params, x):
-  generator, _ = models.build(config.model)
+  generator, _ = cyclegan.build(config.model)
   return np.asarray(jax.jit(generator.apply)({'params': params}, jnp.asarray(x)))
 
 
@@ -78,7 +78,7 @@ def test_numpy_forward_paper_size_generator(test_config):  # pylint: disable=unu
   """The default 64-filter, 9-block generator at 64x64 (11,365,633 parameters)."""
   from configs import gc  # pylint: disable=g-import-not-at-top
   config = gc.get_config()
-  generator, _ = models.build(config.model)
+  generator, _ = cyclegan.build(config.model)
   x = np.random.default_rng(2).uniform(-1, 1, (1, 64, 64, 1)).astype(np.float32)
   abstract = jax.eval_shape(generator.init, jax.random.PRNGKey(0), x)['params']
   rng = np.random.default_rng(3)
@@ -99,7 +99,7 @@ for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'ml_collections'):
   sys.modules[name] = None  # any import of them raises ImportError
 sys.path.insert(0, {REPO!r})
 import numpy as np
-from mr2ct_jax import numpy_generator
+from mr2ct_jax.inference import numpy_generator
 gen = numpy_generator.load({npz_both!r}, 'mr2ct')
 y = gen(np.zeros((2, 16, 16, 1), np.float32))
 assert y.shape == (2, 16, 16, 1) and np.all(np.abs(y) <= 1), y.shape
@@ -128,9 +128,9 @@ def test_numpy_generator_rejects_bad_input(npz_both, tmp_path):
 def test_load_generator_from_npz_matches_workdir(run, npz_both, test_config):
   workdir, _ = run
   x = np.random.default_rng(4).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
-  fn_w, config_w, info_w = generator_source.load_generator(workdir, 'mr2ct')
-  fn_n, config_n, info_n = generator_source.load_generator(npz_both, 'mr2ct')
-  fn_np, _, info_np = generator_source.load_generator(npz_both, 'mr2ct', backend='numpy')
+  fn_w, config_w, info_w = generators.load_generator(workdir, 'mr2ct')
+  fn_n, config_n, info_n = generators.load_generator(npz_both, 'mr2ct')
+  fn_np, _, info_np = generators.load_generator(npz_both, 'mr2ct', backend='numpy')
   assert (info_w.kind, info_w.step, info_w.network) == ('workdir', 2, 'g_ct')
   assert (info_n.kind, info_n.step, info_np.backend) == ('npz', 2, 'numpy')
   assert config_n.data.ct_window == config_w.data.ct_window == test_config.data.ct_window
@@ -144,11 +144,11 @@ def test_export_single_direction(run, tmp_path):
   path = str(tmp_path / 'g_mr.npz')
   meta = export.export(run[0], path, direction='ct2mr')
   assert meta['networks'] == ['g_mr']
-  generator_source.load_generator(path, 'ct2mr', backend='numpy')
-  with pytest.raises(generator_source.SourceError, match="no generator 'g_ct'"):
-    generator_source.load_generator(path, 'mr2ct')
-  with pytest.raises(generator_source.SourceError, match='step'):
-    generator_source.load_generator(path, 'ct2mr', step=5)
+  generators.load_generator(path, 'ct2mr', backend='numpy')
+  with pytest.raises(generators.SourceError, match="no generator 'g_ct'"):
+    generators.load_generator(path, 'mr2ct')
+  with pytest.raises(generators.SourceError, match='step'):
+    generators.load_generator(path, 'ct2mr', step=5)
 
 
 def test_export_cli(run, tmp_path, capsys):

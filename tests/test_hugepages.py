@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from mr2ct_jax import hugepages
+from mr2ct_jax.cli import hugepages
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_PRINT_AFTER_REEXEC = ('from mr2ct_jax import hugepages; import os; '
+_PRINT_AFTER_REEXEC = ('from mr2ct_jax.cli import hugepages; import os; '
                        'hugepages.reexec_with_hugepages(); '
                        'print(os.environ.get("GLIBC_TUNABLES"), os.environ.get("MR2CT_JAX_HUGEPAGES"))')
 

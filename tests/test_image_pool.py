@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mr2ct_jax import image_pool
+from mr2ct_jax.training import image_pool
 
 # Images are 1x1x1 and carry their id as value, so what comes back can be traced.
 query = jax.jit(image_pool.query)

@@ -6,7 +6,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from mr2ct_jax import losses
+from mr2ct_jax.training import losses
 
 # A hand-worked 3x3 case. Rows are the x axis (axis 1 of NHWC), columns the y axis.
 A = np.array([[1., 2., 4.],

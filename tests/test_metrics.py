@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mr2ct_jax import metrics
+from mr2ct_jax.evaluation import metrics
 
 
 def test_mae_mse_psnr_known_values():
@@ -59,7 +59,7 @@ def _reference_ssim_at(a, b, i, j, data_range, sigma=1.5, radius=5):
   cov = (w * (pa - mu_a) * (pb - mu_b)).sum()
   c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
   return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) *
-                                                       (var_a + var_b + c2))
+                                                      (var_a + var_b + c2))
 
 
 def test_ssim_matches_reference_formula_on_perturbed_image():
@@ -107,7 +107,7 @@ def test_mutual_information_self_equals_entropy_and_beats_noise():
   # Default 64 bins too: MI(x, x) = H(x) with the same binning.
   smooth = rng.normal(size=(64, 64))
   assert metrics.mutual_information(smooth, smooth) == pytest.approx(metrics.entropy(smooth),
-                                                                    abs=1e-12)
+                                                                     abs=1e-12)
   noise = rng.integers(0, 8, (64, 64)).astype(float)
   mi_noise = metrics.mutual_information(img, noise, bins=8)
   assert 0.0 <= mi_noise < 0.05 < h

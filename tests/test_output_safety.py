@@ -14,14 +14,18 @@ import ml_collections
 import pytest
 
 from mr2ct_jax import atomic
-from mr2ct_jax import cli_flags
+from mr2ct_jax.cli import commands
 from mr2ct_jax import evaluate
 from mr2ct_jax import export
-from mr2ct_jax import generator_source
-from mr2ct_jax import reports
+from mr2ct_jax.inference import generators
+from mr2ct_jax.evaluation import reports
 from mr2ct_jax import translate
 from mr2ct_jax.data import prepare
 from mr2ct_jax.data import volume
+from mr2ct_jax.data import dataset
+from mr2ct_jax.evaluation import paired
+from mr2ct_jax.evaluation import scoring
+from mr2ct_jax.data import writer
 
 import synthetic_volumes as synth
 
@@ -98,9 +102,9 @@ def test_check_replaceable(tmp_path, a_file):
     atomic.check_replaceable(own, False, 'marker.json', 'an output')
   atomic.check_replaceable(own, True, 'marker.json', 'an output')
   atomic.check_replaceable(empty, True, 'marker.json', 'an output')
-  with pytest.raises(volume.DatasetError, match='not an output .no marker.json.; refusing'):
+  with pytest.raises(dataset.DatasetError, match='not an output .no marker.json.; refusing'):
     atomic.check_replaceable(foreign, True, 'marker.json', 'an output',
-                             error=volume.DatasetError)
+                             error=dataset.DatasetError)
   with pytest.raises(atomic.OutputError, match='is not a folder'):
     atomic.check_replaceable(a_file, True, 'marker.json', 'an output')
 
@@ -121,11 +125,11 @@ def test_commands_report_output_and_file_errors_as_one_line():
                        (PermissionError(13, 'Permission denied', '/x/y'),
                         'error: /x/y: Permission denied')):
     with pytest.raises(SystemExit) as info:
-      with cli_flags.one_line_errors(()):
+      with commands.one_line_errors(()):
         raise raised
     assert info.value.code == want
   with pytest.raises(KeyError):  # anything else is a bug: its traceback is kept
-    with cli_flags.one_line_errors(()):
+    with commands.one_line_errors(()):
       raise KeyError('x')
 
 
@@ -145,8 +149,8 @@ def study(tmp_path_factory):
                                           ('ct/data', 'is inside')])
 def test_prepare_refuses_out_overlapping_inputs(study, out, relation):
   before = _tree(study)
-  with pytest.raises(volume.DatasetError, match=f'the output {relation} the input --(mr|ct)_dir'):
-    prepare.prepare(str(study / 'mr'), str(study / 'ct'), str(study / out), overwrite=True, **KW)
+  with pytest.raises(dataset.DatasetError, match=f'the output {relation} the input --(mr|ct)_dir'):
+    writer.prepare(str(study / 'mr'), str(study / 'ct'), str(study / out), overwrite=True, **KW)
   assert _tree(study) == before
 
 
@@ -154,16 +158,16 @@ def test_prepare_overwrite_replaces_only_a_prepared_dataset(study, tmp_path):
   foreign = tmp_path / 'results'
   foreign.mkdir()
   (foreign / 'thesis.tex').write_text('keep', encoding='utf-8')
-  with pytest.raises(volume.DatasetError, match='not a prepared dataset .no dataset_meta.json.'):
-    prepare.prepare(str(study / 'mr'), str(study / 'ct'), str(foreign), overwrite=True, **KW)
+  with pytest.raises(dataset.DatasetError, match='not a prepared dataset .no dataset_meta.json.'):
+    writer.prepare(str(study / 'mr'), str(study / 'ct'), str(foreign), overwrite=True, **KW)
   assert _tree(foreign) == {'thesis.tex': b'keep'}
   # The legitimate case: --overwrite of prepare's own earlier output (and of an empty folder).
   out = tmp_path / 'data'
   out.mkdir()
-  prepare.prepare(str(study / 'mr'), str(study / 'ct'), str(out), overwrite=True, **KW)
-  prepare.prepare(str(study / 'mr'), str(study / 'ct'), str(out), overwrite=True,
-                  **dict(KW, image_size=16))
-  assert prepare.load_meta(str(out))['image_size'] == 16
+  writer.prepare(str(study / 'mr'), str(study / 'ct'), str(out), overwrite=True, **KW)
+  writer.prepare(str(study / 'mr'), str(study / 'ct'), str(out), overwrite=True,
+                 **dict(KW, image_size=16))
+  assert dataset.load_meta(str(out))['image_size'] == 16
 
 
 def test_prepare_cli_refusal_and_unwritable_out(study, a_file):
@@ -188,7 +192,7 @@ def workdir(tmp_path):
   (run / 'checkpoints' / '4').mkdir(parents=True)
   (run / 'config.json').write_text('{}', encoding='utf-8')
   (run / 'phantom' / 'data').mkdir(parents=True)
-  (run / 'phantom' / 'data' / prepare.META_FILE).write_text('{}', encoding='utf-8')
+  (run / 'phantom' / 'data' / dataset.META_FILE).write_text('{}', encoding='utf-8')
   return run
 
 
@@ -211,20 +215,20 @@ def test_evaluate_refuses_to_replace_what_it_reads(workdir, output, message):
 def test_evaluate_refuses_the_configs_data_dir(workdir, monkeypatch):
   """Without --data, the data dir comes from the run's config: checked once it is known."""
   config = ml_collections.ConfigDict({'data': {'dir': str(workdir.parent / 'd' / 'data')}})
-  info = generator_source.GeneratorInfo(source=str(workdir), kind='workdir', direction='mr2ct',
-                                        network='g_ct', step=4, backend='numpy')
-  monkeypatch.setattr(evaluate, '_load_generators', lambda *a: (None, None, config, info))
-  with pytest.raises(evaluate.EvaluateError, match='the output contains the input --data='):
-    evaluate.evaluate(str(workdir), None, str(workdir.parent / 'd'), overwrite=True)
+  info = generators.GeneratorInfo(source=str(workdir), kind='workdir', direction='mr2ct',
+                                  network='g_ct', step=4, backend='numpy')
+  monkeypatch.setattr(paired, '_load_generators', lambda *a: (None, None, config, info))
+  with pytest.raises(scoring.EvaluateError, match='the output contains the input --data='):
+    paired.evaluate(str(workdir), None, str(workdir.parent / 'd'), overwrite=True)
 
 
 def test_evaluate_overwrite_of_its_own_output_is_allowed(tmp_path):
   out = tmp_path / 'eval'
   out.mkdir()
-  (out / evaluate.OWN_FILE).write_text('[]', encoding='utf-8')
-  reports.check_output_dir(str(out), True, evaluate.OWN_FILE)
+  (out / paired.OWN_FILE).write_text('[]', encoding='utf-8')
+  reports.check_output_dir(str(out), True, paired.OWN_FILE)
   with pytest.raises(reports.ReportError, match='--overwrite'):
-    reports.check_output_dir(str(out), False, evaluate.OWN_FILE)
+    reports.check_output_dir(str(out), False, paired.OWN_FILE)
 
 
 # ---- unwritable outputs: every command, one line naming the output --------------------------

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mr2ct_jax.data import phantom
-from mr2ct_jax.data import phantom_render as render
+from mr2ct_jax.data.phantom import cohort as phantom
+from mr2ct_jax.data.phantom import render
 
 SEED, SLICES = 3, 6
 COUNTS = dict(num_train_mr=2, num_train_ct=1, num_labeled=1, num_test=1)

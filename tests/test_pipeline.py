@@ -14,6 +14,8 @@ from mr2ct_jax.data import intensity
 from mr2ct_jax.data import pipeline
 from mr2ct_jax.data import prepare
 from mr2ct_jax.data import volume
+from mr2ct_jax.data import dataset
+from mr2ct_jax.data import writer
 
 import synthetic_volumes as synth
 
@@ -24,8 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def data_dir(tmp_path_factory):
   raw = synth.make(str(tmp_path_factory.mktemp('raw')), num_mr=2, num_ct=3, num_labeled=0,
                    num_test=0)
-  return prepare.prepare(raw[0], raw[1], str(tmp_path_factory.mktemp('p') / 'data'),
-                         spacing_mm=5.0, image_size=32, mr_percentile=99.5, n4=False)
+  return writer.prepare(raw[0], raw[1], str(tmp_path_factory.mktemp('p') / 'data'),
+                        spacing_mm=5.0, image_size=32, mr_percentile=99.5, n4=False)
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def test_state_restore_reproduces_the_next_batches(config, data_dir):
   _take(restored, 2)  # a different position, then restore
   restored.set_state(state)
   _assert_same(_take(restored, 7), expected)
-  with pytest.raises(volume.DatasetError, match='not a version-1'):
+  with pytest.raises(dataset.DatasetError, match='not a version-1'):
     restored.set_state({'streams': {}})
 
 
@@ -107,7 +109,7 @@ def test_shards_are_disjoint_and_cover_the_split():
     for _ in range(shard_size):
       model = next(stream)[0, 0, 0, 0]
       values.append(int(round(float(intensity.unit_to_mr(intensity.model_to_unit(model),
-                                                          window)))))
+                                                         window)))))
     assert len(set(values)) == shard_size  # a permutation of the shard in one epoch
     seen.append(set(values))
   for i in range(4):
@@ -122,7 +124,7 @@ def test_per_process_iterators_split_the_batch(config, data_dir):
     it = pipeline.make_unpaired_iterator(config, data_dir, process_index=index, process_count=4)
     assert next(it)['mr'].shape == (1, 32, 32, 1)  # local batch = 4 / 4
     sizes.append(it.info['shard_sizes'])
-  meta = prepare.load_meta(data_dir)
+  meta = dataset.load_meta(data_dir)
   for k, split in pipeline.TRAIN_SPLITS.items():
     assert sum(s[k] for s in sizes) == meta['splits'][split]['num_examples']
   with pytest.raises(ValueError, match='config.train.batch_size=4'):
@@ -164,25 +166,25 @@ def test_ct_window_is_applied():
 
 def test_data_dir_errors(config, data_dir, tmp_path):
   missing = str(tmp_path / 'missing')
-  with pytest.raises(volume.DatasetError, match=f'{missing}: data dir does not exist'):
+  with pytest.raises(dataset.DatasetError, match=f'{missing}: data dir does not exist'):
     pipeline.make_unpaired_iterator(config, missing, process_index=0, process_count=1)
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(volume.DatasetError, match='not a prepared data dir'):
+  with pytest.raises(dataset.DatasetError, match='not a prepared data dir'):
     pipeline.make_unpaired_iterator(config, str(tmp_path / 'empty'), process_index=0,
                                     process_count=1)
   config.data.image_size = 64
-  with pytest.raises(volume.DatasetError,
+  with pytest.raises(dataset.DatasetError,
                      match=r'image_size=32 but config.data.image_size=64'):
     pipeline.make_unpaired_iterator(config, data_dir, process_index=0, process_count=1)
 
 
 def test_missing_training_split_is_named(config, data_dir, tmp_path):
-  meta = prepare.load_meta(data_dir)
+  meta = dataset.load_meta(data_dir)
   broken = tmp_path / 'broken'
   broken.mkdir()
   del meta['splits']['train_ct']
-  (broken / prepare.META_FILE).write_text(json.dumps(meta), encoding='utf-8')
-  with pytest.raises(volume.DatasetError, match=f'{broken}: no train_ct split'):
+  (broken / dataset.META_FILE).write_text(json.dumps(meta), encoding='utf-8')
+  with pytest.raises(dataset.DatasetError, match=f'{broken}: no train_ct split'):
     pipeline.make_unpaired_iterator(config, str(broken), process_index=0, process_count=1)
 
 
@@ -208,7 +210,7 @@ def test_truncated_record_file_is_a_one_line_dataset_error(data_dir, tmp_path):
   assert records
   with open(records[0], 'r+b') as f:
     f.truncate(200)
-  with pytest.raises(volume.DatasetError,
+  with pytest.raises(dataset.DatasetError,
                      match=f"{broken}: the 'train_mr' split cannot be read .*prepare the data "
                            f"again"):
-    list(pipeline.iterate_volumes(str(broken), 'train_mr'))
+    list(dataset.iterate_volumes(str(broken), 'train_mr'))

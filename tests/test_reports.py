@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mr2ct_jax import report_figures
-from mr2ct_jax import reports
+from mr2ct_jax.evaluation import figures as report_figures
+from mr2ct_jax.evaluation import reports
 
 
 def _rows(values_by_metric, ids=('p1', 'p2', 'p3', 'p4')):

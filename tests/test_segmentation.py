@@ -14,13 +14,15 @@ import pytest
 
 from mr2ct_jax import checkpointing
 from mr2ct_jax import config_checks
-from mr2ct_jax import reports
+from mr2ct_jax.evaluation import reports
 from mr2ct_jax.models import unet
 from mr2ct_jax.segmentation import __main__ as seg_cli
 from mr2ct_jax.segmentation import data as seg_data
 from mr2ct_jax.segmentation import dice
 from mr2ct_jax.segmentation import losses
 from mr2ct_jax.segmentation import train as seg_train
+from mr2ct_jax import parallel
+from mr2ct_jax.data import writer
 
 import tiny_run
 
@@ -173,12 +175,12 @@ def test_sample_batch_is_deterministic_and_consistent():
 
 def test_training_reduces_loss_on_a_fixed_batch(test_config):
   config = test_config  # seg.lr 1e-3; the same jitted step as the CLI test below
-  mesh = seg_train.train_step_lib.make_mesh()  # 8 fake devices: one slice per device
+  mesh = parallel.make_mesh()  # 8 fake devices: one slice per device
   batch = seg_data.sample_batch(_labeled_set(), seed=0, step=0, batch_size=8, pad=0,
                                 flip_lr=False)
   state = seg_train.create_state(config, mesh)
   step_fn = seg_train.make_train_step(config, mesh)
-  sharded = seg_train.train_step_lib.shard_batch(batch, mesh)
+  sharded = parallel.shard_batch(batch, mesh)
   history = []
   for _ in range(20):
     state, metrics = step_fn(state, sharded)
@@ -200,7 +202,7 @@ def setup(tmp_path_factory, test_config):
   root = tmp_path_factory.mktemp('seg')
   workdir = str(root / 'run')
   tiny_run.make_workdir(workdir, test_config, step=2)
-  data_dir = prepare.prepare_phantom(str(root / 'phantom'), test_config)
+  data_dir = writer.prepare_phantom(str(root / 'phantom'), test_config)
   return workdir, data_dir, root
 
 

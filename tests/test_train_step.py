@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mr2ct_jax import models
-from mr2ct_jax import train_state
-from mr2ct_jax import train_step as train_step_lib
+from mr2ct_jax.models import cyclegan
+from mr2ct_jax.training import state as train_state
+from mr2ct_jax.training import step as step_lib
+from mr2ct_jax import parallel
 
 BATCH = 8
 
@@ -32,19 +33,20 @@ def _config(test_config, **loss_overrides):
 @pytest.fixture(scope='module')
 def setup(test_config):
   config = _config(test_config)
-  create = jax.jit(lambda rng: train_state.create(config, rng))
+  gan = train_state.build(config)
+  create = jax.jit(lambda rng: train_state.create(gan, config, rng))
   rng = np.random.default_rng(0)
   size = config.data.image_size
   batch = {k: rng.uniform(-1, 1, (BATCH, size, size, 1)).astype(np.float32)
            for k in ('mr', 'ct')}
-  mesh8 = train_step_lib.make_mesh()
+  mesh8 = parallel.make_mesh()
   assert mesh8.size == 8
-  mesh1 = train_step_lib.make_mesh(jax.devices()[:1])
+  mesh1 = parallel.make_mesh(jax.devices()[:1])
   return {
       'config': config, 'create': create, 'batch': batch,
-      'mesh8': mesh8, 'step8': train_step_lib.make_train_step(config, mesh8),
-      'mesh1': mesh1, 'step1': train_step_lib.make_train_step(config, mesh1),
-      'sample': train_step_lib.make_sample_fn(config),
+      'mesh8': mesh8, 'step8': step_lib.make_train_step(gan, config, mesh8),
+      'mesh1': mesh1, 'step1': step_lib.make_train_step(gan, config, mesh1),
+      'sample': step_lib.make_sample_fn(gan),
   }
 
 
@@ -52,8 +54,8 @@ def _run(setup, mesh_name: str, num_steps: int, seed: int = 0):
   """Runs `num_steps` steps on the fixed batch from a state created from `seed`."""
   mesh, step = setup[mesh_name], setup[mesh_name.replace('mesh', 'step')]
   state = jax.device_put(setup['create'](jax.random.PRNGKey(seed)),
-                         train_step_lib.replicated(mesh))
-  batch = train_step_lib.shard_batch(setup['batch'], mesh)
+                         parallel.replicated(mesh))
+  batch = parallel.shard_batch(setup['batch'], mesh)
   history = []
   for _ in range(num_steps):
     state, metrics = step(state, batch)
@@ -72,7 +74,7 @@ def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
 
 def test_metrics_and_state_after_one_step(setup):
   state, (metrics,) = _run(setup, 'mesh8', 1)
-  assert set(metrics) == set(train_step_lib.METRIC_KEYS)
+  assert set(metrics) == set(step_lib.METRIC_KEYS)
   for key, value in metrics.items():
     assert np.shape(value) == () and np.isfinite(value), key
   loss = setup['config'].loss
@@ -161,14 +163,16 @@ def test_learning_rate_schedule(test_config):
 
 def _traced_step(config):
   """The jaxpr and output shapes of the step for `config`, traced without compiling."""
-  gen, disc = models.build(config.model)
+  gen, disc = cyclegan.build(config.model)
   loss = config.loss
   step = functools.partial(
-      train_step_lib.train_step, gen=gen, disc=disc, tx=train_state.make_optimizers(config),
+      step_lib.train_step, gen=gen, disc=disc,
+      tx=train_state.make_optimizers(config.optim, train_state.learning_rate_schedule(config)),
       learning_rate_fn=train_state.learning_rate_schedule(config),
       cycle_weight=loss.cycle_weight, gc_weight=loss.gc_weight,
       identity_weight=loss.identity_weight, gc_signed=loss.gc_signed, gc_eps=loss.gc_eps)
-  state = jax.eval_shape(lambda: train_state.create(config, jax.random.PRNGKey(0)))
+  state = jax.eval_shape(
+      lambda: train_state.create(train_state.build(config), config, jax.random.PRNGKey(0)))
   size = config.data.image_size
   batch = {k: jax.ShapeDtypeStruct((2, size, size, 1), jnp.float32) for k in ('mr', 'ct')}
   return jax.make_jaxpr(step, return_shape=True)(state, batch)
@@ -191,7 +195,7 @@ def test_identity_and_gc_off_variants_trace(test_config):
   base_jaxpr, _ = _traced_step(small())
   jaxpr, (state, metrics) = _traced_step(small(identity_weight=1.5, gc_weight=0.0,
                                                gc_signed=True))
-  assert set(metrics) == set(train_step_lib.METRIC_KEYS)
+  assert set(metrics) == set(step_lib.METRIC_KEYS)
   assert all(m.shape == () for m in metrics.values())
   assert state.step.shape == ()
   # The identity term costs two extra generator passes and their backward.

@@ -12,9 +12,11 @@ from scipy import ndimage
 import SimpleITK as sitk
 
 from mr2ct_jax import export
-from mr2ct_jax import generator_source
+from mr2ct_jax.inference import generators
 from mr2ct_jax import translate
 from mr2ct_jax.data import volume
+from mr2ct_jax.inference import slices
+from mr2ct_jax.inference import volumes
 import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +40,7 @@ def run(tmp_path_factory, test_config):
 @pytest.fixture(scope='module')
 def numpy_sct(run):
   """(apply_fn, config) of G_ct on the NumPy backend (no compilation: fast geometry tests)."""
-  apply_fn, config, _ = generator_source.load_generator(run[1], 'mr2ct', backend='numpy')
+  apply_fn, config, _ = generators.load_generator(run[1], 'mr2ct', backend='numpy')
   return apply_fn, config
 
 
@@ -111,12 +113,12 @@ def test_grid_size_covers_fov(test_config):
   spacing = test_config.data.spacing_mm  # 10 mm
   arr, aff, _ = make_volume('RAS', (7.0, 7.0, 7.0), (41, 39, 6))
   # 40 * 7 mm = 280 mm -> 29 pixels (both ends included) -> next multiple of 4.
-  assert translate.grid_size(volume.Volume(arr, aff), spacing) == 32
+  assert volumes.grid_size(volume.Volume(arr, aff), spacing) == 32
   arr, aff, _ = make_volume('PIR', (3.0, 9.0, 20.0), (11, 5, 3))
   # Canonical in-plane axes are R (11 x 3 mm) and A (5 x 9 mm): at most 5 pixels -> minimum.
-  assert translate.grid_size(volume.Volume(arr, aff), spacing) == translate.MIN_GRID
+  assert volumes.grid_size(volume.Volume(arr, aff), spacing) == volumes.MIN_GRID
   arr, aff, _ = make_volume('LPS', (2.5, 2.5, 5.0), (230, 90, 2))
-  assert translate.grid_size(volume.Volume(arr, aff), spacing) == 60  # 57.25 -> 58 -> 60
+  assert volumes.grid_size(volume.Volume(arr, aff), spacing) == 60  # 57.25 -> 58 -> 60
 
 
 CASES = [
@@ -130,7 +132,7 @@ CASES = [
 def test_translate_volume_keeps_geometry(numpy_sct, axcodes, spacing, shape):
   apply_fn, config = numpy_sct
   arr, aff, body = make_volume(axcodes, spacing, shape)
-  out = translate.translate_volume(volume.Volume(arr, aff, 'mem'), apply_fn, config)
+  out = volumes.translate_volume(volume.Volume(arr, aff, 'mem'), apply_fn, config)
   assert out.shape == arr.shape and out.dtype == np.float32
   synthetic_body = out != AIR
   # The body lands where it was (an axis flip/permutation would move the off-centre cone).
@@ -149,7 +151,7 @@ def test_translate_volume_with_n4(numpy_sct):
   config.data.n4 = True
   arr, aff, body = make_volume('RAS', (7.0, 7.0, 7.0), (41, 39, 6))
   ramp = np.linspace(0.6, 1.4, arr.shape[0], dtype=np.float32)[:, None, None]
-  out = translate.translate_volume(volume.Volume(arr * ramp, aff, 'mem'), apply_fn, config)
+  out = volumes.translate_volume(volume.Volume(arr * ramp, aff, 'mem'), apply_fn, config)
   assert out.shape == arr.shape
   assert dice(out != AIR, body) > 0.92
 
@@ -183,7 +185,7 @@ def test_translate_jax_and_numpy_backends_agree(run, tmp_path):
   b = translate.translate(npz, src, str(tmp_path / 'b.nii.gz'), backend='numpy',
                           progress=False)[0]
   diff = np.abs(np.asarray(nib.load(a).dataobj, np.int32) - np.asarray(nib.load(b).dataobj,
-                                                                         np.int32))
+                                                                       np.int32))
   assert diff.max() <= 1  # 1e-4 in model range is < 0.1 HU; int16 rounding may differ by 1
 
 
@@ -217,14 +219,14 @@ def test_translate_slices_pads_last_batch_to_one_shape():
     shapes.append(batch.shape)
     return batch * 0.5
 
-  slices = np.random.default_rng(0).uniform(-1, 1, (7, 8, 12)).astype(np.float32)
-  out = translate.translate_slices(apply_fn, slices, batch_size=3)
-  np.testing.assert_allclose(out, slices * 0.5)
+  inputs = np.random.default_rng(0).uniform(-1, 1, (7, 8, 12)).astype(np.float32)
+  out = slices.translate_slices(apply_fn, inputs, batch_size=3)
+  np.testing.assert_allclose(out, inputs * 0.5)
   assert shapes == [(3, 8, 12, 1)] * 3
   # A batch larger than the volume runs the volume's slices only, not padded up to it.
   shapes.clear()
-  out = translate.translate_slices(apply_fn, slices, batch_size=100_000)
-  np.testing.assert_allclose(out, slices * 0.5)
+  out = slices.translate_slices(apply_fn, inputs, batch_size=100_000)
+  np.testing.assert_allclose(out, inputs * 0.5)
   assert shapes == [(7, 8, 12, 1)]
 
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mr2ct_jax import generator_source
+from mr2ct_jax.inference import generators
 from mr2ct_jax import translate
 
 from test_translate import CASES, make_run, make_volume, write
@@ -19,7 +19,7 @@ def run(tmp_path_factory, test_config):
 
 
 def test_folder_skips_unreadable_volumes_and_skip_existing_finishes_the_run(run, tmp_path,
-                                                                           capsys):
+                                                                            capsys):
   workdir, _ = run
   src, out_dir = tmp_path / 'in', tmp_path / 'out'
   src.mkdir()
@@ -112,20 +112,20 @@ def test_corrupt_checkpoint_is_one_line_without_library_noise(run, tmp_path, cap
     with open(path, 'r+b') as f:
       f.truncate(100)
   capfd.readouterr()
-  with pytest.raises(generator_source.SourceError, match='corrupt or truncated'):
-    generator_source.load_generator(str(workdir), 'mr2ct', backend='numpy')
+  with pytest.raises(generators.SourceError, match='corrupt or truncated'):
+    generators.load_generator(str(workdir), 'mr2ct', backend='numpy')
   assert 'Traceback' not in capfd.readouterr().err
 
 
 def test_misused_sources_and_folders_get_messages_that_say_what_is_wrong(run, tmp_path):
   workdir, npz = run
-  with pytest.raises(generator_source.SourceError,
+  with pytest.raises(generators.SourceError,
                      match=f'{npz}: is a file, not a training workdir'):
-    generator_source.restore_generators(npz, ('g_ct',))
+    generators.restore_generators(npz, ('g_ct',))
   garbage = tmp_path / 'bad.npz'
   garbage.write_bytes(np.random.default_rng(0).bytes(3000))
-  with pytest.raises(generator_source.SourceError, match=r'bad.npz: not a .npz \(zip\) file'):
-    generator_source.load_generator(str(garbage), 'mr2ct', backend='numpy')
+  with pytest.raises(generators.SourceError, match=r'bad.npz: not a .npz \(zip\) file'):
+    generators.load_generator(str(garbage), 'mr2ct', backend='numpy')
   folder = tmp_path / 'mr'
   folder.mkdir()
   arr, aff, _ = make_volume(*CASES[0])

@@ -13,12 +13,14 @@ import ml_collections
 import numpy as np
 
 from mr2ct_jax import checkpointing
-from mr2ct_jax import train_state
+from mr2ct_jax.training import state as train_state
 
 
 def random_params(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
   """{'g_ct', 'g_mr', 'd_ct', 'd_mr'} parameter trees of `config` with random float32 values."""
-  abstract = jax.eval_shape(lambda: train_state.init_params(config, jax.random.PRNGKey(0)))
+  gan = train_state.build(config)
+  abstract = jax.eval_shape(
+      lambda: train_state.init_params(gan, config.data.image_size, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: rng.normal(0.0, 0.1, x.shape).astype(x.dtype), abstract)
 
@@ -26,7 +28,8 @@ def random_params(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
 def make_workdir(workdir: str, config: ml_collections.ConfigDict, step: int = 2,
                  seed: int = 0) -> dict:
   """Writes WORKDIR/config.json and a checkpoint at `step`; returns the saved params."""
-  abstract = jax.eval_shape(lambda: train_state.create(config, jax.random.PRNGKey(0)))
+  gan = train_state.build(config)
+  abstract = jax.eval_shape(lambda: train_state.create(gan, config, jax.random.PRNGKey(0)))
   state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
   params = random_params(config, seed)
   state = state.replace(params=params, step=np.asarray(step, np.int32))

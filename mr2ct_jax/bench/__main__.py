@@ -5,7 +5,7 @@ import sys
 from typing import Sequence
 
 from mr2ct_jax import bench
-from mr2ct_jax import hugepages
+from mr2ct_jax.cli import hugepages
 
 
 def main(argv: Sequence[str]) -> int:

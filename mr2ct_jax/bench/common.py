@@ -7,12 +7,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from mr2ct_jax import atomic
-from mr2ct_jax import cli_flags
+from mr2ct_jax.cli import commands
 
 
 def define_config_flag(fv: flags.FlagValues) -> None:
   """--config, defaulting to this checkout's configs/gc.py."""
-  config_flags.DEFINE_config_file('config', cli_flags.default_config_path(),
+  config_flags.DEFINE_config_file('config', commands.default_config_path(),
                                   'Config file (configs/gc.py[:variant]).', flag_values=fv)
 
 

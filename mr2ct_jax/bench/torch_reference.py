@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from absl import flags
 
-from mr2ct_jax import cli_flags
+from mr2ct_jax.cli import commands
 
 
 def _define_flags() -> flags.FlagValues:
@@ -112,7 +112,7 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
         steps: int, warmup: int, threads: int = 0, device: str = 'cpu',
         cudnn_benchmark: bool = False) -> dict[str, Any]:
   """Times the reference training step at batch 1; returns the measurements."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: only this benchmark needs it)
   if threads:
     torch.set_num_threads(threads)
   torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -174,9 +174,9 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point: prints the measurements as one JSON line."""
   fv = _define_flags()
-  cli_flags.parse(fv, sys.argv if argv is None else argv, 'mr2ct_jax.bench.torch_reference')
+  commands.parse(fv, sys.argv if argv is None else argv, 'mr2ct_jax.bench.torch_reference')
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top,unused-import  (optional dependency)
   except ImportError:
     raise SystemExit('error: PyTorch is not installed (pip install torch) - it is only '
                      'needed to time the reference step') from None

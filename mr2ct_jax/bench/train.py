@@ -14,8 +14,7 @@ than its direct convolutions would, so the report also gives the effective GFLOP
 the direct-conv FLOPs (the same step lowered with 'matmul') over the same time.
 When PyTorch is installed it then times the reference step on this machine too
 (`torch_reference`: same sizes, batch 1, in a child process, on the GPU when JAX uses one) and
-reports the speedup; on a CPU, DESIGN.md's PyTorch numbers (measured on the project's original
-2-core CPU) are in the report as well. On a GPU, time more steps (`--steps=50`).
+reports the speedup. On a GPU, time more steps (`--steps=50`).
 """
 
 import importlib.util
@@ -29,19 +28,19 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import flags
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mr2ct_jax import cli_flags
-from mr2ct_jax import hugepages
+from mr2ct_jax import parallel
 from mr2ct_jax.bench import common
-from mr2ct_jax.config_checks import DEFAULT_CONV_IMPL
-
-# Seconds per step, batch 1, 2 CPU threads (DESIGN.md): size -> (without GC, with GC).
-# CPU numbers: they are compared with ours only when JAX runs on the CPU.
-REFERENCE_STEP_S = {128: (1.96, 2.19), 256: (7.62, 7.76)}
+from mr2ct_jax.cli import commands
+from mr2ct_jax.cli import hugepages
+from mr2ct_jax.models import layers
+from mr2ct_jax.training import state as state_lib
+from mr2ct_jax.training import step as step_lib
 
 
 def _matmul_size() -> int:
@@ -149,27 +148,27 @@ def _direct_conv_flops(config: ml_collections.ConfigDict, conv_impl: str,
 
 def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
   """Compiles and times the train step of `config` on one device; returns the measurements."""
-  from mr2ct_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
-  from mr2ct_jax.models import layers  # pylint: disable=g-import-not-at-top
-  mesh = train_step_lib.make_mesh(jax.devices()[:1])
+  mesh = parallel.make_mesh(jax.devices()[:1])
   size = config.data.image_size
   # XLA:CPU compiles a jitted init with partitionable threefry (one normal per parameter)
   # for many minutes; the classic threefry stream compiles in seconds. The values are a
   # different but equally valid initialisation, and only the step's timing matters here.
+  gan = state_lib.build(config)
   with jax.threefry_partitionable(False):
-    state = train_step_lib.create_state(config, jax.random.key(config.seed), mesh)
+    state = parallel.create_replicated(lambda rng: state_lib.create(gan, config, rng), mesh,
+                                       jax.random.key(config.seed))
   rng = np.random.default_rng(0)
   batch = {name: np.clip(rng.standard_normal((1, size, size, 1)) * 0.5, -1, 1).astype(np.float32)
            for name in ('mr', 'ct')}
-  batch = train_step_lib.shard_batch(batch, mesh)
-  lower = lambda c: train_step_lib.make_train_step(c, mesh).lower(state, batch)
+  batch = parallel.shard_batch(batch, mesh)
+  lower = lambda c: step_lib.make_train_step(state_lib.build(c), c, mesh).lower(state, batch)
 
   start = time.perf_counter()
   lowered = lower(config)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   flops, flops_source = _flops(lowered, compiled)
-  requested_impl = config.model.get('conv_impl', DEFAULT_CONV_IMPL)
+  requested_impl = config.model.conv_impl
   conv_impl = layers.check_conv_impl(requested_impl)
   direct_flops, direct_source = _direct_conv_flops(config, conv_impl, (flops, flops_source),
                                                    lower)
@@ -191,8 +190,6 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
   ceiling = max(ceiling_before['median_gflops'], ceiling_after['median_gflops'])
   achieved = flops / median / 1e9 if flops else None
   effective = direct_flops / median / 1e9 if direct_flops else None
-  reference = (REFERENCE_STEP_S.get(size, (None, None))[1 if config.loss.gc_weight else 0]
-               if jax.default_backend() == 'cpu' else None)
   count = lambda tree: int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
   return {
       'generator_params': count(holder['state'].params['g_ct']),
@@ -216,8 +213,6 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
       'matmul_ceiling_runs': {'before': ceiling_before, 'after': ceiling_after},
       'ratio': achieved / ceiling if achieved else None,
       'effective_ratio': effective / ceiling if effective else None,
-      'reference_pytorch_step_s': reference,
-      'speedup_vs_reference': reference / median if reference else None,
   }
 
 
@@ -249,7 +244,6 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
 
 def machine_info() -> dict[str, Any]:
   """Devices, CPU and library versions."""
-  import flax  # pylint: disable=g-import-not-at-top
   try:
     load = os.getloadavg()
   except OSError:
@@ -258,7 +252,7 @@ def machine_info() -> dict[str, Any]:
           'devices': [str(d) for d in jax.devices()], 'cpu': common.cpu_name(),
           'cpu_count': os.cpu_count(),
           'load_average': load, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          # mr2ct_jax/hugepages.py: set by the bench CLI (the PyTorch child runs without it).
+          # mr2ct_jax/cli/hugepages.py: set by the bench CLI (the PyTorch child runs without it).
           'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
           'platform': platform.platform(), 'python': platform.python_version()}
 
@@ -266,7 +260,7 @@ def machine_info() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; writes the JSON report and prints a one-line summary."""
   fv = _define_flags()
-  cli_flags.parse(fv, sys.argv if argv is None else argv, 'mr2ct_jax.bench train')
+  commands.parse(fv, sys.argv if argv is None else argv, 'mr2ct_jax.bench train')
   if fv.size < 16 or fv.size % 4:
     raise SystemExit(f'error: --size={fv.size}: must be >= 16 and divisible by 4')
   if fv.steps < 1 or fv.warmup < 0:
@@ -286,17 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             'speedup_vs_pytorch_measured': measured / result['step_time_s'] if measured else None,
             'config': config.to_dict(), 'machine': machine_info()}
   common.write_report(fv.output, report)
-  ref = result['reference_pytorch_step_s']
   here = (f'PyTorch here {measured:.4f} s, {measured / result["step_time_s"]:.2f}x'
           if measured else f'PyTorch here: {pytorch["skipped"]}')
-  design = f'; DESIGN.md reference {ref} s' if ref else ''
   rate = (f'{result["achieved_gflops"]:.1f} GFLOP/s = {100 * result["ratio"]:.0f}% of '
           if result['achieved_gflops'] else 'FLOPs not counted on this backend; ')
   if result['conv_impl_resolved'] == 'winograd' and result['effective_gflops']:
     rate = (f'{result["effective_gflops"]:.1f} effective GFLOP/s (direct-conv FLOPs) = '
             f'{100 * result["effective_ratio"]:.0f}%, {rate}')
   print(f'train step at {fv.size}^2 (gc={fv.gc}, {jax.default_backend()}): '
-        f'{result["step_time_s"]:.4f} s ({here}{design}), {rate}the matmul ceiling '
+        f'{result["step_time_s"]:.4f} s ({here}), {rate}the matmul ceiling '
         f'{result["matmul_ceiling_gflops"]:.1f} GFLOP/s -> {fv.output}')
   return 0
 

@@ -8,26 +8,21 @@ alone may fall into the noise floor of a dim scan.
 
 import numpy as np
 from scipy import ndimage
+import SimpleITK as sitk
 
 CT_BODY_THRESHOLD_HU = -500.0
 MR_FRACTION_RANGE = (0.05, 0.2)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-  """Otsu's threshold (maximum between-class variance) of `values`."""
-  values = np.asarray(values, np.float64).ravel()
-  low, high = float(values.min()), float(values.max())
-  if low == high:
-    return low
-  hist, edges = np.histogram(values, bins=bins, range=(low, high))
-  centres = (edges[:-1] + edges[1:]) / 2
-  weight0 = np.cumsum(hist)
-  weight1 = weight0[-1] - weight0
-  sum0 = np.cumsum(hist * centres)
-  mean0 = sum0 / np.maximum(weight0, 1)
-  mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
-  between = weight0 * weight1 * (mean0 - mean1) ** 2
-  return float(edges[1:][np.argmax(between)])
+  """Otsu's threshold (maximum between-class variance) of `values`, by SimpleITK."""
+  values = np.asarray(values, np.float32).reshape(1, -1)
+  if values.min() == values.max():
+    return float(values.min())
+  otsu = sitk.OtsuThresholdImageFilter()
+  otsu.SetNumberOfHistogramBins(bins)
+  otsu.Execute(sitk.GetImageFromArray(values))
+  return float(otsu.GetThreshold())
 
 
 def mr_threshold(array: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""The unpaired input pipeline (grain) and helpers to read the prepared splits.
+"""The unpaired input pipeline (grain) over the training splits of a prepared data dir.
 
 Training sees two independent, infinitely repeated slice streams, one per modality. Each
 stream: the split's records -> this process's shard (`records[process_index::process_count]`,
@@ -14,78 +14,24 @@ next position of each stream: a restored iterator yields exactly the batches an
 uninterrupted one would have.
 """
 
-import contextlib
 import json
 import zlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from absl import flags
+from absl import logging
 import grain
+import jax
 import ml_collections
 import numpy as np
 
+from mr2ct_jax.data import dataset
 from mr2ct_jax.data import intensity
-from mr2ct_jax.data import prepare
-from mr2ct_jax.data import tfds_builder
-from mr2ct_jax.data import volume as volume_lib
+from mr2ct_jax.data.dataset import DatasetError
 
-DatasetError = volume_lib.DatasetError
 STATE_VERSION = 1
 TRAIN_SPLITS = {'mr': 'train_mr', 'ct': 'train_ct'}
 _MAX_THREADS = 16
-
-
-# ---------------------------------------------------------------------------------------
-# Reading prepared data.
-
-
-def has_split(data_dir: str, split: str) -> bool:
-  """True if the prepared data dir holds `split` (splits without data are not written)."""
-  return split in prepare.load_meta(data_dir)['splits']
-
-
-@contextlib.contextmanager
-def _read_errors(data_dir: str, split: str) -> Iterator[None]:
-  """Turns a corrupt or truncated record file (array_record's RuntimeError) into one line."""
-  try:
-    yield
-  except (RuntimeError, OSError) as e:
-    detail = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-    raise DatasetError(f'{data_dir}: the {split!r} split cannot be read ({detail}); prepare '
-                       f'the data again') from e
-
-
-def load_split(data_dir: str, split: str) -> Sequence[dict[str, Any]]:
-  """Random-access source of a split's examples (see tfds_builder.features for the keys).
-
-  Raises:
-    DatasetError: the data dir is missing, not prepared, or has no such split.
-  """
-  meta = prepare.load_meta(data_dir)
-  if split not in meta['splits']:
-    raise DatasetError(f'{data_dir}: no {split!r} split (it has {sorted(meta["splits"])})')
-  with _read_errors(data_dir, split):
-    return tfds_builder.data_source(data_dir, split)
-
-
-def iterate_volumes(data_dir: str, split: str) -> Iterator[dict[str, Any]]:
-  """Yields every patient of a split as stacked slices, patients in sorted id order.
-
-  Yields:
-    {'patient_id': str, 'image', 'paired': float32 [N,S,S], 'mask', 'label': uint8 [N,S,S],
-     'slice_index': int32 [N]} with slices in slice_index order (0..N-1). Map them back to
-    the input volume with `prepare.load_geometry(data_dir, patient_id)`.
-  """
-  source = load_split(data_dir, split)
-  patients = prepare.load_meta(data_dir)['splits'][split]['patients']
-  for pid in sorted(patients):
-    with _read_errors(data_dir, split):
-      examples = [source[i] for i in patients[pid]['records']]
-    out: dict[str, Any] = {'patient_id': pid}
-    for key in tfds_builder.ARRAY_KEYS:
-      out[key] = np.stack([np.asarray(e[key]) for e in examples])
-    out['slice_index'] = np.asarray([int(e['slice_index']) for e in examples], np.int32)
-    yield out
 
 
 def check_data_dir(config: ml_collections.ConfigDict, data_dir: str) -> dict[str, Any]:
@@ -95,7 +41,7 @@ def check_data_dir(config: ml_collections.ConfigDict, data_dir: str) -> dict[str
     DatasetError: missing/unprepared dir, no train_mr or train_ct split, or a dataset
       prepared with an image size other than config.data.image_size.
   """
-  meta = prepare.load_meta(data_dir)
+  meta = dataset.load_meta(data_dir)
   missing = [s for s in TRAIN_SPLITS.values() if s not in meta['splits']]
   if missing:
     raise DatasetError(f'{data_dir}: no {" and no ".join(missing)} split; training needs '
@@ -160,7 +106,7 @@ def make_stream(source: Sequence[Any], augment: Augment, *, seed: int, batch_siz
   """One modality's infinite stream of batches float32 [batch_size, S, S, 1].
 
   Args:
-    source: random-access examples with an `image` key (e.g. `load_split(...)`).
+    source: random-access examples with an `image` key (e.g. `dataset.load_split(...)`).
     augment: the per-example transform.
     seed: stream seed (shuffle and augmentation seeds are derived from it).
     batch_size: local batch size.
@@ -238,10 +184,9 @@ class UnpairedIterator:
       raise DatasetError(f'data iterator state is not a version-{STATE_VERSION} '
                          f'UnpairedIterator state with streams {sorted(self._iters)}')
     if (state['process_index'], state['process_count']) != (self._info['process_index'],
-                                                             self._info['process_count']):
+                                                            self._info['process_count']):
       # Positions stay valid, but each process now reads another shard: the batch sequence
       # differs from the uninterrupted run (not an error: a job may move to another pod).
-      from absl import logging  # pylint: disable=g-import-not-at-top
       logging.warning('data iterator state was saved by process %d of %d, restored by %d of '
                       '%d: the resumed batches follow a different sharding',
                       state['process_index'], state['process_count'],
@@ -258,7 +203,7 @@ def make_unpaired_iterator(config: ml_collections.ConfigDict, data_dir: str, *,
   Args:
     config: uses seed, train.batch_size (global), data.{image_size, ct_window, mr_window,
       crop_pad_fraction, flip_lr, prefetch, num_workers}.
-    data_dir: written by `prepare.prepare` / `prepare.prepare_phantom`.
+    data_dir: written by `writer.prepare` / `writer.prepare_phantom`.
     process_index, process_count: default jax.process_index() / jax.process_count().
 
   Raises:
@@ -266,7 +211,6 @@ def make_unpaired_iterator(config: ml_collections.ConfigDict, data_dir: str, *,
     ValueError: train.batch_size not divisible by the process count.
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   check_data_dir(config, data_dir)
@@ -280,7 +224,7 @@ def make_unpaired_iterator(config: ml_collections.ConfigDict, data_dir: str, *,
   streams, info = {}, {'process_index': process_index, 'process_count': process_count,
                        'local_batch': batch // process_count, 'pad': pad, 'shard_sizes': {}}
   for modality, split in TRAIN_SPLITS.items():
-    source = load_split(data_dir, split)
+    source = dataset.load_split(data_dir, split)
     seed = derive_seed(config.seed, 'stream', modality, process_index)
     streams[modality] = make_stream(
         source, Augment(modality, windows[modality], size, pad, data.flip_lr), seed=seed,

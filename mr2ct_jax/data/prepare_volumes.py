@@ -17,6 +17,7 @@ from mr2ct_jax.data import intensity
 from mr2ct_jax.data import mask as mask_lib
 from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import volume as volume_lib
+from mr2ct_jax.data.dataset import DatasetError
 
 # Order in which splits claim patient ids: the paired test subjects first, so a subject that
 # also appears in a training folder never leaks into training.
@@ -27,7 +28,6 @@ SPLIT_FLAG = {'train_mr': 'mr_dir', 'train_ct': 'ct_dir', 'labeled': 'labeled_di
 # Roles of the files in the labeled / paired folders, by name suffix (<id>_<role>):
 # split -> (required roles, optional roles).
 ROLES = {'labeled': (('ct', 'label'), ()), 'test': (('mr', 'ct'), ('mask', 'label'))}
-DatasetError = volume_lib.DatasetError
 Inputs = dict[str, dict[str, dict[str, str]]]  # split -> patient id -> role -> path
 
 
@@ -107,7 +107,7 @@ def read(path: str) -> volume_lib.Volume:
 
 
 def preprocess_mr(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.ndarray,
-                                                      preprocess.SliceGeometry]:
+                                                                preprocess.SliceGeometry]:
   """MR -> (normalised slices, body mask uint8, geometry)."""
   if s.n4:
     vol = preprocess.n4_correct(vol)
@@ -120,14 +120,14 @@ def preprocess_mr(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.n
 
 
 def preprocess_ct(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.ndarray,
-                                                      preprocess.SliceGeometry]:
+                                                                preprocess.SliceGeometry]:
   """CT -> (slices in HU, body mask uint8, geometry); rejects CTs that are not in HU."""
   intensity.check_ct_is_hu(vol.array, vol.path)
   slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size)
   body = mask_lib.body_mask(slices, modality='ct', slice_axis=0)
   if not body.any():
     raise Skipped(f'{vol.path}: empty body mask (no voxel above '
-                   f'{mask_lib.CT_BODY_THRESHOLD_HU} HU)')
+                  f'{mask_lib.CT_BODY_THRESHOLD_HU} HU)')
   return slices, body.astype(np.uint8), geom
 
 
@@ -158,8 +158,8 @@ def check_same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> None:
   """Raises Skipped unless `b` has the shape and affine of `a` (the MR)."""
   if a.array.shape != b.array.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
     raise Skipped(f'{b.path}: not on the MR grid of {a.path} (shape {b.array.shape} vs '
-                   f'{a.array.shape} or a different affine); a paired CT must be registered '
-                   'and resampled to its MR')
+                  f'{a.array.shape} or a different affine); a paired CT must be registered '
+                  'and resampled to its MR')
 
 
 def ct_fov(ct_slices: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """TFDS builder that writes prepared per-patient slice stacks as an array_record dataset.
 
-The builder is used as a plain module, not a registered TFDS package: `prepare.py` preprocesses
+The builder is used as a plain module, not a registered TFDS package: `writer.py` preprocesses
 every volume once, saves each patient's slices to a `.npz` file and hands the list of files per
 split to `build()`. Reading goes through `tfds.builder_from_directory(...).as_data_source()`,
 which needs neither this class nor TensorFlow.
@@ -106,6 +106,10 @@ class Mr2ctSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         description='Axial slices of MR and CT volumes prepared by mr2ct_jax.data.prepare.',
         features=features(self._image_size),
         supervised_keys=None,
+        # Records in the order they are generated (patient, then slice): the writer knows
+        # every patient's record indices without reading the dataset back. Training
+        # shuffles on its own (grain), so TFDS's write-time shuffle buys nothing.
+        disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):  # pylint: disable=unused-argument

@@ -34,10 +34,6 @@ class VolumeError(ValueError):
   """A volume (file or DICOM folder) cannot be used; the message starts with its path."""
 
 
-class DatasetError(ValueError):
-  """A dataset-level problem (data dir, split, folder); one line naming the dir or key."""
-
-
 @dataclasses.dataclass
 class Volume:
   """A 3-D scalar volume.

@@ -4,7 +4,7 @@ XLA:CPU's forward convs (YNNPACK) run close to matmul speed when they are padded
 gradient convs are uneven: a stride-2 conv's kernel gradient becomes a dilated convolution,
 the input gradient of a strided conv a conv over a zero-dilated input, and kernel gradients
 in general run well below matmul speed. `conv2d` keeps XLA's forward conv (a full im2col +
-matmul forward measured no faster here) and writes the VJP as two matmuls plus col2im:
+matmul forward is no faster) and writes the VJP as two matmuls plus col2im:
 
     cols     = concat_{i, j} xp[:, i::s, j::s]   [B*Ho*Wo, kh*kw*Cin], xp = zero-padded input
     d_kernel = cols^T @ dy    (a dot_general contracting the pixel axis: no transpose copy)
@@ -86,7 +86,7 @@ def _zero_pad(x: Array, pad: Pad) -> Array:
 
 def _forward(x: Array, kernel: Array, stride: int, pad: Pad) -> Array:
   if _pairs(pad) == ((0, 0), (0, 0)) and stride == 1:
-    # XLA:CPU runs an unpadded conv ~2.5x slower than a padded one: pad one zero row at
+    # XLA:CPU runs an unpadded conv much slower than a padded one: pad one zero row at
     # the bottom and drop its output row (the same numbers).
     return lax.conv_general_dilated(x, kernel, (1, 1), ((0, 1), (0, 0)),
                                     dimension_numbers=_DN)[:, :-1]
@@ -162,7 +162,7 @@ def conv_transpose2d(x: Array, kernel: Array, stride: int, pad: int,
   b, h, w, cin = x.shape
   kh, kw, _, cout = kernel.shape
   full_h, full_w, out_h, out_w = _transpose_geometry(x.shape, kernel.shape, stride, pad,
-                                                      output_padding)
+                                                     output_padding)
   taps = _matmul(x.reshape(b * h * w, cin), _taps_by_input(kernel), (1, 1))
   full = col2im(taps, (b, full_h, full_w, cout), kh, kw, stride)
   return _crop_or_pad(full, pad, out_h, out_w)

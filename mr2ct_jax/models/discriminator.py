@@ -17,7 +17,7 @@ class PatchDiscriminator(nn.Module):
 
   All convs are 4x4 with zero padding 1; the first `num_layers` have stride 2. Parameters
   (1 input channel, ndf=64, 3 layers): 2,762,689, as the reference. Logits are float32.
-  `conv_impl` picks the conv code path (`layers.CONV_IMPLS`), not the function.
+  `conv_impl` picks the conv code path (`options.CONV_IMPLS`), not the function.
   """
   ndf: int = 64
   num_layers: int = 3

@@ -38,7 +38,7 @@ class ResnetGenerator(nn.Module):
 
   Parameters (1 in / 1 out, ngf=64, 9 blocks): 11,365,633, as the reference. Params are
   float32; `dtype` is the compute dtype (e.g. bfloat16); the output is float32 in [-1, 1].
-  `conv_impl` picks the conv code path (`layers.CONV_IMPLS`), not the function.
+  `conv_impl` picks the conv code path (`options.CONV_IMPLS`), not the function.
   """
   ngf: int = 64
   num_res_blocks: int = 9

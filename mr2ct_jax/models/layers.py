@@ -1,20 +1,18 @@
 """Layers the CycleGAN reference uses that flax lacks, with several code paths for the convs.
 
-Every conv layer takes `conv_impl` (`CONV_IMPLS`); all of them compute the same function with
-the same parameters (tests/test_models.py), so a checkpoint moves freely between them:
+Every conv layer takes `conv_impl` (`options.CONV_IMPLS`); all of them compute the same
+function with the same parameters (tests/test_models.py), so a checkpoint moves freely
+between them. Which path is fastest where is measured in the README's Benchmarks section.
 
 - 'matmul': the hand-written forms below: forward convs as XLA convolutions, backward
-  passes as im2col matmuls (and a matmul-based stride-2 transposed conv). On a 2-core CPU,
-  XLA:CPU's gradient convs run at a fraction of matmul speed; on an H100 the 256^2 train
-  step took 24 ms against 40 ms with XLA's (cuDNN) convs (README, Benchmarks).
+  passes as im2col matmuls (and a matmul-based stride-2 transposed conv), because XLA:CPU's
+  gradient convolutions run at a fraction of matmul speed.
 - 'winograd': 'matmul', except that the residual blocks' 3x3 convs (most of the arithmetic)
   run as Winograd F(2x2, 3x3) (`winograd.py`): 2.25x fewer multiplications in the forward
   pass and in both gradients, agreeing with the direct conv to float32 rounding.
-- 'xla': XLA's own convolutions and their autodiff gradients.
-- 'auto' (the default): the path measured fastest on JAX's default backend:
-  'winograd' on CPUs (on a 2-core CPU the 128^2 train step ran 1.3x and the 256^2 one 1.4x
-  faster than with 'matmul'), 'matmul' elsewhere (the fastest on an H100; Winograd's small
-  batched matmuls have not been measured on an accelerator).
+- 'xla': XLA's own convolutions and their autodiff gradients (cuDNN on GPUs).
+- 'auto' (the default): the path measured fastest on JAX's default backend
+  (`options.resolve_conv_impl`).
 
 The 'matmul' forms:
 
@@ -22,22 +20,20 @@ The 'matmul' forms:
 - `Conv`: `nn.Conv` with zero padding and the same parameters, through `conv_ops.conv2d`
   (XLA's conv forward, im2col matmuls backward: XLA:CPU's strided gradient convs are slow).
 - `ReflectConv`: reflect padding + stride-1 conv with bias, parameters as `nn.Conv`'s.
-  XLA:CPU (jax 0.10, YNNPACK convs) runs a convolution without padding ~2.5x slower than
-  the same one with padding, so the unpadded ("VALID") conv after a reflect pad is computed
-  with one extra zero row at the bottom whose output row is dropped (`conv_valid`); its
-  backward is hand-written too (padded input-gradient conv, kernel gradient as matmuls). A
-  conv to a single output channel (the generator's last layer) is ~30x slower still, forward
-  and backward, so it is written as one matmul to kh*kw planes plus shifted sums
-  (`conv_to_one_channel`), with a hand-written backward of two matmuls. A conv from a
-  narrow input (the 7x7 stem) goes through `conv_ops.conv2d`, whose im2col is small there.
+  XLA:CPU (YNNPACK convs) runs a convolution without padding much slower than the same one
+  with padding, so the unpadded ("VALID") conv after a reflect pad is computed with one
+  extra zero row at the bottom whose output row is dropped (`conv_valid`); its backward is
+  hand-written too (padded input-gradient conv, kernel gradient as matmuls). A conv to a
+  single output channel (the generator's last layer) is slower still, forward and backward,
+  so it is written as one matmul to kh*kw planes plus shifted sums (`conv_to_one_channel`),
+  with a hand-written backward of two matmuls. A conv from a narrow input (the 7x7 stem)
+  goes through `conv_ops.conv2d`, whose im2col is small there.
 - `instance_norm`: PyTorch `nn.InstanceNorm2d(affine=False)` (per image and channel, biased
   variance, eps 1e-5, no parameters); statistics in float32 whatever the compute dtype.
 - `UpConv2x`: PyTorch `nn.ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1)`,
   through `conv_ops.conv_transpose2d` (a matmul to the 9 taps per input pixel and an
   overlap-add). XLA lowers a stride-2 transposed conv to a conv over a zero-dilated input,
-  which does 4x the arithmetic and takes a slow path in the backward pass. (Four per-phase
-  stride-1 convs, the exact sub-pixel split, ran 1.3-2x slower per layer in isolation; the
-  whole train step measured the same within noise.)
+  which does 4x the arithmetic and takes a slow path in the backward pass.
 """
 
 from typing import Any
@@ -46,23 +42,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mr2ct_jax import config_checks
 from mr2ct_jax.models import conv_ops
+from mr2ct_jax.models import options
 from mr2ct_jax.models import winograd
 
 Array = jax.Array
 _DN = ('NHWC', 'HWIO', 'NHWC')
-CONV_IMPLS = config_checks.CONV_IMPLS
 # Largest kh*kw*Cin for which `ReflectConv` uses `conv_ops.conv2d` (im2col backward).
 _SMALL_IM2COL = 256
 
 
-# Winograd output tile of the 'winograd' path: F(2x2, 3x3). F(4x4, 3x3) does 1.8x fewer
-# multiplications still, but its 36 matmuls of a quarter as many rows ran slower (the
-# 256^2 train step on a 2-core CPU: 13.4 s against 11.5 s with F(2x2, 3x3) and 16.1 s direct).
+# Winograd output tile of the 'winograd' path: F(2x2, 3x3). F(4x4, 3x3) does fewer
+# multiplications still, but its 36 matmuls of a quarter as many rows ran slower (README).
 WINOGRAD_TILE = 2
 # Fewest input channels for Winograd: its transforms cost per channel what the matmuls save
-# per channel pair, so narrow convs gain nothing (64 channels: the quick config, ran the same).
+# per channel pair, so narrow convs gain nothing.
 WINOGRAD_MIN_CHANNELS = 64
 
 
@@ -70,17 +64,23 @@ def check_conv_impl(conv_impl: str, backend: str | None = None) -> str:
   """The concrete code path for `conv_impl` ('auto' resolved for `backend`).
 
   Args:
-    conv_impl: one of `CONV_IMPLS`; anything else is a ValueError naming it.
+    conv_impl: one of `options.CONV_IMPLS`; anything else is a ValueError naming it.
     backend: 'cpu', 'gpu', 'tpu'...; None: JAX's default backend.
 
   Returns:
     'winograd', 'matmul' or 'xla'.
   """
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f'conv_impl={conv_impl!r}: must be one of {CONV_IMPLS}')
-  if conv_impl != 'auto':
-    return conv_impl
-  return 'winograd' if (backend or jax.default_backend()) == 'cpu' else 'matmul'
+  return options.resolve_conv_impl(conv_impl, backend or jax.default_backend())
+
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """The JAX compute dtype named `name` (one of `options.DTYPE_NAMES`)."""
+  if name not in _DTYPES:
+    raise ValueError(f'dtype={name!r}: must be one of {options.DTYPE_NAMES}')
+  return _DTYPES[name]
 
 
 def xla_conv(x: Array, kernel: Array, stride: int = 1, pad: int = 0) -> Array:
@@ -122,8 +122,8 @@ def conv_valid(x: Array, kernel: Array) -> Array:
   numbers, but XLA:CPU then takes its fast (padded) conv path. The backward pass is written
   out too: XLA:CPU's kernel-gradient convolution runs at a fraction of matmul speed, so the
   kernel gradient is kh matmuls of column-shifted copies of `x` with the output gradient.
-  (`conv_ops.conv2d`'s single im2col matmul measured ~10% slower on the 256^2 train step,
-  where the res-block cols would be 4096 x 2304.)
+  (A single im2col matmul, as in `conv_ops.conv2d`, was slower here: the res-block columns
+  would be large.)
   """
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((0, 1), (0, 0)),
                                       dimension_numbers=_DN)[:, :-1]

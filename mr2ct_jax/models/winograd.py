@@ -50,10 +50,9 @@ def _kron(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _transform(mat: np.ndarray, stacked: Array) -> Array:
   """[J, ...] = `mat` [J, K] applied along the leading axis of `stacked` [K, ...].
 
-  One matmul with a small K: a single memory-bound pass that XLA compiles as one op, where
-  sums of shifted slices compiled to (m + 2)^2 loops and a concatenate per transform (twice
-  the compile time of the whole train step, and no faster). In float32 whatever the
-  compute dtype, then rounded once to it.
+  One matmul with a small K: a single memory-bound pass that XLA compiles as one op (sums
+  of shifted slices would compile to (m + 2)^2 loops and a concatenate per transform, which
+  compile far slower). In float32 whatever the compute dtype, then rounded once to it.
   """
   k = stacked.shape[0]
   out = jnp.dot(jnp.asarray(mat, jnp.float32), stacked.reshape(k, -1),

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from mr2ct_jax import cli_flags
+from mr2ct_jax.cli import commands
 
 COMMAND = 'mr2ct_jax.segmentation'
 
@@ -44,17 +44,19 @@ def _define_flags() -> flags.FlagValues:
 
 def _known_errors() -> tuple[type[Exception], ...]:
   """Exception types whose message is a one-line explanation for the user."""
+  # Called only after a failure, when `_run` has loaded these (see there).
   from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from mr2ct_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top
-  from mr2ct_jax import reports  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import volume  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.segmentation import data as seg_data  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.segmentation import run as seg_run  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.segmentation import train as seg_train  # pylint: disable=g-import-not-at-top
   return (seg_run.SegmentationError, seg_data.SegDataError, config_checks.ConfigError,
-          generator_source.SourceError, checkpointing.CheckpointError, reports.ReportError,
-          volume.VolumeError, volume.DatasetError, seg_train.NonFiniteLossError)
+          generators.SourceError, checkpointing.CheckpointError, reports.ReportError,
+          volume.VolumeError, dataset.DatasetError, seg_train.NonFiniteLossError)
 
 
 def _seg_section(fv: flags.FlagValues):
@@ -65,7 +67,7 @@ def _seg_section(fv: flags.FlagValues):
     config = fv.config  # ml_collections loads the file lazily: errors surface here
     has_seg = 'seg' in config
   except (OSError, ValueError, flags.Error) as e:
-    raise SystemExit(f'error: --config: {cli_flags.last_line(e)}') from e
+    raise SystemExit(f'error: --config: {commands.last_line(e)}') from e
   if not has_seg:
     raise SystemExit(f'error: --config: {fv["config"].config_filename} has no seg section')
   return config.seg
@@ -73,6 +75,8 @@ def _seg_section(fv: flags.FlagValues):
 
 def _run(fv: flags.FlagValues) -> None:
   seg_config = _seg_section(fv)
+  # Imported here, not at the top: JAX, flax and TFDS take seconds to load, and `--help` and
+  # flag errors should not wait for them.
   from mr2ct_jax.segmentation import run as seg_run  # pylint: disable=g-import-not-at-top
   seg_run.run(fv.workdir, fv.data, fv.output, steps=fv.steps, overwrite=fv.overwrite,
               seg_config=seg_config)
@@ -81,8 +85,8 @@ def _run(fv: flags.FlagValues) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns 0 or raises SystemExit with a one-line 'error: ...'."""
   fv = _define_flags()
-  return cli_flags.run(fv, argv, COMMAND, lambda: _run(fv), errors=_known_errors,
-                       required=('workdir',), doc=__doc__)
+  return commands.run(fv, argv, COMMAND, lambda: _run(fv), errors=_known_errors,
+                      required=('workdir',), doc=__doc__)
 
 
 if __name__ == '__main__':

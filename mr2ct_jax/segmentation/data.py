@@ -13,16 +13,17 @@ exactly the batches of an uninterrupted one and the data iterator state is just 
 
 import dataclasses
 import os
-from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from mr2ct_jax import atomic
+from mr2ct_jax.data import dataset
 from mr2ct_jax.data import intensity
-from mr2ct_jax.data import pipeline
+from mr2ct_jax.inference import slices
 
-ApplyFn = Callable[[np.ndarray], np.ndarray]
+ApplyFn = slices.ApplyFn
 LABELED_SPLIT = 'labeled'
 CACHE_VERSION = 1
 
@@ -49,21 +50,13 @@ class LabeledSet:
     return int(self.label.shape[0])
 
 
-def translate_slices(apply_fn: ApplyFn, slices: np.ndarray, batch_size: int) -> np.ndarray:
-  """Runs a generator over [N, H, W] model-range slices, last batch padded to one shape."""
-  # Imported here: evaluation_core pulls in matplotlib (report_figures), not needed to train.
-  from mr2ct_jax import evaluation_core  # pylint: disable=g-import-not-at-top
-  return evaluation_core.translate_slices(apply_fn, slices, batch_size)
-
-
 def check_data_dir(data_dir: str, config: ml_collections.ConfigDict, split: str) -> None:
   """Raises SegDataError unless `data_dir` has `split`, prepared like the generator's data."""
-  from mr2ct_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  if not pipeline.has_split(data_dir, split):
+  if not dataset.has_split(data_dir, split):
     what = ('a labeled CT split (prepare with --labeled_dir)' if split == LABELED_SPLIT else
             'a paired test split with labels (prepare with --paired_dir)')
     raise SegDataError(f'{data_dir}: no {split!r} split; segmentation needs {what}')
-  mismatch = prepare.settings_mismatch(data_dir, config)
+  mismatch = dataset.settings_mismatch(data_dir, config)
   if mismatch is not None:
     raise SegDataError(mismatch)
 
@@ -101,21 +94,21 @@ def load_labeled_set(data_dir: str, config: ml_collections.ConfigDict, smr_fn: A
     with np.load(cache_path) as npz:
       return LabeledSet(ct=npz['ct'], smr=npz['smr'], label=npz['label'])
   cts, labels = [], []
-  for volume in pipeline.iterate_volumes(data_dir, LABELED_SPLIT):
+  for volume in dataset.iterate_volumes(data_dir, LABELED_SPLIT):
     cts.append(intensity.ct_hu_to_model(volume['image'], config.data.ct_window))
     labels.append(np.asarray(volume['label'], np.uint8))
   if not cts or not any(lab.any() for lab in labels):
     raise SegDataError(f'{data_dir}: the {LABELED_SPLIT!r} split has no labeled voxel')
   ct = np.concatenate(cts)
-  smr = translate_slices(smr_fn, ct, int(config.seg.eval_batch_size))
+  smr = slices.translate_slices(smr_fn, ct, int(config.seg.eval_batch_size))
   labeled = LabeledSet(ct=ct.astype(np.float16), smr=smr.astype(np.float16),
                        label=np.concatenate(labels))
   if cache_path and write_cache:
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    tmp = f'{cache_path}.tmp-{os.getpid()}.npz'
-    np.savez(tmp, ct=labeled.ct, smr=labeled.smr, label=labeled.label,
-             **{f'key_{k}': np.asarray(v) for k, v in key.items()})
-    os.replace(tmp, cache_path)
+    # A file object, so NumPy does not append a second '.npz' to the temporary name.
+    with atomic.writing(cache_path, 'wb') as f:
+      np.savez(f, ct=labeled.ct, smr=labeled.smr, label=labeled.label,
+               **{f'key_{k}': np.asarray(v) for k, v in key.items()})
   return labeled
 
 
@@ -152,5 +145,5 @@ def sample_batch(labeled: LabeledSet, *, seed: int, step: int, batch_size: int, 
 def mr_inputs(mr: np.ndarray, sct_fn: ApplyFn, config: ml_collections.ConfigDict) -> np.ndarray:
   """U-Net input of an MR volume [N, S, S] (MR units): [N, S, S, 2] = (sCT, MR), model range."""
   mr_model = intensity.mr_to_model(mr, config.data.mr_window)
-  sct = translate_slices(sct_fn, mr_model, int(config.seg.eval_batch_size))
+  sct = slices.translate_slices(sct_fn, mr_model, int(config.seg.eval_batch_size))
   return np.stack([sct, mr_model], axis=-1).astype(np.float32)

@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mr2ct_jax import reports
-from mr2ct_jax.data import phantom_anatomy
+from mr2ct_jax.data.phantom import anatomy as phantom_anatomy
+from mr2ct_jax.evaluation import reports
+from mr2ct_jax.inference import slices
 from mr2ct_jax.segmentation import data as seg_data
 from mr2ct_jax.segmentation import dice as dice_lib
 from mr2ct_jax.segmentation import figures
 from mr2ct_jax.segmentation import train as seg_train
 
-ApplyFn = Callable[[np.ndarray], np.ndarray]
+ApplyFn = slices.ApplyFn
 # The paper's MR Dice with GC loss and >300 training volumes (section 3.2), for comparison.
 PAPER_DICE = {'pelvis': (0.808, 0.036), 'femur': (0.883, 0.029),
               'gluteus_medius': (0.804, 0.040), 'gluteus_minimus': (0.669, 0.054)}
@@ -48,19 +49,6 @@ def make_predict_fn(params: Any, config: ml_collections.ConfigDict) -> ApplyFn:
 def _jitted_predict(model: Any) -> Callable[[Any, jax.Array], jax.Array]:
   # Shared per architecture: evaluating several checkpoints compiles once.
   return jax.jit(lambda variables, x: jnp.argmax(model.apply(variables, x), -1).astype(jnp.uint8))
-
-
-def predict_volume(predict_fn: ApplyFn, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  """Labels [N, S, S] of inputs [N, S, S, 2]; the last batch is padded to one shape."""
-  out = np.empty(inputs.shape[:-1], np.uint8)
-  for start in range(0, inputs.shape[0], batch_size):
-    chunk = inputs[start:start + batch_size]
-    n = chunk.shape[0]
-    if n < batch_size:
-      chunk = np.concatenate([chunk, np.full((batch_size - n,) + chunk.shape[1:], -1.0,
-                                             np.float32)])
-    out[start:start + n] = predict_fn(chunk)[:n]
-  return out
 
 
 def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
@@ -90,7 +78,7 @@ def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
       raise seg_data.SegDataError(f'test patient {pid}: record has no label array')
     mr, truth = np.asarray(volume['image'], np.float32), np.asarray(volume['label'])
     inputs = seg_data.mr_inputs(mr, sct_fn, config)
-    pred = predict_volume(predict_fn, inputs, int(config.seg.eval_batch_size))
+    pred = slices.run_batched(predict_fn, inputs, int(config.seg.eval_batch_size))
     scores = dice_lib.dice_per_label(pred, truth, names)
     finite = [v for v in scores.values() if np.isfinite(v)]
     row = {'patient_id': pid, 'num_slices': int(mr.shape[0]),
@@ -121,18 +109,14 @@ def summary_markdown(rows: list[dict[str, Any]], names: Mapping[int, str], title
     paper = PAPER_DICE.get(key[len('dice_'):])
     body.append([label(key), reports.fmt_stats(stats[key], 3), str(stats[key].n),
                  f'{paper[0]:.3f} ± {paper[1]:.3f}' if paper else '-'])
-  table = _md_table(['Structure', 'Dice (mean ± SD)', 'N', 'Paper (GC, 302 MR + 613 CT)'], body)
+  table = reports.md_table(
+      ['Structure', 'Dice (mean ± SD)', 'N', 'Paper (GC, 302 MR + 613 CT)'], body)
   patients = [[str(r['patient_id'])] + [reports.fmt(float(r[k]), 3) for k in keys]
               for r in rows]
   text = [f'# {title}', '', f'{len(rows)} test volume(s). Mean ± SD over volumes (SD with '
           'ddof=1).', '', table, '', '## Per patient', '',
-          _md_table(['Patient'] + [label(k) for k in keys], patients), '', '## Notes', '']
+          reports.md_table(['Patient'] + [label(k) for k in keys], patients), '', '## Notes', '']
   return '\n'.join(text + [f'- {n}' for n in notes]) + '\n'
-
-
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-  return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in body])
 
 
 def write_outputs(out_dir: str, rows: list[dict[str, Any]], names: Mapping[int, str],

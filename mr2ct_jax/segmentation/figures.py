@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from mr2ct_jax import report_figures  # also selects matplotlib's file-only Agg backend
+from mr2ct_jax.evaluation import figures as report_figures  # also selects matplotlib's file-only Agg backend
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _COLORS = ('#e41a1c', '#377eb8', '#4daf4a', '#ff7f00', '#984ea3', '#a65628', '#f781bf')

@@ -17,9 +17,16 @@ from typing import Any
 import jax
 import ml_collections
 
+from mr2ct_jax import atomic
 from mr2ct_jax import config_checks
-from mr2ct_jax import reports
 from mr2ct_jax import tb_logging
+from mr2ct_jax.data import dataset
+from mr2ct_jax.data import resolve
+from mr2ct_jax.evaluation import reports
+from mr2ct_jax.inference import generators
+from mr2ct_jax.segmentation import data as seg_data
+from mr2ct_jax.segmentation import evaluate as seg_eval
+from mr2ct_jax.segmentation import train as seg_train
 
 RUN_FILE = 'run.json'
 EVAL_OWN_FILE = 'per_volume.json'  # written by seg_eval.write_outputs into every eval/
@@ -43,10 +50,7 @@ def _read_run_file(path: str) -> dict[str, Any] | None:
 
 def _write_run_file(path: str, info: dict[str, Any]) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  atomic.write_json(path, info, indent=2, sort_keys=True)
 
 
 def segmentation_config(run_config: ml_collections.ConfigDict,
@@ -63,9 +67,6 @@ def segmentation_config(run_config: ml_collections.ConfigDict,
   config = ml_collections.ConfigDict(run_config.to_dict())
   if seg_override is not None:
     config.seg = ml_collections.ConfigDict(seg_override.to_dict())
-  if 'seg' not in config:
-    raise SegmentationError(f'{where}: the run\'s config.json has no seg section (trained before '
-                            'segmentation existed); pass --config=configs/gc.py[:variant]')
   if steps is not None:
     config.seg.num_steps = int(steps)
   config_checks.validate(config)
@@ -91,16 +92,9 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
     or None on processes other than 0. The summary table is printed.
 
   Raises:
-    SegmentationError, seg_data.SegDataError, ConfigError, generator_source.SourceError,
+    SegmentationError, seg_data.SegDataError, ConfigError, generators.SourceError,
     checkpointing.CheckpointError, reports.ReportError, DatasetError: one-line messages.
   """
-  # JAX/TFDS-heavy modules are imported here so `--help` and flag errors stay instant.
-  from mr2ct_jax import generator_source  # pylint: disable=g-import-not-at-top
-  from mr2ct_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from mr2ct_jax.segmentation import data as seg_data  # pylint: disable=g-import-not-at-top
-  from mr2ct_jax.segmentation import evaluate as seg_eval  # pylint: disable=g-import-not-at-top
-  from mr2ct_jax.segmentation import train as seg_train  # pylint: disable=g-import-not-at-top
-
   output = os.path.abspath(output or os.path.join(workdir, 'seg'))
   eval_dir = os.path.join(output, EVAL_DIR)
   # Fail before any work; --overwrite replaces only an earlier evaluation (per_volume.json).
@@ -109,22 +103,17 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
   previous = _read_run_file(run_path)
   pinned = previous.get('generator_step') if previous else None
   try:
-    smr_fn, run_config, info = generator_source.load_generator(workdir, 'ct2mr', pinned)
-  except generator_source.SourceError as e:
+    smr_fn, run_config, info = generators.load_generator(workdir, 'ct2mr', pinned)
+  except generators.SourceError as e:
     if pinned is None:
       raise
     # The U-Net was trained on this step's sMR: another step would silently change its input.
     raise SegmentationError(f'{run_path}: this segmentation run uses the generators of step '
                             f'{pinned}, which cannot be loaded ({e}); use another --output') from e
-  sct_fn, _, _ = generator_source.load_generator(workdir, 'mr2ct', info.step)
+  sct_fn, _, _ = generators.load_generator(workdir, 'mr2ct', info.step)
   config = segmentation_config(run_config, seg_config, steps, workdir)
 
-  if not data_dir:
-    data_dir = config.data.dir
-  if not data_dir:
-    from mr2ct_jax import train  # pylint: disable=g-import-not-at-top  (same rule as training)
-    data_dir = train.resolve_data_dir(config, workdir)
-  data_dir = os.path.abspath(data_dir)
+  data_dir = os.path.abspath(resolve.resolve_data_dir(config, workdir, data_dir))
   seg_data.check_data_dir(data_dir, config, seg_data.LABELED_SPLIT)
   seg_data.check_data_dir(data_dir, config, 'test')
 
@@ -158,7 +147,7 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
   with reports.atomic_output_dir(eval_dir, overwrite, EVAL_OWN_FILE) as tmp:
     figure_dir = os.path.join(tmp, 'figures')
     os.makedirs(figure_dir)
-    rows = seg_eval.evaluate_volumes(pipeline.iterate_volumes(data_dir, 'test'), sct_fn,
+    rows = seg_eval.evaluate_volumes(dataset.iterate_volumes(data_dir, 'test'), sct_fn,
                                      predict_fn, config, figure_dir=figure_dir)
     if not rows:
       raise SegmentationError(f'{data_dir}: the test split holds no volumes')

@@ -1,6 +1,6 @@
 """Training of the segmentation U-Net: state, the jitted data-parallel step, the loop.
 
-Like the CycleGAN step (`mr2ct_jax.train_step`): a pure step function with its statics bound
+Like the CycleGAN step (`mr2ct_jax.training.step`): a pure step function with its statics bound
 by `functools.partial`, jitted with the state replicated and the batch split over the mesh's
 'data' axis (XLA inserts the gradient all-reduce), the state donated. Checkpoints go to
 SEG_DIR/checkpoints through the same Orbax manager as the CycleGAN (items 'state' and
@@ -23,15 +23,15 @@ from jax.sharding import Mesh
 
 from mr2ct_jax import checkpointing
 from mr2ct_jax import config_checks
+from mr2ct_jax import parallel
 from mr2ct_jax import tb_logging
-from mr2ct_jax import train_step as train_step_lib
+from mr2ct_jax.models import layers
 from mr2ct_jax.models import unet as unet_lib
 from mr2ct_jax.segmentation import data as seg_data
 from mr2ct_jax.segmentation import losses
 
 Batch = dict[str, jax.Array]
 METRIC_KEYS = ('loss/total', 'loss/ce', 'loss/dice', 'accuracy')
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 IN_CHANNELS = 2  # (CT-like, MR-like)
 
 
@@ -50,7 +50,8 @@ class SegState:
 def build_model(seg: ml_collections.ConfigDict) -> unet_lib.UNet:
   """The U-Net of `config.seg` (2 input channels)."""
   return unet_lib.UNet(num_classes=int(seg.num_classes), base_filters=int(seg.base_filters),
-                       depth=int(seg.depth), in_channels=IN_CHANNELS, dtype=_DTYPES[seg.dtype])
+                       depth=int(seg.depth), in_channels=IN_CHANNELS,
+                       dtype=layers.compute_dtype(seg.dtype))
 
 
 def make_optimizer(lr: float) -> optax.GradientTransformation:
@@ -88,18 +89,15 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> SegState:
   params = param_shapes(model, int(config.data.image_size))
   state = SegState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                    opt_state=jax.eval_shape(tx.init, params))
-  sharding = train_step_lib.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+  return parallel.abstract_replicated(state, mesh)
 
 
 def create_state(config: ml_collections.ConfigDict, mesh: Mesh) -> SegState:
   """A fresh SegState (params from `init_params` with config.seed), replicated over `mesh`."""
   model, tx = build_model(config.seg), make_optimizer(config.seg.lr)
   params = init_params(model, int(config.data.image_size), config.seed)
-  replicated = train_step_lib.replicated(mesh)
-  create = jax.jit(lambda p: SegState(step=jnp.zeros((), jnp.int32), params=p,
-                                      opt_state=tx.init(p)), out_shardings=replicated)
-  return create(params)
+  create = lambda p: SegState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+  return parallel.create_replicated(create, mesh, params)
 
 
 def train_step(state: SegState, batch: Batch, *, model: unet_lib.UNet,
@@ -138,8 +136,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh
 @functools.lru_cache(maxsize=8)
 def _jitted_step(model: unet_lib.UNet, lr: float, dice_weight: float, mesh: Mesh):
   step = functools.partial(train_step, model=model, tx=make_optimizer(lr), dice_weight=dice_weight)
-  replicated = train_step_lib.replicated(mesh)
-  return jax.jit(step, in_shardings=(replicated, train_step_lib.batch_sharding(mesh)),
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -181,7 +179,7 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
     checkpointing.CheckpointError: a checkpoint written with another U-Net config.
     NonFiniteLossError: the loss became NaN/Inf.
   """
-  mesh = train_step_lib.make_mesh() if mesh is None else mesh
+  mesh = parallel.make_mesh() if mesh is None else mesh
   config_checks.validate(config, num_devices=1, num_processes=1)
   check_batch(config, mesh.size, jax.process_count())
   seg = config.seg
@@ -212,7 +210,7 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
       batch = seg_data.sample_batch(labeled, seed=config.seed, step=step, batch_size=local_batch,
                                     pad=pad, flip_lr=bool(config.data.flip_lr),
                                     process_index=jax.process_index())
-      state, metrics = step_fn(state, train_step_lib.shard_batch(batch, mesh))
+      state, metrics = step_fn(state, parallel.shard_batch(batch, mesh))
       step += 1
       is_last = step == end
       if step % seg.log_every == 0 or is_last or step == start + 1:
@@ -250,7 +248,7 @@ def restore_params(seg_dir: str, config: ml_collections.ConfigDict) -> tuple[Any
     step = manager.latest_step()
     if step is None:
       raise checkpointing.CheckpointError(f'{ckpt_dir}: no segmentation checkpoint')
-    mesh = train_step_lib.make_mesh(jax.local_devices()[:1])
+    mesh = parallel.make_mesh(jax.local_devices()[:1])
     target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_state(config, mesh))
     state, _ = checkpointing.restore(manager, step, target)
   finally:

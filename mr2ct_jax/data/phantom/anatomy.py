@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from mr2ct_jax.data import phantom_shapes as shapes
+from mr2ct_jax.data.phantom import shapes
 
 # Tissue classes (internal; richer than the written label maps).
 (AIR, FAT, MUSCLE, GLUT_MED, GLUT_MIN, FLUID, GAS, PELVIS_CORTEX, PELVIS_CANCELLOUS,

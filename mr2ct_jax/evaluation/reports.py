@@ -225,7 +225,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> dict
   return {m: describe([float(r[m]) for r in rows]) for m in metrics if rows and m in rows[0]}
 
 
-def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+def md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+  """A Markdown table of text cells (one list per row)."""
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
   lines += ['| ' + ' | '.join(row) + ' |' for row in body]
   return '\n'.join(lines)
@@ -249,13 +250,13 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
     summary_body.append([info.label, info.unit or '-', fmt_stats(stats_by_metric[m], info.decimals),
                          str(stats_by_metric[m].n)])
   text = [f'# {title}', '', f'{len(rows)} volume(s). Mean ± SD over volumes (SD with ddof=1).', '',
-          _md_table(['Metric', 'Unit', 'Mean ± SD', 'N'], summary_body), '', '## Per patient', '']
+          md_table(['Metric', 'Unit', 'Mean ± SD', 'N'], summary_body), '', '## Per patient', '']
   patient_body = [[str(r['patient_id'])]
                   + [fmt(float(r[m]), metric_info(m).decimals) for m in metrics]
                   for r in rows]
   patient_body.append(['**Average ± SD**'] + [fmt_stats(stats_by_metric[m], metric_info(m).decimals)
                                               for m in metrics])
-  text.append(_md_table(['Patient'] + [metric_info(m).label for m in metrics], patient_body))
+  text.append(md_table(['Patient'] + [metric_info(m).label for m in metrics], patient_body))
   all_notes = ['PSNR of identical images is inf; inf values are shown per patient and left out '
                'of the mean ± SD (the count is noted).'] + list(notes)
   text += ['', '## Notes', ''] + [f'- {n}' for n in all_notes]
@@ -334,7 +335,7 @@ def ttest_markdown(results: Sequence[Mapping[str, Any]], name_a: str, name_b: st
                  str(r['n']) + (f" ({r['n_excluded']} excl.)" if r['n_excluded'] else '')])
   header = ['Metric', f'A: {name_a}', f'B: {name_b}', 'B - A', 't', 'p', 'N']
   return (f'# Paired t-tests (scipy.stats.ttest_rel, B vs A)\n\nA = {name_a}\n\nB = {name_b}\n\n'
-          + _md_table(header, body) + '\n\nPairs with a non-finite value (inf PSNR) are '
+          + md_table(header, body) + '\n\nPairs with a non-finite value (inf PSNR) are '
           'excluded; mean ± SD over the remaining volumes (ddof=1).\n')
 
 

@@ -2,24 +2,25 @@
 
 The metric definitions and evaluated regions are described in `mr2ct_jax.evaluate` (the
 command, its outputs and the comparison of two evaluations); the formulas are in
-`mr2ct_jax.metrics`. Every function here works on in-memory arrays, no files but the
+`mr2ct_jax.evaluation.metrics`. Every function here works on in-memory arrays, no files but the
 optional panel figure per volume.
 """
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 import tqdm
 
-from mr2ct_jax import metrics
-from mr2ct_jax import report_figures
-from mr2ct_jax import reports
 from mr2ct_jax.data import intensity
+from mr2ct_jax.evaluation import figures as report_figures
+from mr2ct_jax.evaluation import metrics
+from mr2ct_jax.evaluation import reports
+from mr2ct_jax.inference import slices as slices_lib
 
-ApplyFn = Callable[[np.ndarray], np.ndarray]  # NHWC [-1, 1] -> NHWC [-1, 1]
+ApplyFn = slices_lib.ApplyFn
 
 METRIC_KEYS = tuple(reports.METRICS)
 MI_RANGE = (0.0, 255.0)  # fixed histogram range: MI values are comparable between models
@@ -28,28 +29,6 @@ ERROR_MAX_HU = 500.0     # top of the |error| colour scale in the panels
 
 class EvaluateError(ValueError):
   """Evaluation cannot run; the one-line message names the path or patient."""
-
-
-def translate_slices(apply_fn: ApplyFn, slices: np.ndarray, batch_size: int) -> np.ndarray:
-  """Runs `apply_fn` over `[N, H, W]` model-range slices in batches of `batch_size`.
-
-  The last batch is padded to `batch_size` with -1 (background) so a jitted generator sees a
-  single batch shape and compiles once.
-  """
-  slices = np.asarray(slices, np.float32)
-  out = np.empty_like(slices)
-  for start in range(0, slices.shape[0], batch_size):
-    chunk = slices[start:start + batch_size]
-    n = chunk.shape[0]
-    if n < batch_size:
-      pad = np.full((batch_size - n,) + chunk.shape[1:], -1.0, np.float32)
-      chunk = np.concatenate([chunk, pad])
-    result = np.asarray(apply_fn(chunk[..., None]), np.float32)
-    if result.shape != chunk.shape + (1,):
-      raise EvaluateError(f'generator returned shape {result.shape} for input '
-                          f'{chunk.shape + (1,)}')
-    out[start:start + n] = result[:n, ..., 0]
-  return out
 
 
 def _patient_id(value: Any) -> str:
@@ -181,12 +160,12 @@ def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
       raise EvaluateError(f'test patient {pid}: appears twice in the test split')
     seen.add(pid)
     mr, ct, mask, valid = _check_volume(volume, pid)
-    sct_hu = intensity.model_to_ct_hu(
-        translate_slices(sct_fn, intensity.mr_to_model(mr, mr_window), batch_size), ct_window)
+    sct = slices_lib.translate_slices(sct_fn, intensity.mr_to_model(mr, mr_window), batch_size)
+    sct_hu = intensity.model_to_ct_hu(sct, ct_window)
     smr = None
     if smr_fn is not None:
       smr = intensity.model_to_mr(
-          translate_slices(smr_fn, intensity.ct_hu_to_model(ct, ct_window), batch_size),
+          slices_lib.translate_slices(smr_fn, intensity.ct_hu_to_model(ct, ct_window), batch_size),
           mr_window)
     vol, slices = volume_metrics(mr, ct, sct_hu, smr, mask, valid, config)
     per_volume.append({'patient_id': pid, 'num_slices': int(mr.shape[0]),

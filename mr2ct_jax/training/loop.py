@@ -12,36 +12,21 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from mr2ct_jax import checkpointing
 from mr2ct_jax import config_checks
+from mr2ct_jax import parallel
 from mr2ct_jax import tb_logging
-from mr2ct_jax import train_state
-from mr2ct_jax import train_step as train_step_lib
+from mr2ct_jax.data import dataset
 from mr2ct_jax.data import pipeline
-from mr2ct_jax.data import prepare
+from mr2ct_jax.data import resolve
+from mr2ct_jax.evaluation import paired
+from mr2ct_jax.training import state as state_lib
+from mr2ct_jax.training import step as step_lib
 
 
 class NonFiniteLossError(FloatingPointError):
   """A loss became NaN/Inf; the message names the step and the term."""
-
-
-def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """config.data.dir, or the built-in phantom generated and prepared under WORKDIR/phantom.
-
-  On several hosts (WORKDIR on a shared filesystem) process 0 builds the phantom while the
-  others wait at a barrier, then reuse the finished build instead of racing to rewrite it.
-  """
-  if config.data.dir:
-    return config.data.dir
-  directory = os.path.join(workdir, 'phantom')
-  if jax.process_count() > 1:
-    if jax.process_index() == 0:
-      prepare.prepare_phantom(directory, config)
-    multihost_utils.sync_global_devices('mr2ct_jax: phantom prepared')
-  return prepare.prepare_phantom(directory, config)
 
 
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -79,31 +64,29 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     ConfigError: invalid config value (the key is named).
     NonFiniteLossError: a loss became NaN/Inf.
   """
-  mesh = train_step_lib.make_mesh()
+  mesh = parallel.make_mesh()
   config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   checkpointing.save_config(workdir, config)
-  data_dir = resolve_data_dir(config, workdir)
+  data_dir = resolve.resolve_data_dir(config, workdir)
 
   data_iter = pipeline.make_unpaired_iterator(config, data_dir)
-  replicated = NamedSharding(mesh, PartitionSpec())
+  gan = state_lib.build(config)
+  create = lambda rng: state_lib.create(gan, config, rng)
   rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.eval_shape(lambda: train_state.create(config, rng))
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
-
   manager = checkpointing.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
   latest = manager.latest_step()
   if latest is not None:
-    state, iter_state = checkpointing.restore(manager, latest, abstract_state)
+    target = parallel.abstract_replicated(jax.eval_shape(create, rng), mesh)
+    state, iter_state = checkpointing.restore(manager, latest, target)
     data_iter.set_state(iter_state)
     tb_logging.log_line(f'Resumed from {workdir} at step {latest}.')
   else:
-    state = jax.jit(lambda: train_state.create(config, rng), out_shardings=replicated)()
+    state = parallel.create_replicated(create, mesh, rng)
   start_step = int(jax.device_get(state.step))
 
-  step_fn = train_step_lib.make_train_step(config, mesh)
-  sample_fn = train_step_lib.make_sample_fn(config)
+  step_fn = step_lib.make_train_step(gan, config, mesh)
+  sample_fn = step_lib.make_sample_fn(gan)
   writer = tb_logging.MetricWriter(os.path.join(workdir, 'tb'))
   num_steps = config.train.num_steps
   progress = tb_logging.Progress(start_step, num_steps)
@@ -115,7 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   end_step = num_steps if stop_after is None else min(stop_after, num_steps)
   try:
     while step < end_step:
-      batch = train_step_lib.shard_batch(next(data_iter), mesh)
+      batch = parallel.shard_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       is_last = step == end_step
@@ -158,10 +141,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _, data_dir = train(config, workdir)
   if not config.eval.after_training or jax.process_index() != 0:
     return None
-  # Imported here so training alone does not need matplotlib/scipy at import time.
-  from mr2ct_jax import evaluate  # pylint: disable=g-import-not-at-top
-  if not pipeline.has_split(data_dir, 'test'):
+  if not dataset.has_split(data_dir, 'test'):
     tb_logging.log_line(f'{data_dir}: no paired test split; skipping evaluation.')
     return None
   output = os.path.join(workdir, 'eval')
-  return evaluate.evaluate(workdir, data_dir, output, overwrite=True)
+  return paired.evaluate(workdir, data_dir, output, overwrite=True)

@@ -2,7 +2,7 @@
 
 Each command (prepare, translate, export, evaluate, segmentation, the benchmarks) defines its
 flags on a private `absl.flags.FlagValues`, so the modules can be imported together (tests,
-train.py calling evaluate) without duplicate-flag errors, and `main(argv)` can be called from
+a notebook) without duplicate-flag errors, and `main(argv)` can be called from
 Python. `run` is the whole `main`: help, parsing, the command, and errors as one line
 ('error: ...', exit status 1) instead of a traceback. Every command reports an unusable
 output (`atomic.OutputError`) and a failed file operation (OSError) that way too.
@@ -25,8 +25,8 @@ ErrorTypes = tuple[type[BaseException], ...] | Callable[[], tuple[type[BaseExcep
 
 def default_config_path() -> str:
   """`configs/gc.py` of this checkout: the default --config of prepare and the benchmarks."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'gc.py')
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(os.path.dirname(package), 'configs', 'gc.py')
 
 
 def wants_help(argv: Sequence[str]) -> bool:

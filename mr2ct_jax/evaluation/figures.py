@@ -15,7 +15,7 @@ matplotlib.use('Agg')  # files only; never needs a display
 from matplotlib import pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
 
-from mr2ct_jax import reports  # noqa: E402
+from mr2ct_jax.evaluation import reports  # noqa: E402
 
 
 def pick_slices(valid: np.ndarray, count: int = 3) -> list[int]:

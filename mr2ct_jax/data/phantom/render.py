@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from mr2ct_jax.data import phantom_anatomy as anatomy
+from mr2ct_jax.data.phantom import anatomy
 
 T = anatomy
 # Mean CT number (HU) and the texture amplitude (HU) of each tissue class.

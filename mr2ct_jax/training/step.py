@@ -19,17 +19,16 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from mr2ct_jax import image_pool
-from mr2ct_jax import losses
-from mr2ct_jax import models
-from mr2ct_jax import train_state as train_state_lib
-from mr2ct_jax.train_state import CycleGANState
+from mr2ct_jax import parallel
+from mr2ct_jax.parallel import Batch
+from mr2ct_jax.training import image_pool
+from mr2ct_jax.training import losses
+from mr2ct_jax.training import state as state_lib
+from mr2ct_jax.training.state import CycleGANState
 
-Batch = dict[str, jax.Array]
 METRIC_KEYS = ('loss/g_total', 'loss/gan_ct', 'loss/gan_mr', 'loss/cycle', 'loss/gc',
                'loss/identity', 'loss/d_ct', 'loss/d_mr', 'lr')
 
@@ -46,7 +45,7 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
     batch: {'mr': [B, S, S, 1], 'ct': [B, S, S, 1]} unpaired images in [-1, 1].
     gen: the generator module (shared architecture of G_ct and G_mr).
     disc: the discriminator module (of D_ct and D_mr).
-    tx: {'g', 'd'} optimisers from `train_state.make_optimizers`.
+    tx: {'g', 'd'} optimisers from `state.make_optimizers`.
     learning_rate_fn: the schedule (for the 'lr' metric only; tx has its own copy).
     cycle_weight: lambda_cycle.
     gc_weight: lambda_GC. At 0 the GC is still computed for the metric (cheap), but outside
@@ -92,7 +91,7 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
              'loss/cycle': cycle, 'loss/gc': gc, 'loss/identity': identity}
     return total, (terms, fake_ct, fake_mr)
 
-  g_params = {k: params[k] for k in train_state_lib.GENERATORS}
+  g_params = {k: params[k] for k in state_lib.GENERATORS}
   g_grads, (metrics, fake_ct, fake_mr) = jax.grad(generator_loss, has_aux=True)(g_params)
   g_updates, g_opt_state = tx['g'].update(g_grads, state.opt_state['g'], g_params)
   g_params = optax.apply_updates(g_params, g_updates)
@@ -110,7 +109,7 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
                                            d_apply(d_params['d_mr'], pooled_mr))
     return d_ct + d_mr, {'loss/d_ct': d_ct, 'loss/d_mr': d_mr}
 
-  d_params = {k: params[k] for k in train_state_lib.DISCRIMINATORS}
+  d_params = {k: params[k] for k in state_lib.DISCRIMINATORS}
   d_grads, d_metrics = jax.grad(discriminator_loss, has_aux=True)(d_params)
   d_updates, d_opt_state = tx['d'].update(d_grads, state.opt_state['d'], d_params)
   d_params = optax.apply_updates(d_params, d_updates)
@@ -127,76 +126,39 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
   return new_state, metrics
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A 1-D data-parallel mesh ('data',) over `devices` (default: all devices)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), ('data',))
+StepFn = Callable[[CycleGANState, Batch], tuple[CycleGANState, dict[str, jax.Array]]]
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  """The sharding of the train state and the metrics: a full copy on every device."""
-  return NamedSharding(mesh, P())
+def make_train_step(gan: state_lib.CycleGAN, config: ml_collections.ConfigDict,
+                    mesh: Mesh) -> StepFn:
+  """The jitted `train_step` of `gan` (from `state.build(config)`) with config.loss's weights.
 
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """The sharding of a batch: split along its first (batch) dimension."""
-  return NamedSharding(mesh, P('data'))
-
-
-def shard_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:
-  """Global batch arrays from this process's local batch (numpy or jax arrays).
-
-  Each process passes its own rows (local batch = global batch / process count); the result
-  is sharded over the mesh's 'data' axis.
+  The state is replicated and the batch sharded over `mesh`; the state argument is donated:
+  do not use it after the call.
   """
-  sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      batch)
-
-
-def create_state(config: ml_collections.ConfigDict, rng: jax.Array, mesh: Mesh) -> CycleGANState:
-  """`train_state.create` run under jit with the state replicated over `mesh`.
-
-  Creating it inside jit places every leaf as a global replicated array, which also works
-  when the mesh spans several processes.
-  """
-  create = jax.jit(functools.partial(train_state_lib.create, config),
-                   out_shardings=replicated(mesh))
-  return create(rng)
-
-
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh
-                    ) -> Callable[[CycleGANState, Batch], tuple[CycleGANState, dict[str, jax.Array]]]:
-  """The jitted `train_step` for `config`, state replicated and batch sharded over `mesh`.
-
-  The state argument is donated: do not use it after the call.
-  """
-  gen, disc = models.build(config.model)
   loss = config.loss
   step = functools.partial(
-      train_step, gen=gen, disc=disc, tx=train_state_lib.make_optimizers(config),
-      learning_rate_fn=train_state_lib.learning_rate_schedule(config),
-      cycle_weight=float(loss.cycle_weight), gc_weight=float(loss.gc_weight),
-      identity_weight=float(loss.identity_weight), gc_signed=bool(loss.gc_signed),
-      gc_eps=float(loss.gc_eps))
+      train_step, gen=gan.generator, disc=gan.discriminator, tx=gan.tx,
+      learning_rate_fn=gan.schedule, cycle_weight=float(loss.cycle_weight),
+      gc_weight=float(loss.gc_weight), identity_weight=float(loss.identity_weight),
+      gc_signed=bool(loss.gc_signed), gc_eps=float(loss.gc_eps))
   return jax.jit(step,
-                 in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                 out_shardings=(replicated(mesh), replicated(mesh)),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
                  donate_argnums=0)
 
 
-def make_sample_fn(config: ml_collections.ConfigDict
+def make_sample_fn(gan: state_lib.CycleGAN
                    ) -> Callable[[dict[str, Any], Batch], dict[str, jax.Array]]:
   """A jitted fn(params, batch) -> both cycles' images, for TensorBoard grids.
 
   Returns {'mr', 'fake_ct', 'rec_mr', 'ct', 'fake_mr', 'rec_ct'}, each [B, S, S, 1] in
   [-1, 1] (inputs included, so a grid row is MR | sCT | rec MR and CT | sMR | rec CT).
   """
-  gen, _ = models.build(config.model)
 
   @jax.jit
   def sample(params: dict[str, Any], batch: Batch) -> dict[str, jax.Array]:
-    g = lambda name, x: gen.apply({'params': params[name]}, x)
+    g = lambda name, x: gan.generator.apply({'params': params[name]}, x)
     fake_ct = g('g_ct', batch['mr'])
     fake_mr = g('g_mr', batch['ct'])
     return {'mr': batch['mr'], 'fake_ct': fake_ct, 'rec_mr': g('g_mr', fake_ct),

@@ -8,7 +8,7 @@ Conventions (the paper, Hiasa et al. 2018, section 3.1, and the SynthRAD2023 tas
 - "0-255 scale": both CT volumes windowed with the config's CT window to [0, 255]
   (`mr2ct_jax.data.intensity.ct_to_unit`, clipped) before `mae` / `psnr` / `ssim`.
 - PSNR = 20 log10(data_range / sqrt(MSE)); identical images give +inf (not capped: callers
-  report it as `inf` and leave it out of means, see `mr2ct_jax.reports`).
+  report it as `inf` and leave it out of means, see `mr2ct_jax.evaluation.reports`).
 - SSIM: Wang et al. 2004 with an 11x11 Gaussian window (sigma 1.5, truncated at 3.5 sigma),
   K1 = 0.01, K2 = 0.03, population (not sample) statistics; computed per 2-D slice; borders are
   handled by reflection so the SSIM map has the image's shape and can be averaged inside a mask.

@@ -1,7 +1,4 @@
-r"""The built-in hip/pelvis phantom: synthetic unpaired MR and CT, labeled CT, paired test pairs.
-
-  python -m mr2ct_jax.data.phantom OUT [--seed=0] [--num_train_mr=20] [--num_train_ct=20] \
-      [--num_labeled=4] [--num_test=3] [--num_slices=24] [--overwrite]
+"""The phantom cohort: subjects per set, rendered and written as NIfTI folders (`generate`).
 
 Layout written under OUT (NIfTI, correct affines):
   mr/<id>.nii.gz             T1-like MR, uint16, 256x256 at 1.25 mm, stored LAS
@@ -28,14 +25,12 @@ deterministic from the seed (each subject and image has its own numpy Generator)
 from concurrent import futures
 import json
 import os
-import sys
-import time
 
 import numpy as np
 
 from mr2ct_jax import atomic
-from mr2ct_jax.data import phantom_anatomy as anatomy
-from mr2ct_jax.data import phantom_render as render
+from mr2ct_jax.data.phantom import anatomy
+from mr2ct_jax.data.phantom import render
 from mr2ct_jax.data import volume
 
 LABELS = anatomy.LABELS
@@ -176,55 +171,3 @@ def generate(out_dir: str, num_train_mr: int, num_train_ct: int, num_labeled: in
             'subjects': {k: [subject_id(i) for i in v] for k, v in splits.items()}}
     with open(os.path.join(tmp, 'subjects.json'), 'w', encoding='utf-8') as f:
       json.dump(meta, f, indent=1)
-
-
-def summary(out_dir: str) -> str:
-  """A few lines describing a generated phantom folder (counts, shapes, spacings)."""
-  import nibabel as nib  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(out_dir, 'subjects.json'), encoding='utf-8') as f:
-    meta = json.load(f)
-  lines = [f'{out_dir}: phantom, seed {meta["seed"]}, {meta["num_slices"]} slices/volume']
-  for name, ids in meta['subjects'].items():
-    files = sorted(os.listdir(os.path.join(out_dir, name)))
-    line = f'  {name + "/":9s} {len(ids):3d} subjects, {len(files):3d} files'
-    if files:
-      img = nib.load(os.path.join(out_dir, name, files[0]))
-      line += (f'; e.g. {files[0]}: {img.shape} {img.get_data_dtype()}, '
-               f'{"".join(nib.aff2axcodes(img.affine))}, '
-               f'spacing {tuple(round(float(v), 2) for v in img.header.get_zooms())} mm')
-    lines.append(line)
-  return '\n'.join(lines)
-
-
-def main(argv: list[str]) -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) != 2:
-    raise app.UsageError('usage: python -m mr2ct_jax.data.phantom OUT [--flags]')
-  f = flags.FLAGS
-  start = time.time()
-  try:
-    generate(argv[1], f.num_train_mr, f.num_train_ct, f.num_labeled, f.num_test,
-             f.num_slices, f.seed, overwrite=f.overwrite)
-  except (ValueError, FileExistsError) as e:
-    sys.exit(f'error: {e}')
-  print(summary(os.path.abspath(argv[1])))
-  print(f'generated in {time.time() - start:.1f} s')
-
-
-def _define_flags() -> None:
-  """CLI flags, defined only when run as a program (importers keep a clean flag namespace)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_integer('seed', 0, 'Random seed (the data set is deterministic from it).')
-  flags.DEFINE_integer('num_train_mr', 20, 'Unpaired MR training subjects.')
-  flags.DEFINE_integer('num_train_ct', 20, 'Unpaired CT training subjects (other subjects).')
-  flags.DEFINE_integer('num_labeled', 4, 'CT subjects with label maps.')
-  flags.DEFINE_integer('num_test', 3, 'Paired test subjects (MR + registered CT + mask + labels).')
-  flags.DEFINE_integer('num_slices', 24, 'Axial slices per volume.')
-  flags.DEFINE_bool('overwrite', False, 'Replace a non-empty OUT.')
-
-
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main)

@@ -15,11 +15,13 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from mr2ct_jax import models
-from mr2ct_jax import numpy_generator
+from mr2ct_jax import checkpointing
+from mr2ct_jax.inference import numpy_generator
+from mr2ct_jax.models import cyclegan
+from mr2ct_jax.training import state as state_lib
 
 # Translation direction -> the CycleGAN network that performs it (G_ct: MR->CT, G_mr: CT->MR).
-DIRECTIONS = {'mr2ct': 'g_ct', 'ct2mr': 'g_mr'}
+DIRECTIONS = numpy_generator.NETWORKS
 BACKENDS = ('jax', 'numpy')
 
 ApplyFn = Callable[[np.ndarray], np.ndarray]
@@ -76,7 +78,7 @@ def _strip_variables(tree: Any) -> Any:
 
 def expected_param_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
   """Flattened 'Conv_0/kernel' -> shape of a generator built from `config.model` (no FLOPs)."""
-  generator, _ = models.build(config.model)
+  generator, _ = cyclegan.build(config.model)
   size = 16  # any size divisible by 4 works for a fully convolutional generator
   shapes = jax.eval_shape(generator.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
@@ -126,8 +128,6 @@ def restore_generators(workdir: str, networks: tuple[str, ...], step: int | None
     SourceError: missing workdir/config, no checkpoint, unknown step, or weights that do not
       fit the workdir's config (one line naming the path and the parameter).
   """
-  # Imported here: the checkpoint machinery (orbax) is only needed for workdir sources.
-  from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
   if os.path.isfile(workdir):
     raise SourceError(f'{workdir}: is a file, not a training workdir (an export .npz goes to '
                       f'--npz)')
@@ -140,7 +140,7 @@ def restore_generators(workdir: str, networks: tuple[str, ...], step: int | None
     raise SourceError(f'{workdir}: no checkpoint in {ckpt_dir} (train first)')
   try:
     config = checkpointing.load_config(workdir)
-    params, restored_step = checkpointing.restore_params(workdir, step=step)
+    params, restored_step = restore_all_params(workdir, step=step)
   except checkpointing.CheckpointError as e:
     raise SourceError(str(e)) from e
   except Exception as e:  # pylint: disable=broad-except
@@ -154,6 +154,33 @@ def restore_generators(workdir: str, networks: tuple[str, ...], step: int | None
     trees[network] = _strip_variables(params[network])
     check_params(trees[network], config, f'{ckpt_dir} step {restored_step} {network}')
   return trees, config, (None if restored_step is None else int(restored_step))
+
+
+def restore_all_params(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:
+  """Loads the four networks' parameters of a run (latest step unless `step` is given).
+
+  Returns:
+    (params, step): params is {'g_ct', 'g_mr', 'd_ct', 'd_mr'} of NumPy arrays.
+  Raises:
+    CheckpointError: missing workdir, no checkpoint, unknown step, or another config's shapes.
+  """
+  config = checkpointing.load_config(workdir)
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  if not steps:
+    raise checkpointing.CheckpointError(
+        f'{os.path.join(workdir, checkpointing.CHECKPOINT_DIR)}: no checkpoint found')
+  if step is None:
+    step = manager.latest_step()
+  elif step not in steps:
+    raise checkpointing.CheckpointError(
+        f'{workdir}: no checkpoint for step {step} (have {sorted(steps)})')
+  gan = state_lib.build(config)
+  abstract = jax.eval_shape(lambda: state_lib.create(gan, config, jax.random.PRNGKey(0)))
+  abstract = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+  state, _ = checkpointing.restore(manager, step, abstract)
+  manager.close()
+  return jax.tree.map(np.asarray, state.params), int(step)
 
 
 def _load_from_npz(path: str, network: str,
@@ -207,7 +234,7 @@ def make_apply_fn(params: Any, config: ml_collections.ConfigDict) -> ApplyFn:
   Parameters are an argument of the jitted function (not closed-over constants), so XLA does
   not fold 11M weights into the program; jit compiles once per batch shape.
   """
-  generator, _ = models.build(config.model)
+  generator, _ = cyclegan.build(config.model)
   variables = {'params': jax.device_put(jax.tree.map(jnp.asarray, params))}
   jitted = jax.jit(generator.apply)
 

@@ -1,12 +1,11 @@
 """Transparent huge pages for XLA:CPU's per-step buffers, set up by re-executing the CLI.
 
-XLA:CPU mallocs a fresh temporary buffer for every execution of a compiled program (1.4 GB
-for the 128^2 train step) and frees it afterwards. glibc serves such a block with a new
-mmap, so the kernel faults it in again 4 KiB at a time on every step: ~330,000 page faults
-and ~1 CPU-second of kernel time per step, on a step of ~4 s. With the glibc tunable
-`glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for transparent huge pages on those
-mappings (madvise), which cuts the faults ~400x and the kernel time ~4x; the 128^2 step
-measured 10-15% faster on the 2-core CPU (see `python -m mr2ct_jax.bench train`).
+XLA:CPU mallocs a fresh temporary buffer for every execution of a compiled program (over a
+gigabyte for the 128^2 train step) and frees it afterwards. glibc serves such a block with a
+new mmap, so the kernel faults it in again 4 KiB at a time on every step. With the glibc
+tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for transparent huge pages on
+those mappings (madvise), which cuts the page faults by orders of magnitude (the effect on the
+step time is in the README's Benchmarks section).
 
 Tunables are read once, when the process starts, so the command-line tools re-execute
 themselves with the setting before they import JAX. Only the CLIs do this: importing the

@@ -1,0 +1,131 @@
+"""The reader API of a prepared data dir: its meta, splits, patients' volumes and geometry.
+
+A data dir is written by `mr2ct_jax.data.writer` (the `prepare` command, or the phantom):
+
+  mr2ct_slices/1.0.0/    the TFDS dataset (array_record): splits train_mr, train_ct, [labeled],
+                         [test]; one example per slice, records in patient then slice order
+  geometry/<id>.json     SliceGeometry per patient (maps slices back to the input volume)
+  dataset_meta.json      preprocessing values, patients and record indices per split
+
+Everything that reads prepared data (the input pipeline, evaluation, segmentation) goes
+through this module, and none of it needs the writer.
+"""
+
+import contextlib
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+import ml_collections
+import numpy as np
+
+from mr2ct_jax.data import preprocess
+from mr2ct_jax.data import tfds_builder
+
+META_FILE = 'dataset_meta.json'
+GEOMETRY_DIR = 'geometry'
+FORMAT_VERSION = 1
+
+
+class DatasetError(ValueError):
+  """A dataset-level problem (data dir, split, folder); one line naming the dir or key."""
+
+
+def load_meta(data_dir: str) -> dict[str, Any]:
+  """dataset_meta.json of a prepared data dir.
+
+  Raises:
+    DatasetError: the dir is missing or was not written by `prepare`.
+  """
+  data_dir = os.fspath(data_dir)
+  if not os.path.isdir(data_dir):
+    raise DatasetError(f'{data_dir}: data dir does not exist (run python -m '
+                       'mr2ct_jax.data.prepare, or leave config.data.dir empty for the phantom)')
+  path = os.path.join(data_dir, META_FILE)
+  if not os.path.isfile(path):
+    raise DatasetError(f'{data_dir}: not a prepared data dir (no {META_FILE}; run python -m '
+                       'mr2ct_jax.data.prepare)')
+  try:
+    with open(path, encoding='utf-8') as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DatasetError(f'{path}: unreadable ({e})') from e
+  if meta.get('format_version') != FORMAT_VERSION:
+    raise DatasetError(f'{path}: format_version {meta.get("format_version")!r}, this code reads '
+                       f'{FORMAT_VERSION}; prepare the data again')
+  return meta
+
+
+def load_geometry(data_dir: str, patient_id: str) -> preprocess.SliceGeometry:
+  """The SliceGeometry of one prepared patient."""
+  path = os.path.join(os.fspath(data_dir), GEOMETRY_DIR, f'{patient_id}.json')
+  if not os.path.isfile(path):
+    raise DatasetError(f'{path}: no geometry for patient {patient_id!r}')
+  with open(path, encoding='utf-8') as f:
+    return preprocess.SliceGeometry.from_dict(json.load(f))
+
+
+def settings_mismatch(data_dir: str, config: ml_collections.ConfigDict) -> str | None:
+  """Why a prepared data dir does not suit a generator trained with `config`, or None.
+
+  A generator only works on slices prepared like its training data (scale, intensity), so
+  spacing_mm, image_size and mr_percentile of the data dir must equal config.data's.
+
+  Returns:
+    A one-line message naming the first differing value, or None if all match.
+  """
+  meta = load_meta(data_dir)
+  for key in ('spacing_mm', 'image_size', 'mr_percentile'):
+    if key in meta and not np.isclose(float(meta[key]), float(config.data[key])):
+      return (f'{data_dir}: prepared with {key}={meta[key]} but the generators were trained '
+              f'with data.{key}={config.data[key]}; prepare it with the run\'s config')
+  return None
+
+
+def has_split(data_dir: str, split: str) -> bool:
+  """True if the prepared data dir holds `split` (splits without data are not written)."""
+  return split in load_meta(data_dir)['splits']
+
+
+@contextlib.contextmanager
+def _read_errors(data_dir: str, split: str) -> Iterator[None]:
+  """Turns a corrupt or truncated record file (array_record's RuntimeError) into one line."""
+  try:
+    yield
+  except (RuntimeError, OSError) as e:
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+    raise DatasetError(f'{data_dir}: the {split!r} split cannot be read ({detail}); prepare '
+                       f'the data again') from e
+
+
+def load_split(data_dir: str, split: str) -> Sequence[dict[str, Any]]:
+  """Random-access source of a split's examples (see tfds_builder.features for the keys).
+
+  Raises:
+    DatasetError: the data dir is missing, not prepared, or has no such split.
+  """
+  meta = load_meta(data_dir)
+  if split not in meta['splits']:
+    raise DatasetError(f'{data_dir}: no {split!r} split (it has {sorted(meta["splits"])})')
+  with _read_errors(data_dir, split):
+    return tfds_builder.data_source(data_dir, split)
+
+
+def iterate_volumes(data_dir: str, split: str) -> Iterator[dict[str, Any]]:
+  """Yields every patient of a split as stacked slices, patients in sorted id order.
+
+  Yields:
+    {'patient_id': str, 'image', 'paired': float32 [N,S,S], 'mask', 'label': uint8 [N,S,S],
+     'slice_index': int32 [N]} with slices in slice_index order (0..N-1). Map them back to
+    the input volume with `load_geometry(data_dir, patient_id)`.
+  """
+  source = load_split(data_dir, split)
+  patients = load_meta(data_dir)['splits'][split]['patients']
+  for pid in sorted(patients):
+    with _read_errors(data_dir, split):
+      examples = [source[i] for i in patients[pid]['records']]
+    out: dict[str, Any] = {'patient_id': pid}
+    for key in tfds_builder.ARRAY_KEYS:
+      out[key] = np.stack([np.asarray(e[key]) for e in examples])
+    out['slice_index'] = np.asarray([int(e['slice_index']) for e in examples], np.int32)
+    yield out

@@ -1,0 +1,199 @@
+"""Writes prepared data dirs: folders of MR / CT volumes, or the built-in phantom.
+
+`prepare` preprocesses every volume once (the per-patient steps are in
+`mr2ct_jax.data.prepare_volumes`) and writes the TFDS slice dataset, the per-patient
+geometry and the meta that `mr2ct_jax.data.dataset` reads back, building it in a temporary
+sibling directory that is renamed when complete. `prepare_phantom` generates and prepares the
+phantom (`mr2ct_jax.data.resolve` decides when a run needs it).
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from typing import Any, Callable
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from mr2ct_jax import atomic
+from mr2ct_jax.data import dataset
+from mr2ct_jax.data import prepare_volumes
+from mr2ct_jax.data import tfds_builder
+from mr2ct_jax.data import volume as volume_lib
+from mr2ct_jax.data.dataset import DatasetError
+from mr2ct_jax.data.phantom import cohort
+
+PHANTOM_STAMP = 'phantom.json'
+
+
+def _record_index(patients: list[tfds_builder.PreparedPatient],
+                  num_slices: dict[str, int]) -> dict[str, list[int]]:
+  """patient id -> record indices of its slices: records keep the order they were written in
+  (the builder disables TFDS's shuffling), patient after patient, slice after slice."""
+  index, start = {}, 0
+  for patient in patients:
+    count = num_slices[patient.patient_id]
+    index[patient.patient_id] = list(range(start, start + count))
+    start += count
+  return index
+
+
+def _write_json(path: str, obj: Any) -> None:
+  atomic.write_json(path, obj, indent=1, sort_keys=True)
+
+
+def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings,
+           warn: Callable[[str], None]) -> dict[str, Any]:
+  """Preprocesses all patients into `tmp` and writes the dataset; returns the meta dict."""
+  os.makedirs(os.path.join(tmp, dataset.GEOMETRY_DIR))
+  prepared: dict[str, list[tfds_builder.PreparedPatient]] = {}
+  sources: dict[str, dict[str, dict[str, str]]] = {}
+  for split in prepare_volumes.SPLIT_ORDER:
+    for pid, files in inputs.get(split, {}).items():
+      try:
+        arrays, geom = prepare_volumes.process_patient(split, files, s)
+      except (prepare_volumes.Skipped, volume_lib.VolumeError) as e:
+        warn(str(e))  # e.g. corrupt, not in HU: 'PATH: why'
+        continue
+      except RuntimeError as e:  # SimpleITK (N4) failures carry no path
+        warn(f'{next(iter(files.values()))}: {" ".join(str(e).split())}')
+        continue
+      folder = os.path.join(tmp, 'prepared', split)
+      os.makedirs(folder, exist_ok=True)
+      path = os.path.join(folder, f'{len(prepared.get(split, []))}.npz')
+      np.savez(path, **arrays)
+      _write_json(os.path.join(tmp, dataset.GEOMETRY_DIR, f'{pid}.json'), geom.to_dict())
+      prepared.setdefault(split, []).append(tfds_builder.PreparedPatient(pid, path))
+      sources.setdefault(split, {})[pid] = {
+          'files': {r: os.path.abspath(p) for r, p in files.items()},
+          'num_slices': int(arrays['image'].shape[0])}
+  for split, flag in (('train_mr', 'mr_dir'), ('train_ct', 'ct_dir')):
+    if not prepared.get(split):
+      modality = split[-2:].upper()
+      raise DatasetError(f'--{flag}: no usable {modality} volume (all skipped, see the '
+                         'warnings above)')
+  tfds_builder.build(tmp, s.image_size, prepared)
+  splits = {}
+  for split, patients in sources.items():
+    index = _record_index(prepared[split], {pid: info['num_slices']
+                                            for pid, info in patients.items()})
+    for pid, info in patients.items():
+      info['records'] = index[pid]
+    splits[split] = {'num_examples': sum(len(v) for v in index.values()),
+                     'patients': patients}
+  shutil.rmtree(os.path.join(tmp, 'prepared'))
+  shutil.rmtree(os.path.join(tmp, 'downloads'), ignore_errors=True)
+  return {'format_version': dataset.FORMAT_VERSION, 'tfds_dir': os.path.relpath(
+      tfds_builder.builder_dir(tmp), tmp), **dataclasses.asdict(s), 'splits': splits}
+
+
+def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = None,
+            paired_dir: str | None = None, *, spacing_mm: float, image_size: int,
+            mr_percentile: float, n4: bool, overwrite: bool = False) -> str:
+  """Builds the slice dataset of the given folders in `out_dir` (atomically).
+
+  Args:
+    mr_dir: unpaired MR volumes (train_mr).
+    ct_dir: unpaired CT volumes in HU (train_ct).
+    out_dir: the data dir to create (config.data.dir for training).
+    labeled_dir: optional `<id>_ct` + `<id>_label` volumes (labeled split).
+    paired_dir: optional `<id>_mr`, `<id>_ct` [, `<id>_mask`, `<id>_label`] (test split).
+    spacing_mm: in-plane pixel size of the slices.
+    image_size: slices are image_size x image_size.
+    mr_percentile: percentile of the MR body voxels mapped to 100.
+    n4: N4 bias correction of every MR (training and test).
+    overwrite: replace an existing `out_dir` written by `prepare` (or an empty folder).
+
+  Returns:
+    `out_dir`.
+
+  Raises:
+    DatasetError: missing/empty folder, no usable MR or CT volume, `out_dir` exists (or with
+      `overwrite`: is not a prepared dataset), is/contains/lies inside an input folder, or
+      cannot be created.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  # Before reading any volume: --overwrite replaces out_dir wholesale, so it must not be (or
+  # hold, or lie in) an input folder, nor anything but an earlier dataset.
+  atomic.check_apart(out_dir, {'--mr_dir': mr_dir, '--ct_dir': ct_dir,
+                               '--labeled_dir': labeled_dir, '--paired_dir': paired_dir},
+                     error=DatasetError)
+  atomic.check_replaceable(out_dir, overwrite, dataset.META_FILE, 'a prepared dataset',
+                           error=DatasetError)
+  atomic.check_writable(out_dir, error=DatasetError)
+  settings = prepare_volumes.Settings(float(spacing_mm), int(image_size), float(mr_percentile),
+                                      bool(n4))
+  skipped: list[str] = []
+
+  def warn(message: str) -> None:
+    skipped.append(message)
+    logging.warning('%s', message)
+
+  inputs = prepare_volumes.collect_inputs(
+      {'train_mr': mr_dir, 'train_ct': ct_dir, 'labeled': labeled_dir, 'test': paired_dir},
+      warn)
+
+  with atomic.building_dir(out_dir) as tmp:
+    meta = _build(tmp, inputs, settings, warn)
+    meta['skipped'] = skipped
+    _write_json(os.path.join(tmp, dataset.META_FILE), meta)
+  counts = {k: len(v['patients']) for k, v in meta['splits'].items()}
+  summary = (f'prepared {counts.get("train_mr", 0)} MR, {counts.get("train_ct", 0)} CT volumes'
+             + (f', {counts["labeled"]} labeled' if 'labeled' in counts else '')
+             + (f', {counts["test"]} paired test subjects' if 'test' in counts else '')
+             + (f'; skipped {len(skipped)} (see above)' if skipped else '; skipped none')
+             + f' -> {out_dir}')
+  logging.info('%s', summary)
+  print(summary, file=sys.stderr)
+  return out_dir
+
+
+def _phantom_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  data = config.data
+  return {'format_version': dataset.FORMAT_VERSION, 'seed': int(config.seed),
+          'phantom': {k: int(v) for k, v in data.phantom.items()},
+          'spacing_mm': float(data.spacing_mm), 'image_size': int(data.image_size),
+          'mr_percentile': float(data.mr_percentile), 'n4': bool(data.n4)}
+
+
+def prepare_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
+  """Generates the phantom (config.data.phantom, config.seed) and prepares it; idempotent.
+
+  Layout: `directory/raw` (the phantom's NIfTI folders), `directory/data` (the prepared
+  dataset), `directory/phantom.json` (the parameters both were made with). A complete build
+  with the same parameters is reused; anything else is rebuilt.
+
+  Returns:
+    The data dir (`directory/data`).
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  raw, data_dir = os.path.join(directory, 'raw'), os.path.join(directory, 'data')
+  stamp = os.path.join(directory, PHANTOM_STAMP)
+  params = _phantom_params(config)
+  if os.path.isfile(stamp) and os.path.isfile(os.path.join(data_dir, dataset.META_FILE)):
+    with open(stamp, encoding='utf-8') as f:
+      try:
+        if json.load(f) == params:
+          return data_dir
+      except ValueError:
+        pass
+  os.makedirs(directory, exist_ok=True)
+  if os.path.exists(stamp):
+    os.remove(stamp)  # the stamp is written last: no stamp = incomplete
+  for path in (raw, data_dir):
+    if os.path.exists(path):
+      shutil.rmtree(path)
+  p = config.data.phantom
+  # cohort.generate writes atomically itself (temporary sibling, then rename).
+  cohort.generate(raw, num_train_mr=p.num_train_mr, num_train_ct=p.num_train_ct,
+                  num_labeled=p.num_labeled, num_test=p.num_test,
+                  num_slices=p.num_slices, seed=config.seed)
+  prepare(os.path.join(raw, 'mr'), os.path.join(raw, 'ct'), data_dir,
+          labeled_dir=os.path.join(raw, 'labeled'), paired_dir=os.path.join(raw, 'paired'),
+          spacing_mm=params['spacing_mm'], image_size=params['image_size'],
+          mr_percentile=params['mr_percentile'], n4=params['n4'], overwrite=True)
+  _write_json(stamp, params)
+  return data_dir
