@@ -114,7 +114,7 @@ def test_unet_param_count_and_shapes():
 
 
 def test_init_params_is_he_normal(test_config):
-  model = seg_train.build_model(test_config.seg)
+  model = seg_train.build(test_config.seg).model
   params = seg_train.init_params(model, 32, seed=0)
   assert _count(params) == unet.param_count(2, 5, 4, 2)
   kernel = params['down_1']['conv_1']['kernel']  # 3x3x8 fan-in
@@ -178,8 +178,9 @@ def test_training_reduces_loss_on_a_fixed_batch(test_config):
   mesh = parallel.make_mesh()  # 8 fake devices: one slice per device
   batch = seg_data.sample_batch(_labeled_set(), seed=0, step=0, batch_size=8, pad=0,
                                 flip_lr=False)
-  state = seg_train.create_state(config, mesh)
-  step_fn = seg_train.make_train_step(config, mesh)
+  seg_model = seg_train.build(config.seg)
+  state = seg_train.create_state(seg_model, config, mesh)
+  step_fn = seg_train.make_train_step(seg_model, float(config.seg.dice_loss_weight), mesh)
   sharded = parallel.shard_batch(batch, mesh)
   history = []
   for _ in range(20):

@@ -40,7 +40,7 @@ def structure_names(num_classes: int) -> dict[int, str]:
 
 def make_predict_fn(params: Any, config: ml_collections.ConfigDict) -> ApplyFn:
   """A jitted [B, S, S, 2] (model range) -> uint8 labels [B, S, S] of the U-Net `params`."""
-  predict = _jitted_predict(seg_train.build_model(config.seg))
+  predict = _jitted_predict(seg_train.build(config.seg).model)
   variables = {'params': jax.device_put(jax.tree.map(jnp.asarray, params))}
   return lambda x: np.asarray(predict(variables, jnp.asarray(x, jnp.float32)))
 

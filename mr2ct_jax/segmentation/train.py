@@ -8,6 +8,7 @@ SEG_DIR/checkpoints through the same Orbax manager as the CycleGAN (items 'state
 step), and a second run on the same directory resumes from the latest one.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -47,16 +48,33 @@ class SegState:
   opt_state: Any
 
 
-def build_model(seg: ml_collections.ConfigDict) -> unet_lib.UNet:
-  """The U-Net of `config.seg` (2 input channels)."""
-  return unet_lib.UNet(num_classes=int(seg.num_classes), base_filters=int(seg.base_filters),
-                       depth=int(seg.depth), in_channels=IN_CHANNELS,
-                       dtype=layers.compute_dtype(seg.dtype))
+@dataclasses.dataclass(frozen=True)
+class SegModel:
+  """The U-Net module and its optimiser: what a run computes with besides its state.
+
+  Attributes:
+    model: the U-Net of `config.seg` (2 input channels).
+    tx: Adam with the constant learning rate `config.seg.lr` (the paper: 1e-4).
+  """
+  model: unet_lib.UNet
+  tx: optax.GradientTransformation
 
 
-def make_optimizer(lr: float) -> optax.GradientTransformation:
-  """Adam with a constant learning rate (the paper: config.seg.lr = 1e-4)."""
-  return optax.adam(float(lr))
+def build(seg: ml_collections.ConfigDict) -> SegModel:
+  """The U-Net and optimiser of `config.seg`, built once per run and passed down.
+
+  Memoised per architecture and learning rate: a process that trains the same U-Net again
+  (resuming, a sweep, the tests) gets the same objects, so the jitted step compiles once.
+  """
+  return _build(int(seg.num_classes), int(seg.base_filters), int(seg.depth), str(seg.dtype),
+                float(seg.lr))
+
+
+@functools.lru_cache(maxsize=8)
+def _build(num_classes: int, base_filters: int, depth: int, dtype: str, lr: float) -> SegModel:
+  model = unet_lib.UNet(num_classes=num_classes, base_filters=base_filters, depth=depth,
+                        in_channels=IN_CHANNELS, dtype=layers.compute_dtype(dtype))
+  return SegModel(model=model, tx=optax.adam(lr))
 
 
 def param_shapes(model: unet_lib.UNet, image_size: int) -> Any:
@@ -83,20 +101,18 @@ def init_params(model: unet_lib.UNet, image_size: int, seed: int) -> Any:
   return jax.tree_util.tree_map_with_path(draw, param_shapes(model, image_size))
 
 
-def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> SegState:
-  """ShapeDtypeStructs of the replicated SegState of `config` (the restore target)."""
-  model, tx = build_model(config.seg), make_optimizer(config.seg.lr)
-  params = param_shapes(model, int(config.data.image_size))
+def abstract_state(seg: SegModel, image_size: int, mesh: Mesh) -> SegState:
+  """ShapeDtypeStructs of the replicated SegState (the restore target)."""
+  params = param_shapes(seg.model, image_size)
   state = SegState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                   opt_state=jax.eval_shape(tx.init, params))
+                   opt_state=jax.eval_shape(seg.tx.init, params))
   return parallel.abstract_replicated(state, mesh)
 
 
-def create_state(config: ml_collections.ConfigDict, mesh: Mesh) -> SegState:
+def create_state(seg: SegModel, config: ml_collections.ConfigDict, mesh: Mesh) -> SegState:
   """A fresh SegState (params from `init_params` with config.seed), replicated over `mesh`."""
-  model, tx = build_model(config.seg), make_optimizer(config.seg.lr)
-  params = init_params(model, int(config.data.image_size), config.seed)
-  create = lambda p: SegState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+  params = init_params(seg.model, int(config.data.image_size), config.seed)
+  create = lambda p: SegState(step=jnp.zeros((), jnp.int32), params=p, opt_state=seg.tx.init(p))
   return parallel.create_replicated(create, mesh, params)
 
 
@@ -122,20 +138,14 @@ def train_step(state: SegState, batch: Batch, *, model: unet_lib.UNet,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh
-                    ) -> Callable[[SegState, Batch], tuple[SegState, dict[str, jax.Array]]]:
-  """The jitted `train_step` of `config.seg`; state replicated (donated), batch sharded.
-
-  The jitted function is shared by calls with the same U-Net, learning rate, Dice weight and
-  mesh, so resuming or retraining in one process (tests, sweeps) compiles once.
-  """
-  seg = config.seg
-  return _jitted_step(build_model(seg), float(seg.lr), float(seg.dice_loss_weight), mesh)
-
-
 @functools.lru_cache(maxsize=8)
-def _jitted_step(model: unet_lib.UNet, lr: float, dice_weight: float, mesh: Mesh):
-  step = functools.partial(train_step, model=model, tx=make_optimizer(lr), dice_weight=dice_weight)
+def make_train_step(seg: SegModel, dice_weight: float, mesh: Mesh
+                    ) -> Callable[[SegState, Batch], tuple[SegState, dict[str, jax.Array]]]:
+  """The jitted `train_step` of `seg` (from `build`); state replicated (donated), batch sharded.
+
+  Cached: the same U-Net, Dice weight and mesh give the same jitted function (one compile).
+  """
+  step = functools.partial(train_step, model=seg.model, tx=seg.tx, dice_weight=dice_weight)
   replicated = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
@@ -183,13 +193,15 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
   config_checks.validate(config, num_devices=1, num_processes=1)
   check_batch(config, mesh.size, jax.process_count())
   seg = config.seg
+  seg_model = build(seg)
   manager = checkpointing.make_manager(seg_dir, max_to_keep=int(seg.keep_checkpoints))
   latest = manager.latest_step()
   if latest is not None:
-    state, _ = checkpointing.restore(manager, latest, abstract_state(config, mesh))
+    target = abstract_state(seg_model, int(config.data.image_size), mesh)
+    state, _ = checkpointing.restore(manager, latest, target)
     tb_logging.log_line(f'Segmentation: resumed from {seg_dir} at step {latest}.')
   else:
-    state = create_state(config, mesh)
+    state = create_state(seg_model, config, mesh)
   start = int(jax.device_get(state.step))
   num_steps = int(seg.num_steps)
   end = num_steps if stop_after is None else min(int(stop_after), num_steps)
@@ -197,7 +209,7 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
     tb_logging.log_line(f'Segmentation: {seg_dir} already trained to step {start}.')
     manager.close()
     return state
-  step_fn = make_train_step(config, mesh)
+  step_fn = make_train_step(seg_model, float(seg.dice_loss_weight), mesh)
   size = int(config.data.image_size)
   pad = int(round(float(config.data.crop_pad_fraction) * size))
   local_batch = int(seg.batch_size) // jax.process_count()
@@ -249,7 +261,8 @@ def restore_params(seg_dir: str, config: ml_collections.ConfigDict) -> tuple[Any
     if step is None:
       raise checkpointing.CheckpointError(f'{ckpt_dir}: no segmentation checkpoint')
     mesh = parallel.make_mesh(jax.local_devices()[:1])
-    target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_state(config, mesh))
+    target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                          abstract_state(build(config.seg), int(config.data.image_size), mesh))
     state, _ = checkpointing.restore(manager, step, target)
   finally:
     manager.close()
