@@ -4,11 +4,11 @@ r"""Trains the CycleGAN + gradient-consistency model, then evaluates it on the t
   python -m mr2ct_jax.main --config=configs/gc.py:quick --workdir=runs/quick
   python -m mr2ct_jax.main --config=configs/gc.py --config.loss.gc_weight=0 --workdir=runs/nogc
 
-Running the same command again resumes from the latest checkpoint in --workdir.
-This is the only module that reads flags.
+Running the same command again resumes from the latest checkpoint in --workdir. SIGTERM or
+SIGINT (Ctrl-C) finish the current step, save a checkpoint and exit with status 75.
+This is the only module that reads flags for training.
 """
 
-import sys
 
 from absl import app
 from absl import flags
@@ -23,6 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 _JAX_DISTRIBUTED = flags.DEFINE_bool(
     'jax_distributed', False, 'Call jax.distributed.initialize() first (multi-host TPU/GPU).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'On an error, print its traceback too (for a '
+                             'bug report).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -57,13 +59,11 @@ def main(argv: list[str]) -> None:
   from mr2ct_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import volume  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.training import loop  # pylint: disable=g-import-not-at-top
-  try:
+  # One line, no traceback: these are the user's inputs, not our bugs. A signal exits 75.
+  errors = (config_checks.ConfigError, checkpointing.CheckpointError, volume.VolumeError,
+            dataset.DatasetError, loop.NonFiniteLossError)
+  with commands.one_line_errors(errors, verbose=_VERBOSE.value):
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_checks.ConfigError, checkpointing.CheckpointError, volume.VolumeError,
-          dataset.DatasetError, loop.NonFiniteLossError) as e:
-    # One line, no traceback: these are the user's inputs, not our bugs.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == '__main__':

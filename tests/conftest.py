@@ -5,6 +5,13 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the session, shared with the commands the tests start
+# as subprocesses: the same tiny programs are compiled once instead of in every process.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import tempfile  # noqa: E402
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='mr2ct_jax_test_xla_')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import pathlib  # noqa: E402
 

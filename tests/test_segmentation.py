@@ -4,6 +4,7 @@ import json
 import math
 import re
 import os
+import signal
 import shutil
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from mr2ct_jax import checkpointing
+from mr2ct_jax import preemption
 from mr2ct_jax import config_checks
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.models import unet
@@ -199,7 +201,6 @@ def test_training_reduces_loss_on_a_fixed_batch(test_config):
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory, test_config):
   """A tiny CycleGAN workdir (random generators) and the prepared tiny phantom."""
-  from mr2ct_jax.data import prepare  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('seg')
   workdir = str(root / 'run')
   tiny_run.make_workdir(workdir, test_config, step=2)
@@ -254,6 +255,43 @@ def test_cli_end_to_end_and_resume(setup, capsys):
                resumed, straight)
   assert sorted(os.listdir(os.path.join(out, 'checkpoints'))) == ['2', '4']
   assert not [n for n in os.listdir(out) if n.startswith('.eval')]  # no temp dirs left
+
+
+def test_sigterm_stops_training_with_a_checkpoint_and_resume_continues(setup, tmp_path,
+                                                                      monkeypatch):
+  workdir, _, _ = setup
+  config = _config_with_steps(workdir, 4)
+  config.seg.checkpoint_every = 100  # the checkpoint of step 2 is the stop's own
+  rng = np.random.default_rng(0)
+  shape = (6, 32, 32)
+  labeled = seg_data.LabeledSet(ct=rng.uniform(-1, 1, shape).astype(np.float16),
+                                smr=rng.uniform(-1, 1, shape).astype(np.float16),
+                                label=rng.integers(0, 5, shape).astype(np.uint8))
+  real_make = seg_train.make_train_step
+
+  def make_signalling(seg_model, dice_weight, mesh):
+    step_fn = real_make(seg_model, dice_weight, mesh)
+
+    def step(state, batch):
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered to this process
+      return state, metrics
+    return step
+
+  monkeypatch.setattr(seg_train, 'make_train_step', make_signalling)
+  out = str(tmp_path / 'seg')
+  with pytest.raises(preemption.Preempted, match='^segmentation training stopped at step 2, '
+                     'checkpoint saved; run the same command to resume$'):
+    seg_train.train(config, out, labeled)
+  assert sorted(os.listdir(os.path.join(out, 'checkpoints'))) == ['2']
+  monkeypatch.undo()
+  seg_train.train(config, out, labeled)
+  resumed, step = seg_train.restore_params(out, config)
+  assert step == 4
+  seg_train.train(config, str(tmp_path / 'straight'), labeled)
+  straight, _ = seg_train.restore_params(str(tmp_path / 'straight'), config)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), resumed, straight)
 
 
 def _config_with_steps(workdir: str, steps: int) -> ml_collections.ConfigDict:

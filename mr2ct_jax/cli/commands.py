@@ -11,6 +11,7 @@ output (`atomic.OutputError`) and a failed file operation (OSError) that way too
 import contextlib
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 
 from absl import flags
@@ -129,17 +130,26 @@ def os_error_line(error: OSError) -> str:
 
 
 @contextlib.contextmanager
-def one_line_errors(errors: ErrorTypes) -> Iterator[None]:
+def one_line_errors(errors: ErrorTypes, verbose: bool = False) -> Iterator[None]:
   """Turns the listed exceptions raised in the block into SystemExit('error: MESSAGE').
 
   `atomic.OutputError` is always listed. An OSError that is not listed becomes
   'error: PATH: reason' (a disk that fills up or a folder that vanishes mid-run is the
-  user's problem to fix, not a bug to debug from a traceback).
+  user's problem to fix, not a bug to debug from a traceback). An exception with an
+  `exit_status` attribute (a trainer stopped by a signal, `mr2ct_jax.preemption`) prints its
+  message and exits with that status. With `verbose` the traceback is printed first.
   """
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except  (re-raised unless listed)
-    if isinstance(e, (errors() if callable(errors) else errors) + (atomic.OutputError,)):
+    status = getattr(e, 'exit_status', None)
+    listed = isinstance(e, (errors() if callable(errors) else errors) + (atomic.OutputError,))
+    if verbose and (status is not None or listed or isinstance(e, OSError)):
+      traceback.print_exc()
+    if status is not None:
+      print(e, file=sys.stderr, flush=True)
+      raise SystemExit(status) from e
+    if listed:
       raise SystemExit(f'error: {e}') from e
     if isinstance(e, OSError):
       raise SystemExit(f'error: {os_error_line(e)}') from e
@@ -169,11 +179,14 @@ def run(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
     SystemExit: 'error: ...' (one line) for bad flags or a listed error.
   """
   argv = list(sys.argv if argv is None else argv)
+  if 'verbose' not in fv:
+    flags.DEFINE_bool('verbose', False, 'On an error, print its traceback too (for a bug '
+                      'report).', flag_values=fv)
   if wants_help(argv):
     print(help_text(fv, command, doc))
     return 0
   args = parse(fv, argv, command, required, positional=positional)
-  with one_line_errors(errors):
+  with one_line_errors(errors, verbose=fv.verbose):
     if positional:
       body(args)
     else:

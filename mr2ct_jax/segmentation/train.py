@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from mr2ct_jax import checkpointing
 from mr2ct_jax import config_checks
 from mr2ct_jax import parallel
+from mr2ct_jax import preemption
 from mr2ct_jax import tb_logging
 from mr2ct_jax.models import layers
 from mr2ct_jax.models import unet as unet_lib
@@ -188,6 +189,7 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
     ConfigError: bad seg values or a batch that does not split over the devices.
     checkpointing.CheckpointError: a checkpoint written with another U-Net config.
     NonFiniteLossError: the loss became NaN/Inf.
+    preemption.Preempted: SIGTERM/SIGINT arrived; the step it stopped at is checkpointed.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   config_checks.validate(config, num_devices=1, num_processes=1)
@@ -217,32 +219,38 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
   writer = tb_logging.MetricWriter(os.path.join(seg_dir, 'tb'))
   progress = tb_logging.Progress(start, num_steps)
   step = start
-  try:
-    while step < end:
-      batch = seg_data.sample_batch(labeled, seed=config.seed, step=step, batch_size=local_batch,
-                                    pad=pad, flip_lr=bool(config.data.flip_lr),
-                                    process_index=jax.process_index())
-      state, metrics = step_fn(state, parallel.shard_batch(batch, mesh))
-      step += 1
-      is_last = step == end
-      if step % seg.log_every == 0 or is_last or step == start + 1:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, values)
-        rate = progress.rate(step)
-        writer.scalars(step, {**{f'seg/{k}': v for k, v in values.items()},
-                              'perf/steps_per_sec': rate})
-        tb_logging.log_line('seg ' + progress.line(step, rate, values) +
-                            f" | acc={values['accuracy']:.4f}")
-      if step % seg.checkpoint_every == 0 or is_last:
-        _check_finite(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
-        # A host copy: Orbax would otherwise slice the 8-way replicated arrays shard by shard,
-        # compiling one slice per parameter shape (seconds on CPU) for no benefit.
-        checkpointing.save(manager, step, jax.device_get(state), iter_state)
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-    writer.close()
+  with preemption.StopSignals() as stop:
+    try:
+      while step < end:
+        batch = seg_data.sample_batch(labeled, seed=config.seed, step=step,
+                                      batch_size=local_batch, pad=pad,
+                                      flip_lr=bool(config.data.flip_lr),
+                                      process_index=jax.process_index())
+        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh))
+        step += 1
+        is_last = step == end
+        if step % seg.log_every == 0 or is_last or step == start + 1:
+          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _check_finite(step, values)
+          rate = progress.rate(step)
+          writer.scalars(step, {**{f'seg/{k}': v for k, v in values.items()},
+                                'perf/steps_per_sec': rate})
+          tb_logging.log_line('seg ' + progress.line(step, rate, values) +
+                              f" | acc={values['accuracy']:.4f}")
+        stopping = stop.should_stop()
+        if step % seg.checkpoint_every == 0 or is_last or stopping:
+          _check_finite(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
+          # A host copy: Orbax would otherwise slice the 8-way replicated arrays shard by
+          # shard, compiling one slice per parameter shape (seconds on CPU) for no benefit.
+          checkpointing.save(manager, step, jax.device_get(state), iter_state)
+        if stopping and not is_last:
+          # `finally` waits for the checkpoint to be written.
+          raise preemption.Preempted(step, 'segmentation training')
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+      writer.flush()
+      writer.close()
   return state
 
 

@@ -16,6 +16,7 @@ from absl import logging
 from mr2ct_jax import checkpointing
 from mr2ct_jax import config_checks
 from mr2ct_jax import parallel
+from mr2ct_jax import preemption
 from mr2ct_jax import tb_logging
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import pipeline
@@ -63,6 +64,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     ConfigError: invalid config value (the key is named).
     NonFiniteLossError: a loss became NaN/Inf.
+    preemption.Preempted: SIGTERM/SIGINT arrived; the step it stopped at is checkpointed.
   """
   mesh = parallel.make_mesh()
   config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
@@ -96,39 +98,43 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   last_saved = latest
   step = start_step
   end_step = num_steps if stop_after is None else min(stop_after, num_steps)
-  try:
-    while step < end_step:
-      batch = parallel.shard_batch(next(data_iter), mesh)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      is_last = step == end_step
-      if step % config.train.log_every == 0 or is_last or step == start_step + 1:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, values)
-        rate = progress.rate(step)
-        compiling = step == start_step + 1
-        if not compiling:
-          writer.scalars(step, {**values, 'perf/steps_per_sec': rate})
-        else:
-          writer.scalars(step, values)
-        tb_logging.log_line(progress.line(step, rate, values, compiling=compiling))
-      if step % config.train.image_every == 0 or is_last:
-        _write_samples(writer, sample_fn, state.params, batch, step)
-      if step % config.train.checkpoint_every == 0 or is_last:
-        # A checkpoint is only written after its step's losses were checked finite.
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, values)
-        checkpointing.save(manager, step, state, data_iter.get_state())
-        last_saved = step
-  except NonFiniteLossError:
-    logging.error('Non-finite loss; last good checkpoint: step %s', last_saved)
-    raise
-  finally:
-    data_iter.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-    writer.close()
+  with preemption.StopSignals() as stop:
+    try:
+      while step < end_step:
+        batch = parallel.shard_batch(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        is_last = step == end_step
+        if step % config.train.log_every == 0 or is_last or step == start_step + 1:
+          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _check_finite(step, values)
+          rate = progress.rate(step)
+          compiling = step == start_step + 1
+          if not compiling:
+            writer.scalars(step, {**values, 'perf/steps_per_sec': rate})
+          else:
+            writer.scalars(step, values)
+          tb_logging.log_line(progress.line(step, rate, values, compiling=compiling))
+        if step % config.train.image_every == 0 or is_last:
+          _write_samples(writer, sample_fn, state.params, batch, step)
+        stopping = stop.should_stop()
+        if step % config.train.checkpoint_every == 0 or is_last or stopping:
+          # A checkpoint is only written after its step's losses were checked finite.
+          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _check_finite(step, values)
+          checkpointing.save(manager, step, state, data_iter.get_state())
+          last_saved = step
+        if stopping and not is_last:
+          raise preemption.Preempted(step)  # `finally` waits for the checkpoint to be written
+    except NonFiniteLossError:
+      logging.error('Non-finite loss; last good checkpoint: step %s', last_saved)
+      raise
+    finally:
+      data_iter.close()
+      manager.wait_until_finished()
+      manager.close()
+      writer.flush()
+      writer.close()
   return state, data_dir
 
 
