@@ -20,8 +20,8 @@ Regions: voxels outside the MR/CT common field of view (FOV) are never evaluated
   `valid` = the common FOV for the paper's 0-255 MAE/PSNR, SSIM and MI (the paper computes
   them over the whole common-FOV volume, air included). A record's `fov` array is used when
   present; otherwise the FOV is the set of whole slices in which `mask` is non-empty, which
-  is how `mr2ct_jax.data.prepare` defines the common FOV (slices where the registered CT has
-  tissue).
+  is how `mr2ct_jax.data.prepare_volumes.ct_fov` defines the common FOV (slices where the
+  registered CT has tissue).
 
 Outputs (written to a temporary directory, renamed when complete): per_volume.csv/.json,
 per_slice.csv, summary.md, summary.json, figures/<patient>.png (MR | sCT | CT | |error|

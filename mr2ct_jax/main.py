@@ -29,9 +29,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, plus one-line errors for an unknown --config.X key or a bad config file."""
+  """absl's parser, with one-line errors: a bad flag or value (naming it), an unknown
+  --config.X key, a config file that fails to load."""
   try:
-    rest = app.parse_flags_with_usage(argv)
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    raise SystemExit(f'error: {commands.flag_error(e)}') from e
   except Exception as e:  # pylint: disable=broad-except
     # Only --config runs user code while parsing: its file failed, or an override names a
     # field the config lacks (ml_collections raises KeyError/AttributeError).

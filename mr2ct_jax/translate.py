@@ -22,6 +22,7 @@ import tqdm
 
 from mr2ct_jax import atomic
 from mr2ct_jax.cli import commands
+from mr2ct_jax.data import dicom
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.inference import volumes
 
@@ -63,7 +64,7 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
   if not os.path.exists(input_path):
     raise TranslateError(f'{input_path}: no such input file or folder')
   if is_single_volume(input_path, output_path):
-    if (os.path.isdir(input_path) and not volume_lib.is_dicom_dir(input_path)
+    if (os.path.isdir(input_path) and not dicom.is_dicom_dir(input_path)
         and any(volume_lib.is_nifti_path(name) and not name.startswith('.')
                 for name in os.listdir(input_path))):
       raise TranslateError(f'{input_path}: is a folder of NIfTI volumes; give an output folder '
@@ -99,7 +100,7 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
 def translate(source: str, input_path: str, output_path: str, *, direction: str = 'mr2ct',
               step: int | None = None, overwrite: bool = False, skip_existing: bool = False,
               batch_size: int | None = None, backend: str = 'jax',
-              progress: bool = True) -> list[str]:
+              progress: bool = True, allow_large: bool = False) -> list[str]:
   """Translates a volume or a folder of volumes with a trained generator.
 
   In a folder, an input that cannot be read or used (`volume_lib.VolumeError`) is reported on
@@ -117,6 +118,7 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
     batch_size: slices per generator call (default config.eval.batch_size).
     backend: 'jax' or 'numpy' forward.
     progress: progress bars over volumes and slices.
+    allow_large: accept volumes over the size bounds of `mr2ct_jax.data.volume_checks`.
 
   Returns:
     The written output paths.
@@ -135,10 +137,14 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
   apply_fn, config, _ = generators.load_generator(source, direction, step, backend)
   dtype = np.int16 if direction == 'mr2ct' else np.float32
   folder = not is_single_volume(input_path, output_path)
+  batch = int(batch_size or config.eval.batch_size)
+  estimate = volumes.TimeEstimate(apply_fn, batch) if progress else None
   written, skipped = [], []
   for job in tqdm.tqdm(jobs, desc='volumes', unit='vol', disable=not progress or len(jobs) < 2):
     try:
-      vol = volume_lib.read_volume(job.input_path)
+      vol = volume_lib.read_volume(job.input_path, allow_large)
+      if estimate is not None:
+        _announce(job.input_path, vol, config, estimate)
       result = volumes.translate_volume(vol, apply_fn, config, direction, batch_size,
                                         progress=progress)
     except volume_lib.VolumeError as e:
@@ -158,6 +164,20 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
   return written
 
 
+# Volumes whose estimated generator time is above this get a line before they start.
+ANNOUNCE_AFTER_S = 20.0
+
+
+def _announce(path: str, vol: volume_lib.Volume, config, estimate: volumes.TimeEstimate) -> None:
+  """Prints the work and its estimated time before a long volume starts."""
+  num_slices, side = volumes.network_work(vol, float(config.data.spacing_mm))
+  seconds = estimate.seconds(num_slices, side)
+  if seconds >= ANNOUNCE_AFTER_S:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    print(f'{path}: {num_slices} slices of {side}x{side} on the network grid; estimated '
+          f'{minutes}:{secs:02d} (min:s) on this machine', file=sys.stderr, flush=True)
+
+
 def _define_flags() -> flags.FlagValues:
   # A private FlagValues: see commands.
   fv = flags.FlagValues()
@@ -174,6 +194,9 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_bool('skip_existing', False, 'Folder input: leave out volumes whose output '
                     'exists (finish an interrupted run).', flag_values=fv)
   flags.DEFINE_bool('progress', True, 'Show progress bars.', flag_values=fv)
+  flags.DEFINE_bool('allow_large_volumes', False, 'Accept volumes whose field of view or voxel '
+                    'count exceeds the bounds for a body scan (they are refused by default).',
+                    flag_values=fv)
   return fv
 
 
@@ -184,7 +207,8 @@ def _run(fv: flags.FlagValues) -> None:
   written = translate(commands.generator_source(fv), fv.input, fv.output,
                       direction=fv.direction, step=fv.step, overwrite=fv.overwrite,
                       skip_existing=fv.skip_existing, batch_size=fv.batch_size,
-                      backend=fv.backend, progress=fv.progress)
+                      backend=fv.backend, progress=fv.progress,
+                      allow_large=fv.allow_large_volumes)
   if not written:
     print(f'nothing to do: every output in {fv.output} exists (--skip_existing)')
     return

@@ -214,3 +214,18 @@ def test_truncated_record_file_is_a_one_line_dataset_error(data_dir, tmp_path):
                      match=f"{broken}: the 'train_mr' split cannot be read .*prepare the data "
                            f"again"):
     list(dataset.iterate_volumes(str(broken), 'train_mr'))
+
+
+def test_record_indices_that_disagree_with_the_records_are_refused(data_dir, tmp_path):
+  """Records are written in patient, then slice order, and the meta says where each patient's
+  slices are; a meta that points elsewhere must fail, not silently mix patients."""
+  broken = tmp_path / 'broken'
+  shutil.copytree(data_dir, broken)
+  meta = dataset.load_meta(str(broken))
+  patients = meta['splits']['train_mr']['patients']
+  first = sorted(patients)[0]
+  patients[first]['records'] = patients[first]['records'][::-1]
+  (broken / dataset.META_FILE).write_text(json.dumps(meta), encoding='utf-8')
+  with pytest.raises(dataset.DatasetError, match=f'patient {first} .* disagree, prepare the '
+                                                 'data again'):
+    list(dataset.iterate_volumes(str(broken), 'train_mr'))

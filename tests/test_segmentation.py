@@ -257,8 +257,8 @@ def test_cli_end_to_end_and_resume(setup, capsys):
   assert not [n for n in os.listdir(out) if n.startswith('.eval')]  # no temp dirs left
 
 
-def test_sigterm_stops_training_with_a_checkpoint_and_resume_continues(setup, tmp_path,
-                                                                      monkeypatch):
+def test_sigterm_stops_training_with_a_checkpoint_and_resume_continues(
+    setup, tmp_path, monkeypatch):
   workdir, _, _ = setup
   config = _config_with_steps(workdir, 4)
   config.seg.checkpoint_every = 100  # the checkpoint of step 2 is the stop's own

@@ -113,10 +113,15 @@ def compare_with_train_step(result: dict[str, Any], train_report: str) -> dict[s
     result: `run`'s measurements.
     train_report: a `bench train` JSON (its `step_time_s` and batch size are used).
   """
-  with open(train_report, encoding='utf-8') as f:
-    train = json.load(f)
-  pairs_per_step = int(train.get('batch_size', 1))
-  step_s = float(train['step_time_s'])
+  try:
+    with open(train_report, encoding='utf-8') as f:
+      train = json.load(f)
+    pairs_per_step, step_s = int(train.get('batch_size', 1)), float(train['step_time_s'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{train_report}: not a `bench train` report ({e})') from e
+  if train.get('size') != result.get('size'):
+    raise ValueError(f'{train_report}: a step at {train.get("size")}^2, the pipeline ran at '
+                     f'{result.get("size")}^2; compare the same size')
   return {'train_report': os.path.abspath(train_report), 'train_step_time_s': step_s,
           'times_train_step': result['slice_pairs_per_s'] * step_s / pairs_per_step}
 
@@ -127,7 +132,7 @@ def _run(fv: flags.FlagValues) -> None:
     data_dir = fv.data_dir
   else:
     data_dir = writer.prepare_phantom(os.path.join(fv.cache_dir, f'size{fv.size}'), config)
-  result = run(config, data_dir, fv.num_batches, fv.warmup)
+  result = {'size': fv.size, **run(config, data_dir, fv.num_batches, fv.warmup)}
   if fv.train_report:
     result.update(compare_with_train_step(result, fv.train_report))
   common.write_report(fv.output, {

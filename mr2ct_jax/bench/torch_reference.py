@@ -92,13 +92,13 @@ def build_networks(torch: Any, ngf: int, ndf: int, res_blocks: int, disc_layers:
 
 
 def _gradient_correlation(torch: Any, a: Any, b: Any, eps: float = 1e-8) -> Any:
-  """Per-image GC of |central differences| (replicate padding), as mr2ct_jax.losses."""
+  """Per-image GC of |central differences| (replicate padding), as mr2ct_jax.training.losses."""
   def grads(x):
     p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode='replicate')
     return ((p[:, :, 1:-1, 2:] - p[:, :, 1:-1, :-2]).abs(),
             (p[:, :, 2:, 1:-1] - p[:, :, :-2, 1:-1]).abs())
 
-  def ncc(x, y):  # mr2ct_jax.losses.normalized_cross_correlation
+  def ncc(x, y):  # mr2ct_jax.training.losses.normalized_cross_correlation
     x = x - x.mean((1, 2, 3), keepdim=True)
     y = y - y.mean((1, 2, 3), keepdim=True)
     sxy, sxx, syy = ((u * v).sum((1, 2, 3)) for u, v in ((x, y), (x, x), (y, y)))

@@ -3,7 +3,7 @@ r"""Time of one CycleGAN (+GC) training step against a matmul ceiling, written a
   python -m mr2ct_jax.bench train --size 128|256 [--gc] [--output=bench_train.json] \
       [--config=configs/gc.py] [--steps=5] [--warmup=1]
 
-The step is the real one (`train_step.make_train_step` of `configs/gc.py`'s default, i.e.
+The step is the real one (`training.step.make_train_step` of `configs/gc.py`'s default, i.e.
 ResNet-9 generators, 70x70 PatchGANs, pools, both Adam updates) at batch 1 on one device,
 with `loss.gc_weight` = the config's lambda_GC (`--gc`) or 0 (`--nogc`, the default).
 It reports the median step time after compilation, the step's FLOPs from XLA's cost
@@ -161,10 +161,11 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
   batch = {name: np.clip(rng.standard_normal((1, size, size, 1)) * 0.5, -1, 1).astype(np.float32)
            for name in ('mr', 'ct')}
   batch = parallel.shard_batch(batch, mesh)
-  lower = lambda c: step_lib.make_train_step(state_lib.build(c), c, mesh).lower(state, batch)
+  lower = lambda c, g=None: step_lib.make_train_step(g or state_lib.build(c), c,
+                                                     mesh).lower(state, batch)
 
   start = time.perf_counter()
-  lowered = lower(config)
+  lowered = lower(config, gan)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   flops, flops_source = _flops(lowered, compiled)

@@ -8,6 +8,7 @@ Python. `run` is the whole `main`: help, parsing, the command, and errors as one
 output (`atomic.OutputError`) and a failed file operation (OSError) that way too.
 """
 
+import ast
 import contextlib
 import os
 import sys
@@ -55,11 +56,21 @@ def config_error(error: BaseException, argv: Sequence[str]) -> str:
   as a KeyError/AttributeError naming only the field, and a config file that fails to load
   lazily, as an OSError on first use; both carry tracebacks in their text.
   """
-  field = str(error).strip('"\'')
+  raw = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+  # ml_collections wraps a KeyError's repr in its AttributeError: unquote it.
+  if raw[:1] in ('"', "'") and raw[-1:] == raw[:1]:
+    try:
+      raw = str(ast.literal_eval(raw))
+    except (ValueError, SyntaxError):
+      pass
+  lines = raw.strip().splitlines() or ['']
+  field = lines[0].strip('"\'')
   if isinstance(error, (KeyError, AttributeError)) and field.isidentifier():
     names = [arg.split('=')[0] for arg in argv[1:] if arg.startswith('--config.')]
     suspects = [name for name in names if field in name.split('.')[1:]] or ['--config']
-    return f'{" or ".join(suspects)}: the config has no field {field!r}'
+    hint = next((f' ({line.strip().rstrip("?")}?)' for line in lines[1:]
+                 if line.strip().startswith('Did you mean')), '')
+    return f'{" or ".join(suspects)}: the config has no field {field!r}{hint}'
   if isinstance(error, OSError):  # the loader's own report, already naming the exception
     return f'--config: {last_line(error)}'
   return f'--config: {type(error).__name__}: {last_line(error)}'
@@ -75,7 +86,8 @@ def load_config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     raise SystemExit(f'error: {config_error(e, argv)}') from e
 
 
-def _flag_error(error: flags.Error) -> str:
+def flag_error(error: flags.Error) -> str:
+  """The one line of a flag-parsing error (absl's text holds a usage hint after it)."""
   if 'config file' in str(error):
     return f'--config: {last_line(error)}'
   return str(error).splitlines()[0]
@@ -109,7 +121,7 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
   try:
     rest = fv(argv)
   except flags.Error as e:
-    raise SystemExit(f'error: {_flag_error(e)}') from e
+    raise SystemExit(f'error: {flag_error(e)}') from e
   except Exception as e:  # pylint: disable=broad-except
     # Only a --config flag runs user code while parsing: its file failed to load, or an
     # override names a field the config lacks.

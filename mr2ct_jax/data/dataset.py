@@ -128,4 +128,15 @@ def iterate_volumes(data_dir: str, split: str) -> Iterator[dict[str, Any]]:
     for key in tfds_builder.ARRAY_KEYS:
       out[key] = np.stack([np.asarray(e[key]) for e in examples])
     out['slice_index'] = np.asarray([int(e['slice_index']) for e in examples], np.int32)
+    # The meta's record indices must point at this patient's slices, in order (cheap to
+    # check, and a mismatch would silently mix patients).
+    found = {_text(e['patient_id']) for e in examples}
+    if found != {pid} or not np.array_equal(out['slice_index'], np.arange(len(examples))):
+      raise DatasetError(f'{data_dir}: the {split!r} records of patient {pid} hold '
+                         f'{sorted(found)} slices {out["slice_index"].tolist()[:8]}; the '
+                         f'dataset and its {META_FILE} disagree, prepare the data again')
     yield out
+
+
+def _text(value: Any) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)

@@ -69,6 +69,9 @@ def _define_flags() -> flags.FlagValues:
                     flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --out (only a dataset prepared '
                     'earlier, or an empty folder).', flag_values=fv)
+  flags.DEFINE_bool('allow_large_volumes', False, 'Accept volumes whose field of view or voxel '
+                    'count exceeds the bounds for a body scan (they are refused by default).',
+                    flag_values=fv)
   return fv
 
 
@@ -87,10 +90,11 @@ def _run(fv: flags.FlagValues) -> None:
   # The same checks as training, so a dataset is never built with values a run rejects.
   config_checks.validate(fv.config)
   data = fv.config.data
-  writer.prepare(fv.mr_dir, fv.ct_dir, fv.out, labeled_dir=fv.labeled_dir, paired_dir=fv.paired_dir,
-                 spacing_mm=data.spacing_mm, image_size=data.image_size,
-                 mr_percentile=data.mr_percentile, n4=data.n4 if fv.n4 is None else fv.n4,
-                 overwrite=fv.overwrite)
+  writer.prepare(fv.mr_dir, fv.ct_dir, fv.out, labeled_dir=fv.labeled_dir,
+                 paired_dir=fv.paired_dir, spacing_mm=data.spacing_mm,
+                 image_size=data.image_size, mr_percentile=data.mr_percentile,
+                 n4=data.n4 if fv.n4 is None else fv.n4, overwrite=fv.overwrite,
+                 allow_large=fv.allow_large_volumes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

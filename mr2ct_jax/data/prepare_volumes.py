@@ -16,6 +16,7 @@ import numpy as np
 from mr2ct_jax.data import intensity
 from mr2ct_jax.data import mask as mask_lib
 from mr2ct_jax.data import preprocess
+from mr2ct_jax.data import dicom
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.data.dataset import DatasetError
 
@@ -60,7 +61,7 @@ def list_entries(folder: str, flag: str) -> list[str]:
                        'series folders')
   paths = [os.path.join(folder, n) for n in names]
   # A folder that directly holds one DICOM series (no NIfTI, no sub-folders) is one volume.
-  if volume_lib.is_dicom_dir(folder) and not any(
+  if dicom.is_dicom_dir(folder) and not any(
       volume_lib.is_nifti_path(p) or os.path.isdir(p) for p in paths):
     return [folder]
   return paths
@@ -98,10 +99,10 @@ def group_roles(paths: list[str], split: str,
 # Preprocessing of one patient.
 
 
-def read(path: str) -> volume_lib.Volume:
+def read(path: str, allow_large: bool = False) -> volume_lib.Volume:
   """Reads a volume; an unreadable one is Skipped."""
   try:
-    return volume_lib.read_volume(path)
+    return volume_lib.read_volume(path, allow_large)
   except volume_lib.VolumeError as e:
     raise Skipped(str(e)) from e
 
@@ -172,35 +173,36 @@ def ct_fov(ct_slices: np.ndarray) -> np.ndarray:
   return tissue[:, None, None]
 
 
-def process_patient(split: str, files: dict[str, str], s: Settings) -> tuple[
+def process_patient(split: str, files: dict[str, str], s: Settings,
+                    allow_large: bool = False) -> tuple[
     dict[str, np.ndarray], preprocess.SliceGeometry]:
   """Preprocesses one patient of `split`; files: role -> path ('image' for train splits)."""
   if split == 'train_mr':
-    image, body, geom = preprocess_mr(read(files['image']), s)
+    image, body, geom = preprocess_mr(read(files['image'], allow_large), s)
     return {'image': image, 'mask': body}, geom
   if split == 'train_ct':
-    image, body, geom = preprocess_ct(read(files['image']), s)
+    image, body, geom = preprocess_ct(read(files['image'], allow_large), s)
     return {'image': image, 'mask': body}, geom
   if split == 'labeled':
-    ct_vol, label_vol = read(files['ct']), read(files['label'])
+    ct_vol, label_vol = read(files['ct'], allow_large), read(files['label'], allow_large)
     if label_vol.array.shape != ct_vol.array.shape or not np.allclose(
         label_vol.affine, ct_vol.affine, atol=1e-3):
       raise Skipped(f'{files["label"]}: label map is not on the grid of {files["ct"]}')
     image, body, geom = preprocess_ct(ct_vol, s)
     return {'image': image, 'mask': body, 'label': preprocess_labels(label_vol, s)}, geom
   # test: MR + registered CT (+ body mask, labels) on the MR grid.
-  mr_vol, ct_vol = read(files['mr']), read(files['ct'])
+  mr_vol, ct_vol = read(files['mr'], allow_large), read(files['ct'], allow_large)
   check_same_grid(mr_vol, ct_vol)
   image, body, geom = preprocess_mr(mr_vol, s)
   paired, _, _ = preprocess_ct(ct_vol, s)
   arrays = {'image': image, 'paired': paired}
   if 'mask' in files:
-    mask_vol = read(files['mask'])
+    mask_vol = read(files['mask'], allow_large)
     check_same_grid(mr_vol, mask_vol)
     body = preprocess_binary(mask_vol, s)
   arrays['mask'] = (body.astype(bool) & ct_fov(paired)).astype(np.uint8)
   if 'label' in files:
-    label_vol = read(files['label'])
+    label_vol = read(files['label'], allow_large)
     check_same_grid(mr_vol, label_vol)
     arrays['label'] = preprocess_labels(label_vol, s)
   return arrays, geom

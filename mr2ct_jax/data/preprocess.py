@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from mr2ct_jax.data import orientation
 from mr2ct_jax.data import volume as volume_lib
+from mr2ct_jax.data import volume_checks
 
 
 @dataclasses.dataclass
@@ -104,7 +105,7 @@ def _geometry(vol: volume_lib.Volume, spacing_mm: float, size: int,
   if not spacing_mm > 0 or size < 1:
     raise ValueError(f'spacing_mm must be > 0 and size >= 1, got {spacing_mm}, {size}')
   # read_volume checks this already; in-memory volumes must not reach a huge resampled grid.
-  volume_lib.check_field_of_view(vol.path, vol.array.shape, vol.affine)
+  volume_checks.check_field_of_view(vol.path, vol.array.shape, vol.affine, vol.allow_large)
   array_ras, affine_ras, ornt = orientation.to_canonical(vol)
   voxel = np.linalg.norm(affine_ras[:3, :3], axis=0)
   zoom = tuple(float(spacing_mm / voxel[a]) for a in range(2))

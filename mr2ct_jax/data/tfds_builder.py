@@ -39,7 +39,7 @@ class PreparedPatient:
 def features(image_size: int) -> tfds.features.FeaturesDict:
   """The example features; arrays are stored as raw bytes (array_record compresses them)."""
   shape = (image_size, image_size)
-  raw = tfds.features.Encoding.BYTES  # the default proto float/int lists are ~10x slower
+  raw = tfds.features.Encoding.BYTES  # the default proto float/int lists decode far slower
   return tfds.features.FeaturesDict({
       'image': tfds.features.Tensor(shape=shape, dtype=np.float32, encoding=raw),
       'paired': tfds.features.Tensor(shape=shape, dtype=np.float32, encoding=raw),
@@ -83,7 +83,7 @@ def patient_examples(patient: PreparedPatient,
 
 
 class Mr2ctSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Axial slices of prepared MR/CT volumes, one example per slice, key `<patient>_<slice>`."""
+  """Axial slices of prepared MR/CT volumes, one example per slice, in generation order."""
 
   VERSION = tfds.core.Version(VERSION_STR)
   RELEASE_NOTES = {VERSION_STR: 'Slices, masks, labels, patient id and slice index.'}

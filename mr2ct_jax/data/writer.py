@@ -46,7 +46,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings,
-           warn: Callable[[str], None]) -> dict[str, Any]:
+           warn: Callable[[str], None], allow_large: bool) -> dict[str, Any]:
   """Preprocesses all patients into `tmp` and writes the dataset; returns the meta dict."""
   os.makedirs(os.path.join(tmp, dataset.GEOMETRY_DIR))
   prepared: dict[str, list[tfds_builder.PreparedPatient]] = {}
@@ -54,7 +54,7 @@ def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings
   for split in prepare_volumes.SPLIT_ORDER:
     for pid, files in inputs.get(split, {}).items():
       try:
-        arrays, geom = prepare_volumes.process_patient(split, files, s)
+        arrays, geom = prepare_volumes.process_patient(split, files, s, allow_large)
       except (prepare_volumes.Skipped, volume_lib.VolumeError) as e:
         warn(str(e))  # e.g. corrupt, not in HU: 'PATH: why'
         continue
@@ -92,7 +92,8 @@ def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings
 
 def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = None,
             paired_dir: str | None = None, *, spacing_mm: float, image_size: int,
-            mr_percentile: float, n4: bool, overwrite: bool = False) -> str:
+            mr_percentile: float, n4: bool, overwrite: bool = False,
+            allow_large: bool = False) -> str:
   """Builds the slice dataset of the given folders in `out_dir` (atomically).
 
   Args:
@@ -106,6 +107,7 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
     mr_percentile: percentile of the MR body voxels mapped to 100.
     n4: N4 bias correction of every MR (training and test).
     overwrite: replace an existing `out_dir` written by `prepare` (or an empty folder).
+    allow_large: accept volumes over the size bounds of `volume_checks`.
 
   Returns:
     `out_dir`.
@@ -137,7 +139,7 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
       warn)
 
   with atomic.building_dir(out_dir) as tmp:
-    meta = _build(tmp, inputs, settings, warn)
+    meta = _build(tmp, inputs, settings, warn, allow_large)
     meta['skipped'] = skipped
     _write_json(os.path.join(tmp, dataset.META_FILE), meta)
   counts = {k: len(v['patients']) for k, v in meta['splits'].items()}

@@ -15,6 +15,7 @@ matplotlib.use('Agg')  # files only; never needs a display
 from matplotlib import pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
 
+from mr2ct_jax import atomic  # noqa: E402
 from mr2ct_jax.evaluation import reports  # noqa: E402
 
 
@@ -129,12 +130,10 @@ def box_with_points(ax: Any, series: Sequence[np.ndarray], labels: Sequence[str]
 
 
 def save_figure(fig: Any, path: str) -> None:
-  """Writes the figure to a temporary name, then renames it (atomic); closes the figure."""
-  tmp = f'{path}.tmp-{os.getpid()}.png'
+  """Writes the figure as PNG through `atomic.writing` (complete or absent); closes it."""
   try:
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic.writing(path, 'wb') as f:
+      fig.savefig(f, format='png', dpi=100)
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)

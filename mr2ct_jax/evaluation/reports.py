@@ -1,4 +1,4 @@
-"""Evaluation reports: CSV/JSON/Markdown tables and paired t-tests (figures: report_figures).
+"""Evaluation reports: CSV/JSON/Markdown tables and paired t-tests (figures: `figures`).
 
 Conventions for numbers in every table:
 - mean ± sd over volumes, sd with ddof=1 (sample standard deviation); with a single value the

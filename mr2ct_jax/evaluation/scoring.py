@@ -133,6 +133,16 @@ def volume_metrics(mr: np.ndarray, ct_hu: np.ndarray, sct_hu: np.ndarray,
   return vol, slices
 
 
+def _translate(mr: np.ndarray, ct: np.ndarray, sct_fn: ApplyFn, smr_fn: ApplyFn | None,
+               mr_window, ct_window, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """(sCT in HU, sMR in MR units or None) of one test volume."""
+  sct = slices_lib.translate_slices(sct_fn, intensity.mr_to_model(mr, mr_window), batch_size)
+  if smr_fn is None:
+    return intensity.model_to_ct_hu(sct, ct_window), None
+  smr = slices_lib.translate_slices(smr_fn, intensity.ct_hu_to_model(ct, ct_window), batch_size)
+  return intensity.model_to_ct_hu(sct, ct_window), intensity.model_to_mr(smr, mr_window)
+
+
 def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
                      smr_fn: ApplyFn | None, config: ml_collections.ConfigDict, *,
                      figure_dir: str | None = None,
@@ -160,13 +170,10 @@ def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
       raise EvaluateError(f'test patient {pid}: appears twice in the test split')
     seen.add(pid)
     mr, ct, mask, valid = _check_volume(volume, pid)
-    sct = slices_lib.translate_slices(sct_fn, intensity.mr_to_model(mr, mr_window), batch_size)
-    sct_hu = intensity.model_to_ct_hu(sct, ct_window)
-    smr = None
-    if smr_fn is not None:
-      smr = intensity.model_to_mr(
-          slices_lib.translate_slices(smr_fn, intensity.ct_hu_to_model(ct, ct_window), batch_size),
-          mr_window)
+    try:
+      sct_hu, smr = _translate(mr, ct, sct_fn, smr_fn, mr_window, ct_window, batch_size)
+    except ValueError as e:  # the generator's output does not fit its input
+      raise EvaluateError(f'test patient {pid}: {e}') from e
     vol, slices = volume_metrics(mr, ct, sct_hu, smr, mask, valid, config)
     per_volume.append({'patient_id': pid, 'num_slices': int(mr.shape[0]),
                        'region': 'fov' if 'fov' in volume else 'fov_slices',

@@ -6,8 +6,10 @@ the model range [-1, 1], the config the generator was trained with, and where it
 """
 
 import dataclasses
+import functools
+import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ from flax import traverse_util
 
 from mr2ct_jax import checkpointing
 from mr2ct_jax.inference import numpy_generator
+from mr2ct_jax.inference import slices
 from mr2ct_jax.models import cyclegan
 from mr2ct_jax.training import state as state_lib
 
@@ -24,7 +27,7 @@ from mr2ct_jax.training import state as state_lib
 DIRECTIONS = numpy_generator.NETWORKS
 BACKENDS = ('jax', 'numpy')
 
-ApplyFn = Callable[[np.ndarray], np.ndarray]
+ApplyFn = slices.ApplyFn
 
 
 class SourceError(ValueError):
@@ -76,9 +79,30 @@ def _strip_variables(tree: Any) -> Any:
   return tree
 
 
-def expected_param_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
-  """Flattened 'Conv_0/kernel' -> shape of a generator built from `config.model` (no FLOPs)."""
-  generator, _ = cyclegan.build(config.model)
+def build_generator(config: ml_collections.ConfigDict, where: str) -> Any:
+  """The generator module of a run's `config.model`.
+
+  Memoised per model config: loading both directions, several steps or an export of the
+  same run builds it once.
+
+  Raises:
+    SourceError: the config cannot build one (a field missing or invalid, e.g. a config
+      written by another version of mr2ct_jax).
+  """
+  try:
+    return _generator(json.dumps(config.model.to_dict(), sort_keys=True))
+  except (AttributeError, KeyError, ValueError) as e:
+    raise SourceError(f'{where}: its config cannot build a generator ({_one_line(e)}); was it '
+                      'written by another version of mr2ct_jax?') from e
+
+
+@functools.lru_cache(maxsize=8)
+def _generator(model_json: str) -> Any:
+  return cyclegan.build(ml_collections.ConfigDict(json.loads(model_json)))[0]
+
+
+def expected_param_shapes(generator: Any) -> dict[str, tuple[int, ...]]:
+  """Flattened 'Conv_0/kernel' -> shape of the parameters of `generator` (no FLOPs)."""
   size = 16  # any size divisible by 4 works for a fully convolutional generator
   shapes = jax.eval_shape(generator.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
@@ -86,14 +110,15 @@ def expected_param_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[
   return {name: tuple(leaf.shape) for name, leaf in flat.items()}
 
 
-def check_params(params: Any, config: ml_collections.ConfigDict, where: str) -> None:
+def check_params(params: Any, generator: Any, config: ml_collections.ConfigDict,
+                 where: str) -> None:
   """Raises SourceError (one line) if `params` does not fit the generator of `config`.
 
   A checkpoint written by a run with another model config (e.g. other ngf or number of
   residual blocks) restores fine as raw arrays but would fail deep inside apply; naming the
   first mismatching parameter here tells the user which config the weights belong to.
   """
-  expected = expected_param_shapes(config)
+  expected = expected_param_shapes(generator)
   flat = traverse_util.flatten_dict(_strip_variables(params), sep='/')
   got = {name: tuple(np.shape(leaf)) for name, leaf in flat.items()}
   missing = sorted(set(expected) - set(got))
@@ -146,13 +171,15 @@ def restore_generators(workdir: str, networks: tuple[str, ...], step: int | None
   except Exception as e:  # pylint: disable=broad-except
     at = f'step {step}' if step is not None else 'the latest step'
     raise SourceError(f'{ckpt_dir}: cannot restore {at}: {_one_line(e)}') from e
+  generator = build_generator(config, workdir)
   trees = {}
   for network in networks:
     if network not in params:
       raise SourceError(f'{ckpt_dir}: checkpoint has no generator {network!r} '
                         f'(has {sorted(params)})')
     trees[network] = _strip_variables(params[network])
-    check_params(trees[network], config, f'{ckpt_dir} step {restored_step} {network}')
+    check_params(trees[network], generator, config,
+                 f'{ckpt_dir} step {restored_step} {network}')
   return trees, config, (None if restored_step is None else int(restored_step))
 
 
@@ -199,7 +226,7 @@ def _load_from_npz(path: str, network: str,
                       f'{export_step}; step selects a checkpoint only for workdir sources')
   config = config_from_dict(export.config)
   tree = traverse_util.unflatten_dict(export.params[network], sep='/')
-  check_params(tree, config, path)
+  check_params(tree, build_generator(config, path), config, path)
   return tree, config, export_step
 
 
@@ -228,13 +255,12 @@ def load_params(source: str, direction: str = 'mr2ct', step: int | None = None
   return params, config, info
 
 
-def make_apply_fn(params: Any, config: ml_collections.ConfigDict) -> ApplyFn:
-  """Returns a jitted NHWC [-1, 1] -> [-1, 1] forward of the generator of `config`.
+def make_apply_fn(params: Any, generator: Any) -> ApplyFn:
+  """Returns a jitted NHWC [-1, 1] -> [-1, 1] forward of `generator` with `params`.
 
   Parameters are an argument of the jitted function (not closed-over constants), so XLA does
   not fold 11M weights into the program; jit compiles once per batch shape.
   """
-  generator, _ = cyclegan.build(config.model)
   variables = {'params': jax.device_put(jax.tree.map(jnp.asarray, params))}
   jitted = jax.jit(generator.apply)
 
@@ -275,7 +301,7 @@ def load_generator(source: str, direction: str = 'mr2ct', step: int | None = Non
         num_res_blocks=config.model.num_res_blocks)
     apply_fn = net
   else:
-    apply_fn = make_apply_fn(params, config)
+    apply_fn = make_apply_fn(params, build_generator(config, source))
   return apply_fn, config, dataclasses.replace(info, backend=backend)
 
 

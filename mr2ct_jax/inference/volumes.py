@@ -9,6 +9,7 @@ multiple of 4), so nothing of the user's image is cropped away.
 """
 
 import os
+import time
 
 import ml_collections
 import numpy as np
@@ -43,6 +44,37 @@ def grid_size(vol: volume_lib.Volume, spacing_mm: float) -> int:
   extent = max(int(np.ceil((array_ras.shape[a] - 1) * voxel[a] / spacing_mm - 1e-6)) + 1
                for a in range(2))
   return max(MIN_GRID, -(-extent // GRID_MULTIPLE) * GRID_MULTIPLE)
+
+
+def network_work(vol: volume_lib.Volume, spacing_mm: float) -> tuple[int, int]:
+  """(slices, side) of the network grid `translate_volume` will run `vol` on."""
+  array_ras, _, _ = orientation.to_canonical((np.empty(vol.array.shape, np.uint8), vol.affine))
+  return int(array_ras.shape[2]), grid_size(vol, spacing_mm)
+
+
+class TimeEstimate:
+  """Seconds a generator needs for a volume, from one timed batch on this machine.
+
+  The first call runs the generator on a blank batch twice at that volume's grid (the first
+  call compiles it, which the translation would do anyway) and times the second; other grid
+  sizes scale with their pixel count.
+  """
+
+  def __init__(self, apply_fn: ApplyFn, batch_size: int):
+    self._apply_fn, self._batch_size = apply_fn, int(batch_size)
+    self._seconds_per_pixel: float | None = None
+
+  def seconds(self, num_slices: int, side: int) -> float:
+    """Estimated generator time for `num_slices` slices of side x side."""
+    batch = max(1, min(self._batch_size, num_slices))
+    if self._seconds_per_pixel is None:
+      blank = np.full((batch, side, side, 1), -1.0, np.float32)
+      self._apply_fn(blank)
+      start = time.perf_counter()
+      self._apply_fn(blank)
+      self._seconds_per_pixel = (time.perf_counter() - start) / (batch * side * side)
+    batches = -(-num_slices // batch)
+    return batches * batch * side * side * self._seconds_per_pixel
 
 
 def translate_volume(vol: volume_lib.Volume, apply_fn: ApplyFn,

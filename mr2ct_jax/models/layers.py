@@ -73,7 +73,7 @@ def check_conv_impl(conv_impl: str, backend: str | None = None) -> str:
   return options.resolve_conv_impl(conv_impl, backend or jax.default_backend())
 
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+_DTYPES = {name: jnp.dtype(name) for name in options.DTYPE_NAMES}
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -218,8 +218,8 @@ class ReflectConv(nn.Module):
       y = conv_to_one_channel(x, kernel)
     elif k * k * x.shape[-1] <= _SMALL_IM2COL:
       # A narrow input (the stem: 1 or 2 channels, 7x7): its im2col is small, and the
-      # backward as im2col matmuls ran ~25% faster than `conv_valid`'s per-row kernel
-      # gradient and its input-gradient conv to a single channel.
+      # backward as im2col matmuls beats `conv_valid`'s per-row kernel gradient and its
+      # input-gradient conv to a single channel (README, Benchmarks).
       y = conv_ops.conv2d(x, kernel, 1, 0)
     elif impl == 'winograd' and k == 3 and x.shape[-1] >= WINOGRAD_MIN_CHANNELS:
       y = winograd.conv3x3_valid(x, kernel, WINOGRAD_TILE)

@@ -23,7 +23,7 @@ COMMAND = 'mr2ct_jax.segmentation'
 
 
 def _define_flags() -> flags.FlagValues:
-  # A private FlagValues (see cli_flags): importable next to other commands' flags.
+  # A private FlagValues (see mr2ct_jax.cli.commands): importable next to other commands'.
   fv = flags.FlagValues()
   flags.DEFINE_string('workdir', None, 'CycleGAN training workdir (its generators are used).',
                       flag_values=fv)

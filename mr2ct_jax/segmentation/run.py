@@ -67,9 +67,16 @@ def segmentation_config(run_config: ml_collections.ConfigDict,
   config = ml_collections.ConfigDict(run_config.to_dict())
   if seg_override is not None:
     config.seg = ml_collections.ConfigDict(seg_override.to_dict())
+  if 'seg' not in config:
+    raise SegmentationError(f'{where}: the run\'s config.json has no seg section; pass '
+                            '--config=configs/gc.py[:variant] for one')
   if steps is not None:
     config.seg.num_steps = int(steps)
-  config_checks.validate(config)
+  try:
+    config_checks.validate(config)
+  except (AttributeError, KeyError) as e:  # a field this version expects is missing
+    raise SegmentationError(f'{where}: the run\'s config.json lacks {e}; was it written by '
+                            'another version of mr2ct_jax?') from e
   return config
 
 

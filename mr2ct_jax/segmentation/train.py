@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from mr2ct_jax import checkpointing
 from mr2ct_jax import config_checks
 from mr2ct_jax import parallel
+from mr2ct_jax.parallel import Batch
 from mr2ct_jax import preemption
 from mr2ct_jax import tb_logging
 from mr2ct_jax.models import layers
@@ -32,7 +33,6 @@ from mr2ct_jax.models import unet as unet_lib
 from mr2ct_jax.segmentation import data as seg_data
 from mr2ct_jax.segmentation import losses
 
-Batch = dict[str, jax.Array]
 METRIC_KEYS = ('loss/total', 'loss/ce', 'loss/dice', 'accuracy')
 IN_CHANNELS = 2  # (CT-like, MR-like)
 

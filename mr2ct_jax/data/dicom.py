@@ -1,0 +1,171 @@
+"""DICOM series folders (SimpleITK / GDCM): finding them, checking every slice, reading one.
+
+A series is refused, with one line naming the folder, when its geometry cannot be trusted or
+its voxels are incomplete: several series or orientations in one folder, slices without (or
+with non-finite) ImagePositionPatient / ImageOrientationPatient (ITK would invent an origin
+and a 1 mm slice spacing and present them as fact), duplicate or irregular slice positions,
+a slice whose PixelData is shorter than Rows x Columns x BitsAllocated (its voxels would be
+read as garbage), or a declared size over the voxel budget (checked before the voxels are
+read, see `volume_checks`).
+"""
+
+import os
+import struct
+
+import numpy as np
+import SimpleITK as sitk
+
+from mr2ct_jax.data import volume_checks
+from mr2ct_jax.data.volume_checks import VolumeError
+
+SUFFIXES = ('.dcm', '.dicom', '.ima')
+# ITK reports physical points in LPS; nibabel affines are RAS: negate x and y.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_PIXEL_DATA_TAG = struct.pack('<HH', 0x7FE0, 0x0010)
+_UNDEFINED_LENGTH = 0xFFFFFFFF  # encapsulated (compressed) pixel data
+
+
+def looks_like_dicom_file(path: str) -> bool:
+  """A DICOM suffix, or a Part-10 file (128-byte preamble, then 'DICM')."""
+  if path.lower().endswith(SUFFIXES):
+    return True
+  try:
+    with open(path, 'rb') as f:
+      return f.read(132)[128:132] == b'DICM'
+  except OSError:
+    return False
+
+
+def is_dicom_dir(path: str) -> bool:
+  """True if `path` is a folder that directly holds at least one DICOM file."""
+  if not os.path.isdir(path):
+    return False
+  for entry in sorted(os.scandir(path), key=lambda e: e.name):
+    if entry.is_file() and not entry.name.startswith('.') and looks_like_dicom_file(entry.path):
+      return True
+  return False
+
+
+def sitk_to_ras(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+  """A SimpleITK image -> (array [I, J, K] in ITK index order, RAS+ affine)."""
+  array = sitk.GetArrayFromImage(image)  # [k, j, i]
+  array = np.transpose(array, tuple(range(array.ndim))[::-1])
+  dim = image.GetDimension()
+  direction = np.asarray(image.GetDirection(), np.float64).reshape(dim, dim)
+  affine = np.eye(4)
+  affine[:dim, :dim] = direction @ np.diag(image.GetSpacing())
+  affine[:dim, 3] = image.GetOrigin()
+  affine[:3] = _LPS_TO_RAS @ affine[:3]
+  return array, affine
+
+
+def _tag(reader: sitk.ImageFileReader, tag: str) -> list[float] | None:
+  if not reader.HasMetaDataKey(tag):
+    return None
+  try:
+    return [float(v) for v in reader.GetMetaData(tag).strip().split('\\')]
+  except ValueError:
+    return None
+
+
+def _pixel_data_length(path: str) -> tuple[int | None, int]:
+  """(declared length of the PixelData element or None if encapsulated, bytes after it)."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  at = data.rfind(_PIXEL_DATA_TAG)
+  if at < 0:
+    return 0, 0
+  if data[at + 4:at + 6] in (b'OB', b'OW'):  # explicit VR: 2 reserved bytes, 4-byte length
+    (length,), start = struct.unpack('<I', data[at + 8:at + 12]), at + 12
+  else:  # implicit VR: 4-byte length
+    (length,), start = struct.unpack('<I', data[at + 4:at + 8]), at + 8
+  if length == _UNDEFINED_LENGTH:
+    return None, len(data) - start
+  return length, len(data) - start
+
+
+def _slice_info(path: str) -> dict:
+  reader = sitk.ImageFileReader()
+  reader.SetFileName(path)
+  try:
+    reader.ReadImageInformation()
+  except RuntimeError as e:
+    raise VolumeError(f'{path}: unreadable DICOM header: {" ".join(str(e).split())}') from e
+  bits = _tag(reader, '0028|0100')
+  return {'orientation': _tag(reader, '0020|0037'), 'position': _tag(reader, '0020|0032'),
+          'size': reader.GetSize(), 'components': reader.GetNumberOfComponents(),
+          'bytes_per_voxel': int(bits[0]) // 8 if bits else None}
+
+
+def _check_pixel_data(folder: str, path: str, info: dict) -> None:
+  declared, available = _pixel_data_length(path)
+  if declared is None or info['bytes_per_voxel'] is None:
+    return  # compressed: its decoder checks the length
+  cols, rows = info['size'][:2]
+  needed = cols * rows * max(1, info['components']) * info['bytes_per_voxel']
+  if min(declared, available) < needed:
+    raise VolumeError(f'{folder}: {os.path.basename(path)} holds {min(declared, available)} '
+                      f'bytes of pixel data, {rows} x {cols} voxels need {needed}; the file is '
+                      'damaged')
+
+
+def check_slices(folder: str, files: list[str], allow_large: bool = False) -> None:
+  """Refuses a series whose slice geometry or pixel data cannot be trusted (see the module)."""
+  infos = [_slice_info(f) for f in files]
+  cols, rows = infos[0]['size'][:2]
+  volume_checks.check_size(folder, (cols, rows, len(files)), allow_large)
+  for path, info in zip(files, infos):
+    name = os.path.basename(path)
+    orient, pos = info['orientation'], info['position']
+    if orient is None or pos is None or len(orient) != 6 or len(pos) != 3:
+      raise VolumeError(f'{folder}: {name} has no usable ImagePositionPatient/'
+                        'ImageOrientationPatient; the slice geometry is unknown')
+    if not np.all(np.isfinite(orient + pos)):
+      raise VolumeError(f'{folder}: {name} has a non-finite ImagePositionPatient/'
+                        f'ImageOrientationPatient ({pos}, {orient}); the slice geometry is '
+                        'unknown')
+    _check_pixel_data(folder, path, info)
+  orients = np.asarray([info['orientation'] for info in infos])
+  if np.max(np.abs(orients - orients[0])) > 1e-3:
+    n = len(np.unique(np.round(orients, 3), axis=0))
+    raise VolumeError(f'{folder}: DICOM series mixes {n} slice orientations; '
+                      'put each orientation in its own folder')
+  if len(files) < 2:
+    return
+  normal = np.cross(orients[0, :3], orients[0, 3:])
+  steps = np.diff(np.sort(np.asarray([info['position'] for info in infos]) @ normal))
+  if np.min(steps) <= 1e-3:
+    raise VolumeError(f'{folder}: DICOM series has {int(np.sum(steps <= 1e-3))} duplicate slice '
+                      'positions (zero slice spacing); is it several acquisitions in one folder?')
+  if np.max(steps) - np.min(steps) > max(0.01, 0.05 * np.median(steps)):
+    raise VolumeError(f'{folder}: DICOM slice spacing is not uniform ({np.min(steps):.3g} to '
+                      f'{np.max(steps):.3g} mm); missing slices?')
+
+
+def read_series(folder: str, allow_large: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """The one DICOM series in `folder`: (voxels [I, J, K], RAS+ affine in mm), checked.
+
+  Raises:
+    VolumeError: see the module docstring; and anything `volume_checks.check_geometry` refuses.
+  """
+  try:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+  except RuntimeError as e:
+    raise VolumeError(f'{folder}: cannot scan for DICOM series: {" ".join(str(e).split())}') from e
+  if not series:
+    raise VolumeError(f'{folder}: no readable DICOM series in the folder')
+  if len(series) > 1:
+    raise VolumeError(f'{folder}: folder holds {len(series)} DICOM series ({", ".join(series)}); '
+                      'put each series in its own folder')
+  files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0]))
+  check_slices(folder, files, allow_large)
+  try:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    image = reader.Execute()
+  except RuntimeError as e:
+    raise VolumeError(f'{folder}: cannot read DICOM series: {" ".join(str(e).split())}') from e
+  if image.GetNumberOfComponentsPerPixel() != 1:
+    raise VolumeError(f'{folder}: expected a scalar (grey-level) image, got '
+                      f'{image.GetNumberOfComponentsPerPixel()} components per voxel')
+  return sitk_to_ras(image)
