@@ -10,8 +10,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mr2ct_jax.data import pipeline
-from mr2ct_jax.data import prepare
 from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import tfds_builder
 from mr2ct_jax.data import volume

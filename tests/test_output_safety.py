@@ -21,7 +21,6 @@ from mr2ct_jax.inference import generators
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax import translate
 from mr2ct_jax.data import prepare
-from mr2ct_jax.data import volume
 from mr2ct_jax.data import dataset
 from mr2ct_jax.evaluation import paired
 from mr2ct_jax.evaluation import scoring

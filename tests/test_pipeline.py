@@ -12,8 +12,6 @@ import pytest
 
 from mr2ct_jax.data import intensity
 from mr2ct_jax.data import pipeline
-from mr2ct_jax.data import prepare
-from mr2ct_jax.data import volume
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import writer
 

@@ -196,3 +196,18 @@ def test_signal_handlers_only_in_the_main_thread_and_restored():
     time.sleep(0.01)
     assert stop.requested and stop.should_stop()
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_processes_agree_to_stop_when_any_of_them_got_the_signal(monkeypatch):
+  """On several processes the flag is all-gathered every step: a process that got no signal
+  stops at the same step as the one that did."""
+  gathered = []
+  monkeypatch.setattr(preemption.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils, 'process_allgather',
+                      lambda x: gathered.append(int(x)) or np.asarray([int(x), 1]))
+  stop = preemption.StopSignals()
+  assert not stop.requested and stop.should_stop()
+  assert gathered == [0]  # this process's own flag went into the gather
+  monkeypatch.setattr(preemption.multihost_utils, 'process_allgather',
+                      lambda x: np.asarray([int(x), 0]))
+  assert not stop.should_stop()
