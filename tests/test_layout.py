@@ -7,6 +7,8 @@ functions too: a function-level import hides a dependency, it does not remove it
 import ast
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -170,3 +172,14 @@ def test_the_graph_sees_real_imports():
   assert 'mr2ct_jax.inference.slices' in graph['mr2ct_jax.evaluation.scoring']
   assert 'mr2ct_jax.training.loop' in graph['mr2ct_jax.main']  # a function-level import
   assert _rank('mr2ct_jax.data.phantom.cohort') == 2 and _rank('mr2ct_jax.main') is None
+
+
+def test_commands_that_need_no_jax_start_without_it():
+  """--help, flag errors, `evaluate --compare` and `prepare` must not wait for JAX to load."""
+  code = ('import sys\n'
+          'import mr2ct_jax.evaluate, mr2ct_jax.translate, mr2ct_jax.data.prepare\n'
+          'import mr2ct_jax.inference.numpy_generator\n'
+          'loaded = sorted(m for m in ("jax", "flax", "optax", "orbax") if m in sys.modules)\n'
+          'assert not loaded, loaded\n')
+  subprocess.run([sys.executable, '-c', code], check=True, timeout=120,
+                 cwd=str(PACKAGE.parent))
