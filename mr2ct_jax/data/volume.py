@@ -247,7 +247,7 @@ def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   data = img.to_bytes()
   if path.lower().endswith('.gz'):
-    data = gzip.compress(data, compresslevel=6)
+    data = gzip.compress(data, compresslevel=6, mtime=0)  # the same bytes every time
   with atomic.writing(path, 'wb') as f:
     f.write(data)
   return path
