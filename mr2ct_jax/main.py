@@ -16,13 +16,13 @@ from absl import logging
 from ml_collections import config_flags
 
 from mr2ct_jax.cli import commands
+from mr2ct_jax.cli import distributed
 from mr2ct_jax.cli import hugepages
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/gc.py or configs/gc.py:quick.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-_JAX_DISTRIBUTED = flags.DEFINE_bool(
-    'jax_distributed', False, 'Call jax.distributed.initialize() first (multi-host TPU/GPU).')
+distributed.define_flags()
 _VERBOSE = flags.DEFINE_bool('verbose', False, 'On an error, print its traceback too (for a '
                              'bug report).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -51,9 +51,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   # JAX and the library are imported here, not at the top: the huge-page re-exec must happen
   # before JAX loads (see `__main__` below), and `--help` should not wait for them.
-  import jax  # pylint: disable=g-import-not-at-top
-  if _JAX_DISTRIBUTED.value:
-    jax.distributed.initialize()
+  distributed.initialize()
   # grain worker processes re-import modules that define absl flags.
   flags.FLAGS.mark_as_parsed()
   # The library, likewise after the re-exec (it imports JAX).

@@ -57,3 +57,18 @@ def abstract_replicated(tree: Any, mesh: Mesh) -> Any:
   """
   sharding = replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded (or any) array, as NumPy, in batch order.
+
+  On one process that is the whole array; on several, a global batch array spans devices
+  this process cannot read, so each process takes the rows it holds (e.g. for image grids).
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  rows = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    rows.setdefault(start, np.asarray(shard.data))
+  return np.concatenate([rows[start] for start in sorted(rows)])

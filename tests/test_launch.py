@@ -54,3 +54,42 @@ def test_ablation_runs_both_arms_then_compares():
 def test_tpu_pod_requires_its_settings():
   result = _run('tpu_pod.sh', {'TPU_NAME': ''})
   assert result.returncode != 0 and 'TPU_NAME' in result.stderr
+
+
+def test_multi_gpu_dry_run_passes_the_process_flags():
+  result = _run('multi_gpu.sh', {'WORKDIR': 'runs/x', 'COORDINATOR': '10.0.0.1:1234',
+                                 'NUM_PROCESSES': '2', 'PROCESS_ID': '1'},
+                '--dry-run', '--config.train.batch_size=16')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [
+      'python', '-m', 'mr2ct_jax.main', '--config=configs/gc.py', '--workdir=runs/x',
+      '--jax_distributed', '--coordinator_address=10.0.0.1:1234', '--num_processes=2',
+      '--process_id=1', '--config.train.batch_size=16']
+
+
+def test_slurm_dry_run_starts_one_process_per_task():
+  result = _run('slurm.sh', {'WORKDIR': '/shared/runs/gc'}, '--dry-run',
+                '--config.train.batch_size=16')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [
+      'srun', '--kill-on-bad-exit=1', 'python', '-m', 'mr2ct_jax.main', '--jax_distributed',
+      '--config=configs/gc.py', '--workdir=/shared/runs/gc', '--config.train.batch_size=16']
+  assert '#SBATCH --requeue' in (REPO / 'launch' / 'slurm.sh').read_text(encoding='utf-8')
+  missing = _run('slurm.sh', {'WORKDIR': ''}, '--dry-run')
+  assert missing.returncode != 0 and 'WORKDIR' in missing.stderr
+
+
+def test_tpu_pod_dry_run_pins_jax_and_launches_on_every_worker():
+  result = _run('tpu_pod.sh', {'TPU_NAME': 'pod', 'ZONE': 'z', 'WORKDIR': '/mnt/runs/gc',
+                               'DATA': '/mnt/data', 'REPO_URL': 'https://example.invalid/r'},
+                '--dry-run', '--config.train.batch_size=32')
+  assert result.returncode == 0, result.stderr
+  install, launch = result.stdout.strip().split('\n', 1)[0], result.stdout
+  version = next(line.split('==')[1] for line in
+                 (REPO / 'constraints.txt').read_text(encoding='utf-8').splitlines()
+                 if line.startswith('jax=='))
+  assert install.startswith('gcloud compute tpus tpu-vm ssh pod --zone=z --worker=all')
+  assert f'jax[tpu]=={version}' in result.stdout
+  assert ('mr2ct_jax.main --jax_distributed' in launch and '--workdir=/mnt/runs/gc' in launch
+          and '--config.train.batch_size=32' in launch)
+  assert result.stdout.count('gcloud compute tpus tpu-vm ssh') == 2

@@ -18,6 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mr2ct_jax.cli import commands
+from mr2ct_jax.cli import distributed
 
 COMMAND = 'mr2ct_jax.segmentation'
 
@@ -35,6 +36,7 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_integer('steps', None, 'Train to this step (default config.seg.num_steps).',
                        flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'Replace an existing OUTPUT/eval.', flag_values=fv)
+  distributed.define_flags(fv)
   config_flags.DEFINE_config_file(
       'config', None, 'Optional config file whose `seg` section replaces the run\'s, e.g. '
       'configs/gc.py:quick (fields overridable: --config.seg.lr=...).', flag_values=fv,
@@ -75,6 +77,7 @@ def _seg_section(fv: flags.FlagValues):
 
 def _run(fv: flags.FlagValues) -> None:
   seg_config = _seg_section(fv)
+  distributed.initialize(fv)
   # Imported here, not at the top: JAX, flax and TFDS take seconds to load, and `--help` and
   # flag errors should not wait for them.
   from mr2ct_jax.segmentation import run as seg_run  # pylint: disable=g-import-not-at-top

@@ -41,7 +41,7 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
 def _write_samples(writer: tb_logging.MetricWriter, sample_fn, params: Any,
                    batch: dict[str, Any], step: int) -> None:
   """Image grids: MR | sCT | reconstructed MR, and CT | sMR | reconstructed CT (first 4)."""
-  images = jax.device_get(sample_fn(params, batch))
+  images = jax.tree.map(parallel.local_rows, sample_fn(params, batch))
   count = min(4, images['mr'].shape[0])
   for tag, keys in (('samples/mr_to_ct', ('mr', 'fake_ct', 'rec_mr')),
                     ('samples/ct_to_mr', ('ct', 'fake_mr', 'rec_ct'))):
