@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Mapping
 from typing import IO, Any, Iterator
 
@@ -130,7 +131,9 @@ def writing(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
   Raises:
     OutputError: a write fails (full disk, no permission...); the message names `path`.
   """
-  tmp = f'{path}.tmp-{os.getpid()}'
+  # Hidden and unique: a folder listing skips it, and two writers never share one.
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                     f'.{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
   text = {'encoding': 'utf-8', 'newline': ''} if 'b' not in mode else {}
   try:
     try:

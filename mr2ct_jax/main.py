@@ -59,10 +59,14 @@ def main(argv: list[str]) -> None:
   from mr2ct_jax import config_checks  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import volume  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.training import loop  # pylint: disable=g-import-not-at-top
   # One line, no traceback: these are the user's inputs, not our bugs. A signal exits 75.
   errors = (config_checks.ConfigError, checkpointing.CheckpointError, volume.VolumeError,
-            dataset.DatasetError, loop.NonFiniteLossError)
+            dataset.DatasetError, loop.NonFiniteLossError, scoring.EvaluateError,
+            reports.ReportError, generators.SourceError)
   with commands.one_line_errors(errors, verbose=_VERBOSE.value):
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

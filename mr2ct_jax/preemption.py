@@ -12,8 +12,8 @@ On several processes each one may receive the signal at a different step, so the
 combined over all processes every step (`should_stop`): they stop together, at the same step.
 """
 
+import os
 import signal
-import sys
 import threading
 import types
 
@@ -52,10 +52,12 @@ class StopSignals:
 
   def _handle(self, signum: int, frame: types.FrameType | None) -> None:
     del frame  # unused
-    if not self._requested:
-      print(f'{signal.Signals(signum).name}: stopping after this step and saving a checkpoint',
-            file=sys.stderr, flush=True)
-    self._requested = True
+    again = self._requested
+    self._requested = True  # first: the message below must not be able to lose the request
+    text = ('already stopping; SIGKILL ends it at once' if again else
+            'stopping after this step and saving a checkpoint')
+    # os.write, not print: the signal may interrupt a write to sys.stderr in progress.
+    os.write(2, f'{signal.Signals(signum).name}: {text}\n'.encode())
 
   def __enter__(self) -> 'StopSignals':
     if threading.current_thread() is threading.main_thread():
@@ -73,13 +75,17 @@ class StopSignals:
     """Whether this process received a stop signal."""
     return self._requested
 
-  def should_stop(self) -> bool:
+  def should_stop(self, step: int = 0, every: int = 1) -> bool:
     """Whether any process received a stop signal (all processes get the same answer).
 
-    Call it at the same point of every step on every process: with several processes it is a
-    collective (an all-gather of one flag).
+    Call it at the same point of every step on every process. With several processes the
+    flag is combined (an all-gather, which waits for the step to finish on every device) only
+    when `step` is a multiple of `every`, so asynchronous dispatch is kept between checks;
+    on one process the answer is immediate.
     """
     if jax.process_count() == 1:
       return self._requested
+    if step % max(1, int(every)):
+      return False
     flags = multihost_utils.process_allgather(np.asarray(int(self._requested), np.int32))
     return bool(np.max(flags))

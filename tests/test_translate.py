@@ -169,7 +169,7 @@ def test_translate_file_writes_int16_hu_with_input_affine(run, tmp_path):
   np.testing.assert_allclose(img.affine, nib.load(src).affine, atol=1e-5)
   assert np.all(data[~ndimage.binary_dilation(body, iterations=3)] == AIR)
   assert dice(data != AIR, body) > 0.92
-  assert [f for f in os.listdir(tmp_path) if f.startswith('.tmp')] == []
+  assert [f for f in os.listdir(tmp_path) if f.endswith('.tmp') or f.startswith('.tmp')] == []
 
 
 def _rotation(angle):

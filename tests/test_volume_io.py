@@ -471,3 +471,19 @@ def test_symlink_loop_in_a_folder_is_skipped(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     assert volume.list_volumes(str(tmp_path)) == [str(tmp_path / 'a.nii.gz')]
   _error(tmp_path / 'loop', 'no such file or folder|symbolic links')
+
+
+def test_a_dicom_file_gdcm_cannot_parse_is_not_silently_left_out(tmp_path):
+  folder = _damaged_series(tmp_path, lambda d: d[:len(d) - 100], only='s003.dcm')
+  _error(folder, r'1 DICOM file\(s\) are not part of the series \(unreadable or damaged\): '
+                 's003.dcm')
+
+
+def test_pixel_values_that_spell_the_pixel_data_tag_are_not_mistaken_for_it(tmp_path):
+  """Voxels 32736, 16 are the bytes e0 7f 10 00 of the PixelData tag: still a valid file."""
+  array = (np.arange(5 * 7 * 6).reshape(5, 7, 6) % 50).astype(np.int16)
+  array[2, 3, 1:3] = (32736, 16)
+  image = sitk.GetImageFromArray(array)
+  image.SetSpacing((0.7, 0.9, 2.5))
+  write_dicom_series(str(tmp_path / 's'), image, '1.2.826.0.1.3680043.2.1125.33')
+  assert volume.read_volume(str(tmp_path / 's')).shape == (6, 7, 5)

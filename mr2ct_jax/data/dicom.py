@@ -5,8 +5,9 @@ its voxels are incomplete: several series or orientations in one folder, slices 
 with non-finite) ImagePositionPatient / ImageOrientationPatient (ITK would invent an origin
 and a 1 mm slice spacing and present them as fact), duplicate or irregular slice positions,
 a slice whose PixelData is shorter than Rows x Columns x BitsAllocated (its voxels would be
-read as garbage), or a declared size over the voxel budget (checked before the voxels are
-read, see `volume_checks`).
+read as garbage), a file GDCM cannot parse (it would be left out of the series silently), or
+a declared size over the voxel budget (checked before the voxels are read; the field of view
+and the 2-voxel rule of `volume_checks` follow once the series is read).
 """
 
 import os
@@ -22,7 +23,6 @@ SUFFIXES = ('.dcm', '.dicom', '.ima')
 # ITK reports physical points in LPS; nibabel affines are RAS: negate x and y.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _PIXEL_DATA_TAG = struct.pack('<HH', 0x7FE0, 0x0010)
-_UNDEFINED_LENGTH = 0xFFFFFFFF  # encapsulated (compressed) pixel data
 
 
 def looks_like_dicom_file(path: str) -> bool:
@@ -68,20 +68,36 @@ def _tag(reader: sitk.ImageFileReader, tag: str) -> list[float] | None:
     return None
 
 
-def _pixel_data_length(path: str) -> tuple[int | None, int]:
-  """(declared length of the PixelData element or None if encapsulated, bytes after it)."""
-  with open(path, 'rb') as f:
-    data = f.read()
-  at = data.rfind(_PIXEL_DATA_TAG)
-  if at < 0:
-    return 0, 0
-  if data[at + 4:at + 6] in (b'OB', b'OW'):  # explicit VR: 2 reserved bytes, 4-byte length
-    (length,), start = struct.unpack('<I', data[at + 8:at + 12]), at + 12
-  else:  # implicit VR: 4-byte length
-    (length,), start = struct.unpack('<I', data[at + 4:at + 8]), at + 8
-  if length == _UNDEFINED_LENGTH:
-    return None, len(data) - start
-  return length, len(data) - start
+# Uncompressed little-endian transfer syntaxes (implicit, explicit VR): only their PixelData
+# length can be checked against Rows x Columns; a decoder checks the compressed ones.
+_PLAIN_SYNTAXES = ('1.2.840.10008.1.2', '1.2.840.10008.1.2.1')
+
+
+def _pixel_data_length(path: str) -> tuple[int, int]:
+  """(declared length of the PixelData element, bytes the file holds after its header).
+
+  The tag's 4 bytes may also occur inside the pixel values, so the element is the occurrence
+  whose declared length ends exactly at the end of the file; without one (a truncated file),
+  the first occurrence counts.
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise VolumeError(f'{path}: cannot read it: {e.strerror}') from e
+  found = []
+  at = data.find(_PIXEL_DATA_TAG)
+  while at >= 0:
+    if data[at + 4:at + 6] in (b'OB', b'OW'):  # explicit VR: 2 reserved bytes, 4-byte length
+      length, start = struct.unpack('<I', data[at + 8:at + 12])[0], at + 12
+    else:  # implicit VR: 4-byte length
+      length, start = struct.unpack('<I', data[at + 4:at + 8])[0], at + 8
+    available = len(data) - start
+    if length == available or length + 1 == available:  # (an odd length is padded)
+      return length, available
+    found.append((length, available))
+    at = data.find(_PIXEL_DATA_TAG, at + 1)
+  return found[0] if found else (0, 0)
 
 
 def _slice_info(path: str) -> dict:
@@ -92,17 +108,21 @@ def _slice_info(path: str) -> dict:
   except RuntimeError as e:
     raise VolumeError(f'{path}: unreadable DICOM header: {" ".join(str(e).split())}') from e
   bits = _tag(reader, '0028|0100')
+  syntax = (reader.GetMetaData('0002|0010').strip(' \0')
+            if reader.HasMetaDataKey('0002|0010') else '')
   return {'orientation': _tag(reader, '0020|0037'), 'position': _tag(reader, '0020|0032'),
           'size': reader.GetSize(), 'components': reader.GetNumberOfComponents(),
-          'bytes_per_voxel': int(bits[0]) // 8 if bits else None}
+          'bytes_per_voxel': int(bits[0]) // 8 if bits else None,
+          'plain': syntax in _PLAIN_SYNTAXES or not syntax}
 
 
 def _check_pixel_data(folder: str, path: str, info: dict) -> None:
+  if not info['plain'] or info['bytes_per_voxel'] is None:
+    return  # compressed or big-endian: its decoder checks the length
   declared, available = _pixel_data_length(path)
-  if declared is None or info['bytes_per_voxel'] is None:
-    return  # compressed: its decoder checks the length
   cols, rows = info['size'][:2]
-  needed = cols * rows * max(1, info['components']) * info['bytes_per_voxel']
+  frames = info['size'][2] if len(info['size']) > 2 else 1
+  needed = cols * rows * frames * max(1, info['components']) * info['bytes_per_voxel']
   if min(declared, available) < needed:
     raise VolumeError(f'{folder}: {os.path.basename(path)} holds {min(declared, available)} '
                       f'bytes of pixel data, {rows} x {cols} voxels need {needed}; the file is '
@@ -113,7 +133,15 @@ def check_slices(folder: str, files: list[str], allow_large: bool = False) -> No
   """Refuses a series whose slice geometry or pixel data cannot be trusted (see the module)."""
   infos = [_slice_info(f) for f in files]
   cols, rows = infos[0]['size'][:2]
-  volume_checks.check_size(folder, (cols, rows, len(files)), allow_large)
+  frames = sum(info['size'][2] if len(info['size']) > 2 else 1 for info in infos)
+  volume_checks.check_size(folder, (cols, rows, frames), allow_large)
+  if infos[0]['components'] != 1:
+    raise VolumeError(f'{folder}: expected a scalar (grey-level) image, got '
+                      f'{infos[0]["components"]} components per voxel')
+  if len(files) == 1 and frames > 1:
+    # A multi-frame file keeps its geometry per frame; ITK reads it from there.
+    _check_pixel_data(folder, files[0], infos[0])
+    return
   for path, info in zip(files, infos):
     name = os.path.basename(path)
     orient, pos = info['orientation'], info['position']
@@ -158,6 +186,14 @@ def read_series(folder: str, allow_large: bool = False) -> tuple[np.ndarray, np.
     raise VolumeError(f'{folder}: folder holds {len(series)} DICOM series ({", ".join(series)}); '
                       'put each series in its own folder')
   files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0]))
+  # GDCM leaves out the files it cannot parse: a damaged slice must not silently vanish.
+  present = [entry.path for entry in os.scandir(folder) if entry.is_file()
+             and not entry.name.startswith('.') and looks_like_dicom_file(entry.path)]
+  left_out = sorted(set(map(os.path.abspath, present)) - set(map(os.path.abspath, files)))
+  if left_out:
+    names = ', '.join(os.path.basename(p) for p in left_out[:3])
+    raise VolumeError(f'{folder}: {len(left_out)} DICOM file(s) are not part of the series '
+                      f'(unreadable or damaged): {names}{", ..." if len(left_out) > 3 else ""}')
   check_slices(folder, files, allow_large)
   try:
     reader = sitk.ImageSeriesReader()

@@ -245,9 +245,11 @@ def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16
     img.set_qform(None, code=0)
   img.set_sform(affine, code=1)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  data = img.to_bytes()
-  if path.lower().endswith('.gz'):
-    data = gzip.compress(data, compresslevel=6, mtime=0)  # the same bytes every time
   with atomic.writing(path, 'wb') as f:
-    f.write(data)
+    if path.lower().endswith('.gz'):
+      # Streamed (no second copy of the volume in memory); mtime 0: the same bytes every time.
+      with gzip.GzipFile(fileobj=f, mode='wb', compresslevel=1, mtime=0, filename='') as gz:
+        img.to_stream(gz)
+    else:
+      img.to_stream(f)
   return path

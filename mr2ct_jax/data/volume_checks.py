@@ -56,7 +56,7 @@ def check_field_of_view(path: str, shape: tuple[int, ...], affine: np.ndarray,
                       f'{tuple(int(n) for n in shape[:3])} = field of view {_fmt(fov)} mm '
                       f'(a body scan spans at most {limits[0]:g} mm along one axis and '
                       f'{limits[1]:g} mm along the others); check the header\'s voxel size '
-                      f'and units, or pass {OVERRIDE}')
+                      f'and units' + ('' if allow_large else f', or pass {OVERRIDE}'))
 
 
 def check_geometry(path: str, shape: tuple[int, ...], affine: np.ndarray,

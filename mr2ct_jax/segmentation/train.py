@@ -237,13 +237,13 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
                                 'perf/steps_per_sec': rate})
           tb_logging.log_line('seg ' + progress.line(step, rate, values) +
                               f" | acc={values['accuracy']:.4f}")
-        stopping = stop.should_stop()
+        stopping = stop.should_stop(step, 1 if is_last else seg.log_every)
         if step % seg.checkpoint_every == 0 or is_last or stopping:
           _check_finite(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
           # A host copy: Orbax would otherwise slice the 8-way replicated arrays shard by
           # shard, compiling one slice per parameter shape (seconds on CPU) for no benefit.
           checkpointing.save(manager, step, jax.device_get(state), iter_state)
-        if stopping and not is_last:
+        if stopping:  # also at the last step: evaluation is skipped, the rerun does it
           # `finally` waits for the checkpoint to be written.
           raise preemption.Preempted(step, 'segmentation training')
     finally:

@@ -66,39 +66,39 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     NonFiniteLossError: a loss became NaN/Inf.
     preemption.Preempted: SIGTERM/SIGINT arrived; the step it stopped at is checkpointed.
   """
-  mesh = parallel.make_mesh()
-  config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
-  checkpointing.save_config(workdir, config)
-  data_dir = resolve.resolve_data_dir(config, workdir)
+  with preemption.StopSignals() as stop:  # from the start: setup can take minutes
+    mesh = parallel.make_mesh()
+    config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    checkpointing.save_config(workdir, config)
+    data_dir = resolve.resolve_data_dir(config, workdir)
 
-  data_iter = pipeline.make_unpaired_iterator(config, data_dir)
-  gan = state_lib.build(config)
-  create = lambda rng: state_lib.create(gan, config, rng)
-  rng = jax.random.PRNGKey(config.seed)
-  manager = checkpointing.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
-  latest = manager.latest_step()
-  if latest is not None:
-    target = parallel.abstract_replicated(jax.eval_shape(create, rng), mesh)
-    state, iter_state = checkpointing.restore(manager, latest, target)
-    data_iter.set_state(iter_state)
-    tb_logging.log_line(f'Resumed from {workdir} at step {latest}.')
-  else:
-    state = parallel.create_replicated(create, mesh, rng)
-  start_step = int(jax.device_get(state.step))
+    data_iter = pipeline.make_unpaired_iterator(config, data_dir)
+    gan = state_lib.build(config)
+    create = lambda rng: state_lib.create(gan, config, rng)
+    rng = jax.random.PRNGKey(config.seed)
+    manager = checkpointing.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    latest = manager.latest_step()
+    if latest is not None:
+      target = parallel.abstract_replicated(jax.eval_shape(create, rng), mesh)
+      state, iter_state = checkpointing.restore(manager, latest, target)
+      data_iter.set_state(iter_state)
+      tb_logging.log_line(f'Resumed from {workdir} at step {latest}.')
+    else:
+      state = parallel.create_replicated(create, mesh, rng)
+    start_step = int(jax.device_get(state.step))
 
-  step_fn = step_lib.make_train_step(gan, config, mesh)
-  sample_fn = step_lib.make_sample_fn(gan)
-  writer = tb_logging.MetricWriter(os.path.join(workdir, 'tb'))
-  num_steps = config.train.num_steps
-  progress = tb_logging.Progress(start_step, num_steps)
-  if start_step >= num_steps:
-    tb_logging.log_line(f'{workdir}: already trained to step {start_step} >= {num_steps}.')
+    step_fn = step_lib.make_train_step(gan, config, mesh)
+    sample_fn = step_lib.make_sample_fn(gan)
+    writer = tb_logging.MetricWriter(os.path.join(workdir, 'tb'))
+    num_steps = config.train.num_steps
+    progress = tb_logging.Progress(start_step, num_steps)
+    if start_step >= num_steps:
+      tb_logging.log_line(f'{workdir}: already trained to step {start_step} >= {num_steps}.')
 
-  last_saved = latest
-  step = start_step
-  end_step = num_steps if stop_after is None else min(stop_after, num_steps)
-  with preemption.StopSignals() as stop:
+    last_saved = latest
+    step = start_step
+    end_step = num_steps if stop_after is None else min(stop_after, num_steps)
     try:
       while step < end_step:
         batch = parallel.shard_batch(next(data_iter), mesh)
@@ -117,24 +117,26 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           tb_logging.log_line(progress.line(step, rate, values, compiling=compiling))
         if step % config.train.image_every == 0 or is_last:
           _write_samples(writer, sample_fn, state.params, batch, step)
-        stopping = stop.should_stop()
+        stopping = stop.should_stop(step, 1 if is_last else config.train.log_every)
         if step % config.train.checkpoint_every == 0 or is_last or stopping:
           # A checkpoint is only written after its step's losses were checked finite.
           values = {k: float(v) for k, v in jax.device_get(metrics).items()}
           _check_finite(step, values)
           checkpointing.save(manager, step, state, data_iter.get_state())
           last_saved = step
-        if stopping and not is_last:
+        if stopping:  # also at the last step: evaluation is skipped, the rerun does it
           raise preemption.Preempted(step)  # `finally` waits for the checkpoint to be written
     except NonFiniteLossError:
       logging.error('Non-finite loss; last good checkpoint: step %s', last_saved)
       raise
     finally:
+      manager.wait_until_finished()  # first: a pending checkpoint must not wait on anything
       data_iter.close()
-      manager.wait_until_finished()
       manager.close()
       writer.flush()
       writer.close()
+    if stop.should_stop():  # a signal during set-up, or with no step left to train
+      raise preemption.Preempted(step)
   return state, data_dir
 
 
