@@ -2,8 +2,8 @@
 
 A data dir is written by `mr2ct_jax.data.writer` (the `prepare` command, or the phantom):
 
-  mr2ct_slices/1.0.0/    the TFDS dataset (array_record): splits train_mr, train_ct, [labeled],
-                         [test]; one example per slice, records in patient then slice order
+  mr2ct_slices/1.0.0/    the TFDS dataset (array_record): the splits below that have data; one
+                         example per slice, records in patient then slice order
   geometry/<id>.json     SliceGeometry per patient (maps slices back to the input volume)
   dataset_meta.json      preprocessing values, patients and record indices per split
 
@@ -25,6 +25,19 @@ from mr2ct_jax.data import tfds_builder
 META_FILE = 'dataset_meta.json'
 GEOMETRY_DIR = 'geometry'
 FORMAT_VERSION = 1
+
+# Training splits (may share patients: CycleGAN training is unpaired, labeled CT train the
+# U-Net) and evaluation splits (their subjects must not appear in any training split).
+#   train_mr    unpaired MR                       image (normalised MR), mask
+#   train_ct    unpaired CT                       image (HU), mask
+#   labeled     CT + label map                    image (HU), mask, label
+#   test        paired MR + registered CT         image (MR), paired (CT, HU), mask[, label]
+#   test_mr     unpaired test MR                  image (MR), mask
+#   test_ct     unpaired test CT                  image (HU), mask
+#   labeled_mr  MR + label map (no CT)            image (MR), mask, label
+#   val         paired, like test (validation)    image (MR), paired (CT, HU), mask[, label]
+TRAIN_SPLITS = ('train_mr', 'train_ct', 'labeled')
+EVAL_SPLITS = ('test', 'test_mr', 'test_ct', 'labeled_mr', 'val')
 
 
 class DatasetError(ValueError):
