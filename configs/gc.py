@@ -15,6 +15,7 @@ Any field can be overridden on the command line, e.g. `--config.loss.gc_weight=0
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 VARIANTS = ('paper', 'quick', 'nogc', 'test')
 
@@ -33,18 +34,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Directory written by `python -m mr2ct_jax.data.prepare`. Empty: the built-in phantom is
   # generated and prepared under WORKDIR/phantom (offline, deterministic from config.seed).
   data.dir = ''
-  data.image_size = 256           # network input (square); must be divisible by 4
-  data.spacing_mm = 1.25          # in-plane resampling; 256 px * 1.25 mm = 320 mm (paper's MR FOV)
-  data.ct_window = (-150.0, 350.0)  # HU mapped to [0, 255] (paper); e.g. (-1024, 2000) keeps bone
-  data.mr_window = (0.0, 100.0)     # normalised MR range mapped to [0, 255] (paper)
+  # Preprocessing, None = "as the dataset was prepared": a run takes each from its data dir's
+  # dataset_meta.json and records the filled values in WORKDIR/config.json (translate and
+  # evaluate apply those to new volumes); a value set here must equal the dataset's. `prepare`
+  # and the built-in phantom use data.prepare_defaults for the fields left None.
+  data.image_size = placeholder(int)       # network input (square); must be divisible by 4
+  data.spacing_mm = placeholder(float)     # in-plane resampling (mm)
+  data.mr_percentile = placeholder(float)  # MR normalisation anchor (see prepare_defaults)
+  data.n4 = placeholder(bool)              # N4 bias correction of MR
+  data.plane = placeholder(str)            # slice plane: 'axial', 'coronal' or 'sagittal'
+  data.prepare_defaults = prep = ml_collections.ConfigDict()
+  prep.image_size = 256           # 256 px * 1.25 mm = 320 mm (paper's MR FOV)
+  prep.spacing_mm = 1.25
   # MR normalisation rule: the `mr_percentile` percentile of the body voxels maps to
   # mr_window[1] (100); MR has no absolute unit, so a robust body percentile is the anchor.
-  data.mr_percentile = 99.5
-  data.n4 = False                 # N4 bias correction of MR at prepare time (paper: on)
+  prep.mr_percentile = 99.5
+  prep.n4 = False                 # N4 bias correction of MR at prepare time (paper: on)
+  # Slices of this patient plane (whatever the stored voxel order); the paper's MR were
+  # acquired coronally, its CT resliced to match.
+  prep.plane = 'axial'
+  data.ct_window = (-150.0, 350.0)  # HU mapped to [0, 255] (paper); e.g. (-1024, 2000) keeps bone
+  data.mr_window = (0.0, 100.0)     # normalised MR range mapped to [0, 255] (paper)
   # Augmentation (the reference's load 286 -> random crop 256): pad each slice by this
   # fraction of the size, then crop a random window back to image_size.
   data.crop_pad_fraction = 30 / 256
-  data.flip_lr = True
+  data.flip_lr = True             # axial/coronal slices (sagittal ones have no L-R axis)
   data.num_workers = 0            # grain worker processes; 0 = in-process threads
   data.prefetch = 2               # batches read ahead
   # The built-in phantom (used when data.dir is empty).
@@ -102,8 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.gc_weight = 0.0
   elif variant == 'quick':
     # The whole pipeline on a 2-core CPU in a few minutes; learns visibly on the phantom.
-    data.image_size = 64
-    data.spacing_mm = 5.0
+    prep.image_size = 64
+    prep.spacing_mm = 5.0
     phantom.num_train_mr = 6
     phantom.num_train_ct = 6
     phantom.num_labeled = 2
@@ -121,8 +135,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.image_every = 200
     train.checkpoint_every = 200
   elif variant == 'test':
+    # Set, not None: tests build networks and workdirs from this config directly.
     data.image_size = 32
     data.spacing_mm = 10.0
+    data.mr_percentile = 99.5
+    data.n4 = False
+    data.plane = 'axial'
     phantom.num_train_mr = 2
     phantom.num_train_ct = 2
     phantom.num_labeled = 1

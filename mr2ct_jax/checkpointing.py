@@ -49,13 +49,24 @@ def _restore_tuples(config_dict: dict[str, Any],
 
 
 # Fields that choose how a run computes, not what: a resumed run may change them, so a
-# checkpoint moves between the CPU and GPU code paths.
-_CODE_PATH_FIELDS = {'model': ('conv_impl',)}
+# checkpoint moves between the CPU and GPU code paths. data.prepare_defaults only says how a
+# dataset is made when none is given; the run's own preprocessing is in the data fields.
+_CODE_PATH_FIELDS = {'model': ('conv_impl',), 'data': ('prepare_defaults',)}
+# Fields added after runs were written, with the value those runs effectively used.
+_LEGACY_FIELDS = {'data': {'plane': 'axial'}}
+
+
+def _with_legacy_fields(config: dict[str, Any]) -> dict[str, Any]:
+  for section, fields in _LEGACY_FIELDS.items():
+    if isinstance(config.get(section), dict):
+      for key, value in fields.items():
+        config[section].setdefault(key, value)
+  return config
 
 
 def _compared(config: dict[str, Any], section: str) -> Any:
   """`config[section]` without the fields a resumed run may change."""
-  value = config.get(section)
+  value = _with_legacy_fields(dict(config)).get(section)
   if not isinstance(value, dict):
     return value
   return {k: v for k, v in value.items() if k not in _CODE_PATH_FIELDS.get(section, ())}
@@ -94,7 +105,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       config_dict = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f'{path}: unreadable config ({e})') from e
-  return ml_collections.ConfigDict(_restore_tuples(config_dict, None))
+  return ml_collections.ConfigDict(_restore_tuples(_with_legacy_fields(config_dict), None))
 
 
 def make_manager(workdir: str, max_to_keep: int = 3,

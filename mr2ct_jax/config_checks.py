@@ -7,6 +7,9 @@ import ml_collections
 # JAX-free (prepare checks configs and must start fast).
 from mr2ct_jax.models import options as model_options
 
+# The slice planes (mr2ct_jax.data.preprocess.PLANE_AXES; not imported: SciPy, SimpleITK).
+PLANES = ('axial', 'coronal', 'sagittal')
+
 
 class ConfigError(ValueError):
   """A config value is invalid; the message names the key."""
@@ -28,6 +31,25 @@ def _check_dtype(name: str, key: str) -> None:
            f'must be one of {model_options.DTYPE_NAMES}')
 
 
+def _check_preprocessing(section: ml_collections.ConfigDict, prefix: str,
+                         allow_none: bool) -> None:
+  """The preprocessing fields of config.data or config.data.prepare_defaults."""
+  checks = {
+      'image_size': (lambda v: int(v) == v and v >= 16 and v % 4 == 0,
+                     'must be >= 16 and divisible by 4 (two stride-2 downsamplings)'),
+      'spacing_mm': (lambda v: v > 0, 'must be > 0'),
+      'mr_percentile': (lambda v: 0 < v <= 100, 'must be in (0, 100]'),
+      'n4': (lambda v: isinstance(v, bool), 'must be True or False'),
+      'plane': (lambda v: v in PLANES, f'must be one of {PLANES}'),
+  }
+  for key, (ok, why) in checks.items():
+    value = section.get(key)
+    if value is None:
+      _require(allow_none, f'{prefix}.{key}', value, 'must be set')
+      continue
+    _require(ok(value), f'{prefix}.{key}', value, why)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
              num_processes: int = 1) -> None:
   """Raises ConfigError naming the first invalid key of `config`.
@@ -39,13 +61,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   """
   data, model, loss, optim, train = (config.data, config.model, config.loss, config.optim,
                                      config.train)
-  _require(data.image_size >= 16 and data.image_size % 4 == 0, 'data.image_size',
-           data.image_size, 'must be >= 16 and divisible by 4 (two stride-2 downsamplings)')
-  _require(data.spacing_mm > 0, 'data.spacing_mm', data.spacing_mm, 'must be > 0')
+  # None: from the dataset (checked once filled); prepare_defaults must always be set.
+  _check_preprocessing(data, 'data', allow_none=True)
+  _check_preprocessing(data.prepare_defaults, 'data.prepare_defaults', allow_none=False)
   _check_window(config, 'ct_window')
   _check_window(config, 'mr_window')
-  _require(0 < data.mr_percentile <= 100, 'data.mr_percentile', data.mr_percentile,
-           'must be in (0, 100]')
   _require(0 <= data.crop_pad_fraction < 1, 'data.crop_pad_fraction', data.crop_pad_fraction,
            'must be in [0, 1)')
   _require(data.num_workers >= 0, 'data.num_workers', data.num_workers, 'must be >= 0')
@@ -96,9 +116,9 @@ def _validate_seg(config: ml_collections.ConfigDict) -> None:
              'must be an integer >= 1')
   _require(seg.num_classes >= 2, 'seg.num_classes', seg.num_classes,
            'must be >= 2 (background and at least one structure)')
-  _require(config.data.image_size % 2 ** seg.depth == 0, 'seg.depth', seg.depth,
-           f'2**depth must divide data.image_size={config.data.image_size} (one 2x2 pooling '
-           'per level)')
+  size = config.data.image_size  # None: the dataset's, checked when the run fills it
+  _require(size is None or size % 2 ** seg.depth == 0, 'seg.depth', seg.depth,
+           f'2**depth must divide data.image_size={size} (one 2x2 pooling per level)')
   _require(seg.lr > 0, 'seg.lr', seg.lr, 'must be > 0')
   _require(seg.dice_loss_weight >= 0, 'seg.dice_loss_weight', seg.dice_loss_weight,
            'must be >= 0 (a loss weight)')

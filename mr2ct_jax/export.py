@@ -57,6 +57,7 @@ def make_meta(config: ml_collections.ConfigDict, networks: Sequence[str], step: 
       'spacing_mm': float(data.spacing_mm),
       'image_size': int(data.image_size),
       'n4': bool(data.n4),
+      'plane': str(data.get('plane', 'axial')),
       'model_range': [-1.0, 1.0],
       'mapping': ('CT: clip(HU, ct_window) -> [0, 255] -> x/127.5 - 1. MR: scale so the '
                   'mr_percentile percentile of the body = 100, clip(mr_window) -> [0, 255] -> '

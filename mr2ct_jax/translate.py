@@ -6,9 +6,10 @@
       [--direction=ct2mr] [--step=N] [--overwrite | --skip_existing]
   python -m mr2ct_jax.translate --npz=g_ct.npz --input=... --output=...
 
-Each volume is read (NIfTI or DICOM series), translated on the network grid and mapped back
-to its own voxels (`mr2ct_jax.inference.volumes`), and written with the input's shape and
-affine under a temporary name that is renamed when complete.
+Each volume is read (NIfTI or DICOM series), preprocessed as the run's dataset was (N4,
+spacing, slice plane, MR percentile: recorded in the run's config.json), translated on the
+network grid and mapped back to its own voxels (`mr2ct_jax.inference.volumes`), and written
+with the input's shape and affine under a temporary name that is renamed when complete.
 """
 
 import dataclasses
@@ -170,7 +171,7 @@ ANNOUNCE_AFTER_S = 20.0
 
 def _announce(path: str, vol: volume_lib.Volume, config, estimate: volumes.TimeEstimate) -> None:
   """Prints the work and its estimated time before a long volume starts."""
-  num_slices, side = volumes.network_work(vol, float(config.data.spacing_mm))
+  num_slices, side = volumes.network_work(vol, float(config.data.spacing_mm), config.data.plane)
   seconds = estimate.seconds(num_slices, side)
   if seconds >= ANNOUNCE_AFTER_S:
     minutes, secs = divmod(int(round(seconds)), 60)

@@ -18,7 +18,12 @@ def test_variants_validate(variant):
 
 def test_paper_defaults():
   config = gc.get_config()
-  assert config.data.image_size == 256
+  # The preprocessing comes from the dataset; prepare and the phantom use the paper's values.
+  for key in ('image_size', 'spacing_mm', 'mr_percentile', 'n4', 'plane'):
+    assert config.data[key] is None, key
+  defaults = config.data.prepare_defaults
+  assert (defaults.image_size, defaults.spacing_mm, defaults.mr_percentile, defaults.n4,
+          defaults.plane) == (256, 1.25, 99.5, False, 'axial')
   assert config.train.batch_size == 1
   assert config.train.num_steps == 200_000
   assert config.loss.cycle_weight == 3.0

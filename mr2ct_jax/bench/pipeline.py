@@ -58,7 +58,8 @@ def bench_config(config: ml_collections.ConfigDict, size: int,
                  batch_size: int | None = None) -> ml_collections.ConfigDict:
   """`config` at slice size `size` (same field of view) with a small phantom."""
   config = ml_collections.ConfigDict(config.to_dict())
-  fov_mm = config.data.spacing_mm * config.data.image_size
+  prepared = writer.preparation_settings(config)  # what the bench phantom would be made with
+  fov_mm = prepared['spacing_mm'] * prepared['image_size']
   config.data.image_size = int(size)
   config.data.spacing_mm = fov_mm / size
   for key in ('num_train_mr', 'num_train_ct'):

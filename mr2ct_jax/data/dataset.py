@@ -40,6 +40,16 @@ TRAIN_SPLITS = ('train_mr', 'train_ct', 'labeled')
 EVAL_SPLITS = ('test', 'test_mr', 'test_ct', 'labeled_mr', 'val')
 
 
+# The preprocessing a dataset was prepared with (dataset_meta.json). A generator only works on
+# volumes preprocessed the same way, so a run takes these from its dataset (config.data.<key>
+# None) and translate/evaluate apply the run's values. Datasets prepared before the plane was
+# recorded hold axial slices.
+PREPROCESSING_KEYS = ('spacing_mm', 'image_size', 'mr_percentile', 'n4', 'plane')
+DEFAULT_PLANE = 'axial'
+_TYPES = {'spacing_mm': float, 'image_size': int, 'mr_percentile': float, 'n4': bool,
+          'plane': str}
+
+
 class DatasetError(ValueError):
   """A dataset-level problem (data dir, split, folder); one line naming the dir or key."""
 
@@ -78,21 +88,58 @@ def load_geometry(data_dir: str, patient_id: str) -> preprocess.SliceGeometry:
     return preprocess.SliceGeometry.from_dict(json.load(f))
 
 
+def preprocessing(meta: dict[str, Any]) -> dict[str, Any]:
+  """The preprocessing values of a dataset's meta (`load_meta`), typed, plane included."""
+  values = {'plane': DEFAULT_PLANE}
+  for key in PREPROCESSING_KEYS:
+    if key in meta:
+      values[key] = _TYPES[key](meta[key])
+  return values
+
+
+def same_value(key: str, a: Any, b: Any) -> bool:
+  """Whether two values of a preprocessing key are equal (floats up to rounding)."""
+  if _TYPES[key] is float:
+    return bool(np.isclose(float(a), float(b)))
+  return _TYPES[key](a) == _TYPES[key](b)
+
+
+def preprocessing_mismatch(meta: dict[str, Any], data: ml_collections.ConfigDict
+                           ) -> tuple[str, Any, Any] | None:
+  """The first preprocessing key whose config value is set and differs from the dataset's.
+
+  Args:
+    meta: the dataset's meta.
+    data: a config's `data` section; a None value means "from the dataset" and matches. A
+      config without `plane` (written before planes existed) sliced axially.
+
+  Returns:
+    (key, dataset value, config value), or None if every set value matches.
+  """
+  recorded = preprocessing(meta)
+  for key in PREPROCESSING_KEYS:
+    value = data.get(key, DEFAULT_PLANE if key == 'plane' else None)
+    if value is not None and key in recorded and not same_value(key, recorded[key], value):
+      return key, recorded[key], value
+  return None
+
+
 def settings_mismatch(data_dir: str, config: ml_collections.ConfigDict) -> str | None:
   """Why a prepared data dir does not suit a generator trained with `config`, or None.
 
-  A generator only works on slices prepared like its training data (scale, intensity), so
-  spacing_mm, image_size and mr_percentile of the data dir must equal config.data's.
+  A generator only works on slices prepared like its training data (scale, intensity, bias
+  correction, plane), so every value of PREPROCESSING_KEYS of the data dir must equal
+  config.data's.
 
   Returns:
     A one-line message naming the first differing value, or None if all match.
   """
-  meta = load_meta(data_dir)
-  for key in ('spacing_mm', 'image_size', 'mr_percentile'):
-    if key in meta and not np.isclose(float(meta[key]), float(config.data[key])):
-      return (f'{data_dir}: prepared with {key}={meta[key]} but the generators were trained '
-              f'with data.{key}={config.data[key]}; prepare it with the run\'s config')
-  return None
+  found = preprocessing_mismatch(load_meta(data_dir), config.data)
+  if found is None:
+    return None
+  key, recorded, value = found
+  return (f'{data_dir}: prepared with {key}={recorded} but the generators were trained with '
+          f'data.{key}={value}; prepare it with the run\'s config')
 
 
 def has_split(data_dir: str, split: str) -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import intensity
+from mr2ct_jax.data import preprocess
 from mr2ct_jax.data.dataset import DatasetError
 
 STATE_VERSION = 1
@@ -46,7 +47,8 @@ def check_data_dir(config: ml_collections.ConfigDict, data_dir: str) -> dict[str
   if missing:
     raise DatasetError(f'{data_dir}: no {" and no ".join(missing)} split; training needs '
                        'both (re-run python -m mr2ct_jax.data.prepare with --mr_dir and --ct_dir)')
-  if int(meta['image_size']) != int(config.data.image_size):
+  if config.data.image_size is not None and int(meta['image_size']) != int(
+      config.data.image_size):
     raise DatasetError(
         f'{data_dir}: prepared with image_size={meta["image_size"]} but '
         f'config.data.image_size={config.data.image_size}; prepare the data again with this '
@@ -68,8 +70,8 @@ class Augment(grain.transforms.RandomMap):
   """Window to [-1, 1], pad with the background and crop a random window, random LR flip.
 
   The input example's `image` is [S, S] in stored units (MR-normalised or HU); the output is
-  float32 [S, S, 1]. Axis 0 of a slice is the patient's right->left axis, so the LR flip
-  reverses axis 0.
+  float32 [S, S, 1]. Axis 0 of an axial or coronal slice is the patient's right->left axis,
+  so the LR flip reverses axis 0 (the iterator turns it off for sagittal slices).
   """
 
   def __init__(self, modality: str, window: Sequence[float], size: int, pad: int,
@@ -213,12 +215,14 @@ def make_unpaired_iterator(config: ml_collections.ConfigDict, data_dir: str, *,
   if process_index is None or process_count is None:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  check_data_dir(config, data_dir)
+  prepared = dataset.preprocessing(check_data_dir(config, data_dir))
   data, batch = config.data, int(config.train.batch_size)
   if batch % process_count:
     raise ValueError(f'config.train.batch_size={batch} is not divisible by the number of '
                      f'processes ({process_count})')
-  size = int(data.image_size)
+  size = int(prepared['image_size'])
+  # Mirroring a sagittal slice would swap anterior and posterior: only L-R axes are flipped.
+  flip_lr = bool(data.flip_lr) and preprocess.has_left_right_axis(prepared['plane'])
   pad = int(round(float(data.crop_pad_fraction) * size))
   windows = {'mr': data.mr_window, 'ct': data.ct_window}
   streams, info = {}, {'process_index': process_index, 'process_count': process_count,
@@ -227,7 +231,7 @@ def make_unpaired_iterator(config: ml_collections.ConfigDict, data_dir: str, *,
     source = dataset.load_split(data_dir, split)
     seed = derive_seed(config.seed, 'stream', modality, process_index)
     streams[modality] = make_stream(
-        source, Augment(modality, windows[modality], size, pad, data.flip_lr), seed=seed,
+        source, Augment(modality, windows[modality], size, pad, flip_lr), seed=seed,
         batch_size=batch // process_count, process_index=process_index,
         process_count=process_count, prefetch=int(data.prefetch),
         num_workers=int(data.num_workers))

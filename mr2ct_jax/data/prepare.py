@@ -1,13 +1,17 @@
 r"""Prepares folders of MR / CT volumes as a TFDS slice dataset (array_record).
 
   python -m mr2ct_jax.data.prepare --mr_dir=MR --ct_dir=CT [--labeled_dir=LAB] \
-      [--paired_dir=PAIRED] --out=DATA_DIR [--config=configs/gc.py] [--n4] [--overwrite]
+      [--paired_dir=PAIRED] --out=DATA_DIR [--config=configs/gc.py] [--n4] \
+      [--plane=axial|coronal|sagittal] [--overwrite]
 
 Every volume is preprocessed once: read (NIfTI or DICOM series folder) -> [N4 for MR] ->
-canonical RAS+, in-plane resampling to config.data.spacing_mm, centre crop/pad to
-config.data.image_size -> body mask -> MR normalisation (the config.data.mr_percentile
-percentile of the body = 100) or a check that the CT is in Hounsfield units. One example per
-axial slice is written; windows are applied later by the input pipeline.
+canonical RAS+, slices of the plane (--plane; axial slices run along the patient's S axis,
+coronal along A, sagittal along R, whatever the stored voxel order), in-plane resampling to
+spacing_mm, centre crop/pad to image_size -> body mask -> MR normalisation (the
+mr_percentile percentile of the body = 100) or a check that the CT is in Hounsfield units.
+The values are config.data.<key> where set, else config.data.prepare_defaults.<key>; they are
+recorded in dataset_meta.json, and a run trained on the dataset takes them from there. One
+example per slice is written; windows are applied later by the input pipeline.
 
 Folder layouts:
   --mr_dir, --ct_dir   one volume per patient: <id>.nii.gz, <id>.nii or a DICOM series
@@ -45,6 +49,7 @@ from ml_collections import config_flags
 from mr2ct_jax import config_checks
 from mr2ct_jax.cli import commands
 from mr2ct_jax.data import dataset
+from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.data import writer
 
@@ -55,7 +60,8 @@ def _define_flags() -> flags.FlagValues:
   config_flags.DEFINE_config_file(
       'config', commands.default_config_path(),
       'Config file (configs/gc.py[:variant]); uses data.spacing_mm, data.image_size, '
-      'data.mr_percentile and data.n4.', flag_values=fv, lock_config=True)
+      'data.mr_percentile, data.n4 and data.plane (data.prepare_defaults for those unset).',
+      flag_values=fv, lock_config=True)
   flags.DEFINE_string('mr_dir', None, 'Folder of unpaired MR volumes.', flag_values=fv)
   flags.DEFINE_string('ct_dir', None, 'Folder of unpaired CT volumes (HU).', flag_values=fv)
   flags.DEFINE_string('labeled_dir', None, 'Optional folder of <id>_ct + <id>_label volumes.',
@@ -67,6 +73,8 @@ def _define_flags() -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_bool('n4', None, 'N4 bias correction of MR (default: config.data.n4).',
                     flag_values=fv)
+  flags.DEFINE_enum('plane', None, list(preprocess.PLANES), 'Slice plane (default: '
+                    'config.data.plane).', flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --out (only a dataset prepared '
                     'earlier, or an empty folder).', flag_values=fv)
   flags.DEFINE_bool('allow_large_volumes', False, 'Accept volumes whose field of view or voxel '
@@ -89,11 +97,12 @@ def _run(fv: flags.FlagValues) -> None:
   _log_warnings_to_stderr()
   # The same checks as training, so a dataset is never built with values a run rejects.
   config_checks.validate(fv.config)
-  data = fv.config.data
+  settings = writer.preparation_settings(fv.config)
+  for key in ('n4', 'plane'):
+    if fv[key].value is not None:
+      settings[key] = fv[key].value
   writer.prepare(fv.mr_dir, fv.ct_dir, fv.out, labeled_dir=fv.labeled_dir,
-                 paired_dir=fv.paired_dir, spacing_mm=data.spacing_mm,
-                 image_size=data.image_size, mr_percentile=data.mr_percentile,
-                 n4=data.n4 if fv.n4 is None else fv.n4, overwrite=fv.overwrite,
+                 paired_dir=fv.paired_dir, **settings, overwrite=fv.overwrite,
                  allow_large=fv.allow_large_volumes)
 
 

@@ -2,7 +2,7 @@
 
 Listing a folder's volumes, grouping `<id>_<role>` files of the labeled / paired folders,
 and for one patient: read (NIfTI or DICOM) -> [N4 for MR] -> canonical network grid
-(config.data.spacing_mm, config.data.image_size) -> body mask -> MR normalisation or the
+(slices of `Settings.plane`, at `spacing_mm`, `image_size`) -> body mask -> MR normalisation or the
 check that a CT is in Hounsfield units; label maps and masks resampled without blurring.
 A single unusable input raises `Skipped` ('PATH: reason'); prepare warns and goes on.
 """
@@ -39,6 +39,7 @@ class Settings:
   image_size: int
   mr_percentile: float
   n4: bool
+  plane: str = 'axial'  # slice plane (preprocess.PLANE_AXES)
 
 
 class Skipped(Exception):
@@ -112,7 +113,7 @@ def preprocess_mr(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.n
   """MR -> (normalised slices, body mask uint8, geometry)."""
   if s.n4:
     vol = preprocess.n4_correct(vol)
-  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size)
+  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size, plane=s.plane)
   body = mask_lib.body_mask(slices, modality='mr', slice_axis=0)
   if not body.any():
     raise Skipped(f'{vol.path}: empty body mask (blank MR?)')
@@ -124,7 +125,7 @@ def preprocess_ct(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.n
                                                                 preprocess.SliceGeometry]:
   """CT -> (slices in HU, body mask uint8, geometry); rejects CTs that are not in HU."""
   intensity.check_ct_is_hu(vol.array, vol.path)
-  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size)
+  slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size, plane=s.plane)
   body = mask_lib.body_mask(slices, modality='ct', slice_axis=0)
   if not body.any():
     raise Skipped(f'{vol.path}: empty body mask (no voxel above '
@@ -142,7 +143,8 @@ def preprocess_labels(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
   for value in [0] + labels:
     onehot = volume_lib.Volume((values == value).astype(np.float32), vol.affine, vol.path)
     pad = 1.0 if value == 0 else 0.0  # outside the volume is background
-    channels.append(preprocess.to_network_grid(onehot, s.spacing_mm, s.image_size, pad)[0])
+    channels.append(preprocess.to_network_grid(onehot, s.spacing_mm, s.image_size, pad,
+                                               s.plane)[0])
   lut = np.asarray([0] + labels, np.uint8)
   return lut[np.argmax(np.stack(channels), axis=0)]
 
@@ -151,7 +153,7 @@ def preprocess_binary(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
   """Binary mask volume -> uint8 slices (linear resampling, threshold at 0.5)."""
   grid = preprocess.to_network_grid(
       volume_lib.Volume((vol.array > 0).astype(np.float32), vol.affine, vol.path),
-      s.spacing_mm, s.image_size, 0.0)[0]
+      s.spacing_mm, s.image_size, 0.0, s.plane)[0]
   return (grid >= 0.5).astype(np.uint8)
 
 

@@ -1,8 +1,9 @@
 """From a volume to network slices and back: reorient, resample in-plane, crop/pad, N4.
 
-`to_network_grid` reorients to RAS+ (pure permutation), resamples the two in-plane axes
-(canonical 0, 1) to `spacing_mm` with linear interpolation, and centre-crops/pads them to
-`size`; the slice axis (canonical 2) is never resampled. The resampled grid starts on
+`to_network_grid` reorients to RAS+ (pure permutation), takes the slices of a plane in
+patient space (`PLANE_AXES`: axial slices along S, coronal along A, sagittal along R, whatever
+the stored voxel order), resamples the two in-plane axes to `spacing_mm` with linear
+interpolation, and centre-crops/pads them to `size`; the slice axis is never resampled. The resampled grid starts on
 voxel 0 and the crop/pad offset is an integer, so when the spacing already equals
 `spacing_mm` and the volume fits, the slices hold the original voxels exactly.
 `SliceGeometry` keeps everything `from_network_grid` needs to put network slices back into
@@ -21,25 +22,56 @@ from mr2ct_jax.data import orientation
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.data import volume_checks
 
+# Slice plane -> canonical (RAS+) axes (in-plane axis 0, in-plane axis 1, slice axis). In-plane
+# axis 0 is the patient's right->left axis for axial and coronal slices (the pipeline's LR
+# flip reverses it); sagittal slices have no left-right axis.
+PLANE_AXES = {'axial': (0, 1, 2), 'coronal': (0, 2, 1), 'sagittal': (1, 2, 0)}
+PLANES = tuple(PLANE_AXES)
+
+
+def check_plane(plane: str) -> tuple[int, int, int]:
+  """The canonical axes of `plane` (ValueError naming the planes if it is not one)."""
+  if plane not in PLANE_AXES:
+    raise ValueError(f'plane={plane!r}: must be one of {PLANES}')
+  return PLANE_AXES[plane]
+
+
+def has_left_right_axis(plane: str) -> bool:
+  """Whether in-plane axis 0 of the plane's slices is the patient's right->left axis."""
+  return check_plane(plane)[0] == 0
+
+
+def plane_order(array_ras: np.ndarray, plane: str) -> np.ndarray:
+  """A canonical array with its axes in the plane's order (in-plane 0, in-plane 1, slice)."""
+  return np.transpose(array_ras, check_plane(plane))
+
+
+def canonical_order(array_plane: np.ndarray, plane: str) -> np.ndarray:
+  """Inverse of `plane_order`."""
+  return np.transpose(array_plane, np.argsort(check_plane(plane)))
+
 
 @dataclasses.dataclass
 class SliceGeometry:
   """How network slices [N, size, size] relate to the original volume.
 
   Network pixel p (per in-plane axis a) samples canonical voxel coordinate
-  `(p + offset[a]) * zoom[a]`; slice n is canonical slice n (axis 2).
+  `(p + offset[a]) * zoom[a]` along canonical axis `PLANE_AXES[plane][a]`; slice n is
+  canonical index n along the plane's slice axis (`PLANE_AXES[plane][2]`).
 
   Attributes:
     shape: the original volume's shape (stored voxel order).
     affine: the original volume's affine [4, 4].
     ornt: nibabel orientation transform stored order -> RAS+ [3, 2].
-    canonical_shape: shape after reorientation.
-    zoom: canonical voxels per network pixel along axes 0, 1 (= spacing_mm / voxel size).
+    canonical_shape: shape after reorientation (RAS+ axis order).
+    zoom: canonical voxels per network pixel along the two in-plane axes (= spacing_mm /
+      voxel size).
     resampled_shape: in-plane size of the resampled (uncropped) grid.
     offset: start of the size x size window in the resampled grid (negative: padding).
     spacing_mm: network pixel size.
     size: network slice size.
     pad_value: value of padded pixels.
+    plane: 'axial', 'coronal' or 'sagittal' (`PLANE_AXES`).
   """
   shape: tuple[int, int, int]
   affine: np.ndarray
@@ -51,10 +83,21 @@ class SliceGeometry:
   spacing_mm: float
   size: int
   pad_value: float
+  plane: str = 'axial'  # geometry written before planes existed: axial
+
+  @property
+  def axes(self) -> tuple[int, int, int]:
+    """Canonical axes (in-plane 0, in-plane 1, slice) of the plane."""
+    return check_plane(self.plane)
+
+  @property
+  def plane_shape(self) -> tuple[int, int, int]:
+    """The canonical shape in the plane's axis order (in-plane 0, in-plane 1, slice)."""
+    return tuple(int(self.canonical_shape[a]) for a in self.axes)
 
   @property
   def num_slices(self) -> int:
-    return int(self.canonical_shape[2])
+    return int(self.canonical_shape[self.axes[2]])
 
   @property
   def canonical_affine(self) -> np.ndarray:
@@ -63,9 +106,13 @@ class SliceGeometry:
 
   def network_affine(self) -> np.ndarray:
     """Affine of the network grid as a volume [size, size, N] (slices stacked on axis 2)."""
+    permute = np.zeros((4, 4))
+    for plane_axis, canonical_axis in enumerate(self.axes):
+      permute[canonical_axis, plane_axis] = 1.0
+    permute[3, 3] = 1.0
     scale = np.diag([self.zoom[0], self.zoom[1], 1.0, 1.0])
     scale[:2, 3] = np.asarray(self.offset) * np.asarray(self.zoom)
-    return self.canonical_affine @ scale
+    return self.canonical_affine @ permute @ scale
 
   def valid_mask(self) -> np.ndarray:
     """bool [N, size, size]: True where a network pixel lies inside the original volume."""
@@ -84,6 +131,7 @@ class SliceGeometry:
     d['zoom'] = [float(v) for v in self.zoom]
     d['spacing_mm'], d['size'] = float(self.spacing_mm), int(self.size)
     d['pad_value'] = float(self.pad_value)
+    d['plane'] = str(self.plane)
     return d
 
   @classmethod
@@ -97,54 +145,69 @@ class SliceGeometry:
                resampled_shape=tuple(int(v) for v in d['resampled_shape']),
                offset=tuple(int(v) for v in d['offset']),
                spacing_mm=float(d['spacing_mm']), size=int(d['size']),
-               pad_value=float(d['pad_value']))
+               pad_value=float(d['pad_value']), plane=str(d.get('plane', 'axial')))
 
 
-def _geometry(vol: volume_lib.Volume, spacing_mm: float, size: int,
-              pad_value: float) -> tuple[np.ndarray, SliceGeometry]:
+def plane_voxels(affine: np.ndarray, shape: tuple[int, ...],
+                     plane: str = 'axial') -> tuple[np.ndarray, tuple[int, int, int]]:
+  """(voxel sizes [3] along the plane's axes (in-plane 0, in-plane 1, slice), that shape)."""
+  axes = check_plane(plane)
+  array_ras, affine_ras, _ = orientation.to_canonical(
+      (np.empty(tuple(shape)[:3], np.uint8), affine))
+  voxel = np.linalg.norm(affine_ras[:3, :3], axis=0)
+  return voxel[list(axes)], tuple(int(array_ras.shape[a]) for a in axes)
+
+
+def _geometry(vol: volume_lib.Volume, spacing_mm: float, size: int, pad_value: float,
+              plane: str) -> tuple[np.ndarray, SliceGeometry]:
   if not spacing_mm > 0 or size < 1:
     raise ValueError(f'spacing_mm must be > 0 and size >= 1, got {spacing_mm}, {size}')
+  axes = check_plane(plane)
   # read_volume checks this already; in-memory volumes must not reach a huge resampled grid.
   volume_checks.check_field_of_view(vol.path, vol.array.shape, vol.affine, vol.allow_large)
   array_ras, affine_ras, ornt = orientation.to_canonical(vol)
   voxel = np.linalg.norm(affine_ras[:3, :3], axis=0)
-  zoom = tuple(float(spacing_mm / voxel[a]) for a in range(2))
+  zoom = tuple(float(spacing_mm / voxel[axes[a]]) for a in range(2))
   if all(abs(z - 1.0) < 1e-6 for z in zoom):
     zoom = (1.0, 1.0)  # identical spacing up to header rounding: keep voxels exact
   # Enough resampled pixels to cover the last input voxel (edge-extended), so every input
   # voxel maps back inside the resampled grid.
-  resampled = tuple(int(np.ceil((array_ras.shape[a] - 1) / zoom[a] - 1e-6)) + 1 for a in range(2))
+  resampled = tuple(int(np.ceil((array_ras.shape[axes[a]] - 1) / zoom[a] - 1e-6)) + 1
+                    for a in range(2))
   offset = tuple((n - size) // 2 for n in resampled)
   geom = SliceGeometry(
       shape=tuple(int(v) for v in vol.array.shape), affine=np.asarray(vol.affine, np.float64),
       ornt=ornt, canonical_shape=tuple(int(v) for v in array_ras.shape), zoom=zoom,
       resampled_shape=resampled, offset=offset, spacing_mm=float(spacing_mm), size=int(size),
-      pad_value=float(pad_value))
+      pad_value=float(pad_value), plane=plane)
   return array_ras, geom
 
 
 def to_network_grid(vol: volume_lib.Volume, spacing_mm: float, size: int,
-                    pad_value: float | None = None) -> tuple[np.ndarray, SliceGeometry]:
-  """Canonical axial slices resampled to `spacing_mm` and centre-cropped/padded to `size`.
+                    pad_value: float | None = None,
+                    plane: str = 'axial') -> tuple[np.ndarray, SliceGeometry]:
+  """Canonical slices of `plane` resampled to `spacing_mm` and centre-cropped/padded to `size`.
 
   Args:
     vol: the volume (any stored orientation).
     spacing_mm: in-plane pixel size of the network grid.
     size: slices are size x size.
     pad_value: value outside the volume; None: the volume's minimum.
+    plane: 'axial' (slices along S), 'coronal' (along A) or 'sagittal' (along R).
 
   Returns:
-    (slices float32 [N, size, size] with N = canonical axis-2 length, geometry).
+    (slices float32 [N, size, size] with N = the canonical length along the plane's slice
+    axis, geometry).
   """
   if pad_value is None:
     pad_value = float(np.min(vol.array))
-  array_ras, geom = _geometry(vol, spacing_mm, size, pad_value)
+  array_ras, geom = _geometry(vol, spacing_mm, size, pad_value, plane)
   zx, zy = geom.zoom
   ox, oy = geom.offset
   # Input coordinate = zoom * (p + offset): a diagonal affine, in one interpolation pass.
   # 'nearest' extends edges for the last (sub-voxel) resampled pixel; padding comes after.
   out = ndimage.affine_transform(
-      array_ras.astype(np.float32), np.array([zx, zy, 1.0]),
+      plane_order(array_ras, plane).astype(np.float32), np.array([zx, zy, 1.0]),
       offset=np.array([zx * ox, zy * oy, 0.0]), output_shape=(size, size, geom.num_slices),
       order=1, mode='nearest')
   out[~geom.valid_mask()[0]] = pad_value
@@ -171,9 +234,9 @@ def from_network_grid(slices: np.ndarray, geom: SliceGeometry, fill: float = 0.0
   # Network coordinate p = i / zoom - offset; outside [0, size - 1] -> fill.
   canonical = ndimage.affine_transform(
       np.transpose(slices, (1, 2, 0)), np.array([1.0 / zx, 1.0 / zy, 1.0]),
-      offset=np.array([-ox, -oy, 0.0]), output_shape=geom.canonical_shape, order=1,
+      offset=np.array([-ox, -oy, 0.0]), output_shape=geom.plane_shape, order=1,
       mode='constant', cval=float(fill))
-  out = orientation.from_canonical(canonical, geom.ornt)
+  out = orientation.from_canonical(canonical_order(canonical, geom.plane), geom.ornt)
   assert out.shape == tuple(geom.shape), (out.shape, geom.shape)
   return out.astype(np.float32)
 

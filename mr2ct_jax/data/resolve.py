@@ -1,4 +1,5 @@
-"""The one rule every command uses to find a run's data: an explicit dir, else the phantom."""
+"""The one rule every command uses to find a run's data (an explicit dir, else the phantom)
+and to take its preprocessing from that data (config.data fields left None)."""
 
 import os
 
@@ -6,6 +7,7 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from mr2ct_jax.data import dataset
 from mr2ct_jax.data import writer
 
 
@@ -28,3 +30,38 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str,
       writer.prepare_phantom(directory, config)
     multihost_utils.sync_global_devices('mr2ct_jax: phantom prepared')
   return writer.prepare_phantom(directory, config)
+
+
+def resolve_preprocessing(config: ml_collections.ConfigDict,
+                          data_dir: str) -> ml_collections.ConfigDict:
+  """`config` with the preprocessing fields left None taken from the prepared dataset.
+
+  config.data.{spacing_mm, image_size, mr_percentile, n4, plane} (`dataset.PREPROCESSING_KEYS`)
+  default to None, "as the dataset was prepared": a run fills them from dataset_meta.json and
+  records the filled config (its config.json), which translate and evaluate then apply to
+  new volumes. A value set explicitly must equal the dataset's.
+
+  Returns:
+    A copy of `config` with every preprocessing field set.
+
+  Raises:
+    DatasetError: the data dir is not a prepared dataset, or a set value differs from it
+      (one line naming the key and both values).
+  """
+  meta = dataset.load_meta(data_dir)
+  found = dataset.preprocessing_mismatch(meta, config.data)
+  if found is not None:
+    key, recorded, value = found
+    raise dataset.DatasetError(
+        f'{data_dir}: prepared with {key}={recorded} but config.data.{key}={value}; leave '
+        f'config.data.{key} unset to use the dataset\'s value, or prepare the data again')
+  recorded = dataset.preprocessing(meta)
+  missing = [k for k in dataset.PREPROCESSING_KEYS if k not in recorded]
+  if missing:
+    raise dataset.DatasetError(f'{data_dir}: {dataset.META_FILE} records no {missing[0]}; '
+                               'prepare the data again')
+  config = config.copy_and_resolve_references()
+  for key in dataset.PREPROCESSING_KEYS:
+    if config.data.get(key) is None:
+      config.data[key] = recorded[key]
+  return config

@@ -21,6 +21,7 @@ import numpy as np
 from mr2ct_jax import atomic
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import prepare_volumes
+from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import tfds_builder
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.data.dataset import DatasetError
@@ -92,7 +93,7 @@ def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings
 
 def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = None,
             paired_dir: str | None = None, *, spacing_mm: float, image_size: int,
-            mr_percentile: float, n4: bool, overwrite: bool = False,
+            mr_percentile: float, n4: bool, plane: str = 'axial', overwrite: bool = False,
             allow_large: bool = False) -> str:
   """Builds the slice dataset of the given folders in `out_dir` (atomically).
 
@@ -106,6 +107,7 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
     image_size: slices are image_size x image_size.
     mr_percentile: percentile of the MR body voxels mapped to 100.
     n4: N4 bias correction of every MR (training and test).
+    plane: slice plane, 'axial', 'coronal' or 'sagittal' (taken in patient space).
     overwrite: replace an existing `out_dir` written by `prepare` (or an empty folder).
     allow_large: accept volumes over the size bounds of `volume_checks`.
 
@@ -126,8 +128,10 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
   atomic.check_replaceable(out_dir, overwrite, dataset.META_FILE, 'a prepared dataset',
                            error=DatasetError)
   atomic.check_writable(out_dir, error=DatasetError)
+  if plane not in preprocess.PLANES:
+    raise DatasetError(f'plane={plane!r}: must be one of {preprocess.PLANES}')
   settings = prepare_volumes.Settings(float(spacing_mm), int(image_size), float(mr_percentile),
-                                      bool(n4))
+                                      bool(n4), str(plane))
   skipped: list[str] = []
 
   def warn(message: str) -> None:
@@ -153,16 +157,30 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
   return out_dir
 
 
+def preparation_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The preprocessing a new dataset is prepared with: config.data.<key> where set, else
+  config.data.prepare_defaults.<key> (for `prepare` and the built-in phantom)."""
+  data = config.data
+  values = {}
+  for key in dataset.PREPROCESSING_KEYS:
+    value = data.get(key)
+    values[key] = data.prepare_defaults[key] if value is None else value
+  return {'spacing_mm': float(values['spacing_mm']), 'image_size': int(values['image_size']),
+          'mr_percentile': float(values['mr_percentile']), 'n4': bool(values['n4']),
+          'plane': str(values['plane'])}
+
+
 def _phantom_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
   data = config.data
   return {'format_version': dataset.FORMAT_VERSION, 'seed': int(config.seed),
           'phantom': {k: int(v) for k, v in data.phantom.items()},
-          'spacing_mm': float(data.spacing_mm), 'image_size': int(data.image_size),
-          'mr_percentile': float(data.mr_percentile), 'n4': bool(data.n4)}
+          **preparation_settings(config)}
 
 
 def prepare_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
   """Generates the phantom (config.data.phantom, config.seed) and prepares it; idempotent.
+
+  The preprocessing is `preparation_settings(config)`.
 
   Layout: `directory/raw` (the phantom's NIfTI folders), `directory/data` (the prepared
   dataset), `directory/phantom.json` (the parameters both were made with). A complete build
@@ -196,6 +214,7 @@ def prepare_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
   prepare(os.path.join(raw, 'mr'), os.path.join(raw, 'ct'), data_dir,
           labeled_dir=os.path.join(raw, 'labeled'), paired_dir=os.path.join(raw, 'paired'),
           spacing_mm=params['spacing_mm'], image_size=params['image_size'],
-          mr_percentile=params['mr_percentile'], n4=params['n4'], overwrite=True)
+          mr_percentile=params['mr_percentile'], n4=params['n4'], plane=params['plane'],
+          overwrite=True)
   _write_json(stamp, params)
   return data_dir

@@ -250,6 +250,7 @@ def load_params(source: str, direction: str = 'mr2ct', step: int | None = None
     params = trees[network]
   else:
     params, config, got_step = _load_from_npz(source, network, step)
+  config = with_preprocessing(config, source)
   info = GeneratorInfo(source=source, kind=kind, direction=direction, network=network,
                        step=got_step, backend='jax')
   return params, config, info
@@ -303,6 +304,30 @@ def load_generator(source: str, direction: str = 'mr2ct', step: int | None = Non
   else:
     apply_fn = make_apply_fn(params, build_generator(config, source))
   return apply_fn, config, dataclasses.replace(info, backend=backend)
+
+
+# The preprocessing a run records from its dataset (mr2ct_jax.data.dataset.PREPROCESSING_KEYS;
+# not imported here: the data modules pull in SciPy and SimpleITK).
+PREPROCESSING_KEYS = ('spacing_mm', 'image_size', 'mr_percentile', 'n4', 'plane')
+
+
+def with_preprocessing(config: ml_collections.ConfigDict,
+                       where: str) -> ml_collections.ConfigDict:
+  """`config` of a trained run, checked to record every preprocessing value.
+
+  A run records its dataset's preprocessing in its config when training starts; configs from
+  before the slice plane was recorded sliced axially.
+
+  Raises:
+    SourceError: a value is missing (the config was never filled from a dataset).
+  """
+  if 'plane' not in config.data:
+    config.data.plane = 'axial'
+  for key in PREPROCESSING_KEYS:
+    if config.data.get(key) is None:
+      raise SourceError(f'{where}: its config records no data.{key} (a run records its '
+                        'dataset\'s preprocessing when training starts); train it first')
+  return config
 
 
 def config_from_dict(config_dict: dict[str, Any]) -> ml_collections.ConfigDict:

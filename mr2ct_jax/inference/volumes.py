@@ -1,6 +1,7 @@
 """One whole volume through a generator: MR -> synthetic CT in HU, or CT -> synthetic MR.
 
-Per volume: optional N4 (MR, when the run used it), axial slices on the network grid at
+Per volume: N4 (MR, when the run's dataset was prepared with it), slices of the run's plane
+(config.data.plane, taken in patient space: any stored orientation) on the network grid at
 config.data.spacing_mm, the body mask, the intensity mapping to [-1, 1], the generator in
 fixed-size batches (`slices.translate_slices`), the inverse mapping (HU or MR units), air
 outside the body, then back to the input's own voxel grid: the result has the input's shape.
@@ -16,7 +17,6 @@ import numpy as np
 
 from mr2ct_jax.data import intensity
 from mr2ct_jax.data import mask as mask_lib
-from mr2ct_jax.data import orientation
 from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.inference import slices as slices_lib
@@ -32,24 +32,24 @@ MIN_GRID = 16
 
 
 
-def grid_size(vol: volume_lib.Volume, spacing_mm: float) -> int:
+def grid_size(vol: volume_lib.Volume, spacing_mm: float, plane: str = 'axial') -> int:
   """Network slice side covering the whole in-plane FOV at `spacing_mm`, a multiple of 4.
 
-  The in-plane axes are canonical (RAS+) axes 0 and 1; their extent after resampling is
-  (n - 1) * voxel / spacing_mm + 1 pixels (the grid starts on voxel 0 and covers the last).
+  The in-plane axes are the plane's canonical (RAS+) axes (`preprocess.PLANE_AXES`); their
+  extent after resampling is (n - 1) * voxel / spacing_mm + 1 pixels (the grid starts on
+  voxel 0 and covers the last).
   """
-  array_ras, affine_ras, _ = orientation.to_canonical(
-      (np.empty(vol.array.shape, np.uint8), vol.affine))
-  voxel = np.linalg.norm(affine_ras[:3, :3], axis=0)
-  extent = max(int(np.ceil((array_ras.shape[a] - 1) * voxel[a] / spacing_mm - 1e-6)) + 1
+  voxel, shape = preprocess.plane_voxels(vol.affine, vol.array.shape, plane)
+  extent = max(int(np.ceil((shape[a] - 1) * voxel[a] / spacing_mm - 1e-6)) + 1
                for a in range(2))
   return max(MIN_GRID, -(-extent // GRID_MULTIPLE) * GRID_MULTIPLE)
 
 
-def network_work(vol: volume_lib.Volume, spacing_mm: float) -> tuple[int, int]:
+def network_work(vol: volume_lib.Volume, spacing_mm: float,
+                 plane: str = 'axial') -> tuple[int, int]:
   """(slices, side) of the network grid `translate_volume` will run `vol` on."""
-  array_ras, _, _ = orientation.to_canonical((np.empty(vol.array.shape, np.uint8), vol.affine))
-  return int(array_ras.shape[2]), grid_size(vol, spacing_mm)
+  _, shape = preprocess.plane_voxels(vol.affine, vol.array.shape, plane)
+  return int(shape[2]), grid_size(vol, spacing_mm, plane)
 
 
 class TimeEstimate:
@@ -85,7 +85,8 @@ def translate_volume(vol: volume_lib.Volume, apply_fn: ApplyFn,
   Args:
     vol: the input (MR for 'mr2ct', CT in HU for 'ct2mr'), any orientation and spacing.
     apply_fn: generator, NHWC [-1, 1] -> [-1, 1] (from `generators.load_generator`).
-    config: the training run's config (data.spacing_mm, windows, mr_percentile, n4).
+    config: the training run's config (data.spacing_mm, plane, windows, mr_percentile, n4:
+      the preprocessing of its dataset, recorded when the run started).
     direction: 'mr2ct' or 'ct2mr'.
     batch_size: slices per generator call (default config.eval.batch_size).
     progress: show a progress bar over slices.
@@ -109,11 +110,12 @@ def translate_volume(vol: volume_lib.Volume, apply_fn: ApplyFn,
   else:
     raise ValueError(f'direction={direction!r}: must be mr2ct or ct2mr')
 
-  size = grid_size(vol, data.spacing_mm)
-  slices, geom = preprocess.to_network_grid(vol, data.spacing_mm, size)
+  plane = data.plane
+  size = grid_size(vol, data.spacing_mm, plane)
+  slices, geom = preprocess.to_network_grid(vol, data.spacing_mm, size, plane=plane)
   if max(geom.resampled_shape) > size:  # defensive: never crop the user's FOV
     size = -(-max(geom.resampled_shape) // GRID_MULTIPLE) * GRID_MULTIPLE
-    slices, geom = preprocess.to_network_grid(vol, data.spacing_mm, size)
+    slices, geom = preprocess.to_network_grid(vol, data.spacing_mm, size, plane=plane)
   body = mask_lib.body_mask(slices, modality=modality, slice_axis=0)
   if not body.any():
     raise volume_lib.VolumeError(f'{vol.path}: empty body mask; is this a {modality.upper()}?')

@@ -54,7 +54,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   """Trains (or resumes) the CycleGAN in `workdir`.
 
   Args:
-    config: the run's config (validated here).
+    config: the run's config (validated here); its preprocessing fields left None are filled
+      from the dataset (`resolve.resolve_preprocessing`), and WORKDIR/config.json records them.
     workdir: checkpoints, TensorBoard logs, config.json; resumed from if it holds a run.
     stop_after: stop (with a checkpoint) once this step is reached, as a pre-empted job would;
       the learning-rate schedule still follows config.train.num_steps.
@@ -70,8 +71,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     mesh = parallel.make_mesh()
     config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
     os.makedirs(workdir, exist_ok=True)
-    checkpointing.save_config(workdir, config)
     data_dir = resolve.resolve_data_dir(config, workdir)
+    # Preprocessing fields left None are the dataset's: the run records (and resumes with)
+    # the filled config, which translate and evaluate apply to new volumes.
+    config = resolve.resolve_preprocessing(config, data_dir)
+    config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
+    checkpointing.save_config(workdir, config)
 
     data_iter = pipeline.make_unpaired_iterator(config, data_dir)
     gan = state_lib.build(config)
