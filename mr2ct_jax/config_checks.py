@@ -63,7 +63,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
                                      config.train)
   # None: from the dataset (checked once filled); prepare_defaults must always be set.
   _check_preprocessing(data, 'data', allow_none=True)
-  _check_preprocessing(data.prepare_defaults, 'data.prepare_defaults', allow_none=False)
+  if 'prepare_defaults' in data:  # a run's config.json from before it existed has all values
+    _check_preprocessing(data.prepare_defaults, 'data.prepare_defaults', allow_none=False)
   _check_window(config, 'ct_window')
   _check_window(config, 'mr_window')
   _require(0 <= data.crop_pad_fraction < 1, 'data.crop_pad_fraction', data.crop_pad_fraction,

@@ -3,9 +3,9 @@
 `to_network_grid` reorients to RAS+ (pure permutation), takes the slices of a plane in
 patient space (`PLANE_AXES`: axial slices along S, coronal along A, sagittal along R, whatever
 the stored voxel order), resamples the two in-plane axes to `spacing_mm` with linear
-interpolation, and centre-crops/pads them to `size`; the slice axis is never resampled. The resampled grid starts on
-voxel 0 and the crop/pad offset is an integer, so when the spacing already equals
-`spacing_mm` and the volume fits, the slices hold the original voxels exactly.
+interpolation, and centre-crops/pads them to `size`; the slice axis is never resampled. The
+resampled grid starts on voxel 0 and the crop/pad offset is an integer, so when the spacing
+already equals `spacing_mm` and the volume fits, the slices hold the original voxels exactly.
 `SliceGeometry` keeps everything `from_network_grid` needs to put network slices back into
 the original voxel grid (shape and voxel order), so an sCT written with the input's affine
 has the input's geometry.
@@ -149,7 +149,7 @@ class SliceGeometry:
 
 
 def plane_voxels(affine: np.ndarray, shape: tuple[int, ...],
-                     plane: str = 'axial') -> tuple[np.ndarray, tuple[int, int, int]]:
+                 plane: str = 'axial') -> tuple[np.ndarray, tuple[int, int, int]]:
   """(voxel sizes [3] along the plane's axes (in-plane 0, in-plane 1, slice), that shape)."""
   axes = check_plane(plane)
   array_ras, affine_ras, _ = orientation.to_canonical(

@@ -46,7 +46,8 @@ class Export:
     params: network name ('g_ct'/'g_mr') -> {'stem/kernel': array, ...} (float32).
     config: the training config as a plain dict.
     meta: intensity mapping and provenance: 'ct_window', 'mr_window', 'mr_percentile',
-      'spacing_mm', 'image_size', 'step', 'networks', 'format_version'.
+      'spacing_mm', 'image_size', 'n4', 'plane' (slice plane), 'step', 'networks',
+      'format_version'.
   """
   params: dict[str, dict[str, np.ndarray]]
   config: dict[str, Any]
