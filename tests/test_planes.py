@@ -210,7 +210,7 @@ def test_translate_writes_each_plane_on_the_inputs_voxels(test_config, tmp_path)
 @pytest.fixture(scope='module')
 def raw(tmp_path_factory):
   return synth.make(str(tmp_path_factory.mktemp('raw')), num_mr=1, num_ct=2, num_labeled=0,
-                    num_test=0)
+                    num_test=1)
 
 
 @pytest.fixture(scope='module')
@@ -218,7 +218,8 @@ def sagittal_dir(raw, tmp_path_factory, test_config):
   """Prepared by the command with --plane=sagittal and --n4 (the test config says neither)."""
   out = str(tmp_path_factory.mktemp('sag') / 'data')
   argv = ['prepare', f'--config={REPO}/configs/gc.py:test', f'--mr_dir={raw[0]}',
-          f'--ct_dir={raw[1]}', f'--out={out}', '--plane=sagittal', '--n4']
+          f'--ct_dir={raw[1]}', f'--paired_dir={raw[3]}', f'--out={out}', '--plane=sagittal',
+          '--n4']
   old = sys.argv
   sys.argv = argv  # ml_collections reads --config overrides from sys.argv
   try:
@@ -231,7 +232,7 @@ def sagittal_dir(raw, tmp_path_factory, test_config):
 @pytest.fixture(scope='module')
 def coronal_dir(raw, tmp_path_factory):
   return writer.prepare(raw[0], raw[1], str(tmp_path_factory.mktemp('cor') / 'data'),
-                        spacing_mm=5.0, image_size=32, mr_percentile=99.5, n4=False,
+                        paired_dir=raw[3], spacing_mm=5.0, image_size=32, mr_percentile=99.5, n4=False,
                         plane='coronal')
 
 
@@ -249,6 +250,17 @@ def test_prepare_records_the_plane_and_slices_in_it(coronal_dir, sagittal_dir, r
     assert geom.plane == plane and ct1['image'].shape == (shape[2], 32, 32)
     expected, _ = preprocess.to_network_grid(vol, geom.spacing_mm, 32, plane=plane)
     np.testing.assert_array_equal(ct1['image'], expected)
+
+
+@pytest.mark.parametrize('plane', ['coronal', 'sagittal'])
+def test_test_mask_leaves_out_the_cts_missing_s_levels(coronal_dir, sagittal_dir, plane):
+  """The registered CT ends one S level early: those voxels are outside the test mask."""
+  data_dir = coronal_dir if plane == 'coronal' else sagittal_dir
+  (t0,) = list(dataset.iterate_volumes(data_dir, 'test'))
+  geom = dataset.load_geometry(data_dir, 't0')
+  mask = preprocess.from_network_grid(t0['mask'].astype(np.float32), geom) >= 0.5
+  assert mask.shape == synth.SHAPE  # stored RAS: the last axis is S
+  assert not mask[:, :, -1].any() and mask[:, :, :-1].any(axis=(0, 1)).all()
 
 
 def test_old_datasets_and_geometry_read_as_axial():

@@ -165,14 +165,21 @@ def check_same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> None:
                   'and resampled to its MR')
 
 
-def ct_fov(ct_slices: np.ndarray) -> np.ndarray:
-  """bool [N,1,1]: slices where the registered CT has any tissue (inside its field of view).
+def ct_fov(ct_slices: np.ndarray, plane: str = 'axial') -> np.ndarray:
+  """bool, broadcastable to the slices: the S levels where the registered CT has any tissue.
 
-  Outside a CT's shorter field of view the registered CT holds only air/padding (-1024), so
-  MR-vs-CT errors there would measure the missing data, not the synthesis.
+  A CT's field of view is shorter along the patient's S axis; outside it the registered CT
+  holds only air/padding (-1024), so MR-vs-CT errors there would measure the missing data,
+  not the synthesis. Axial slices: whole slices [N,1,1]; coronal and sagittal slices: rows
+  of their S axis (in-plane axis 1) [1,1,S].
   """
-  tissue = (ct_slices > mask_lib.CT_BODY_THRESHOLD_HU).any(axis=(1, 2))
-  return tissue[:, None, None]
+  axes = preprocess.check_plane(plane)
+  s_axis = (axes[2], axes[0], axes[1]).index(2)  # the S axis in the [N, H, W] stack
+  others = tuple(a for a in range(3) if a != s_axis)
+  tissue = (ct_slices > mask_lib.CT_BODY_THRESHOLD_HU).any(axis=others)
+  shape = [1, 1, 1]
+  shape[s_axis] = tissue.shape[0]
+  return tissue.reshape(shape)
 
 
 def process_patient(split: str, files: dict[str, str], s: Settings,
@@ -202,7 +209,7 @@ def process_patient(split: str, files: dict[str, str], s: Settings,
     mask_vol = read(files['mask'], allow_large)
     check_same_grid(mr_vol, mask_vol)
     body = preprocess_binary(mask_vol, s)
-  arrays['mask'] = (body.astype(bool) & ct_fov(paired)).astype(np.uint8)
+  arrays['mask'] = (body.astype(bool) & ct_fov(paired, s.plane)).astype(np.uint8)
   if 'label' in files:
     label_vol = read(files['label'], allow_large)
     check_same_grid(mr_vol, label_vol)
