@@ -116,6 +116,17 @@ def mi_boxplot(path: str, rows: Sequence[Mapping[str, Any]],
   save_figure(fig, path)
 
 
+def named_boxplot(path: str, series: Mapping[str, Sequence[float]], *, ylabel: str,
+                  title: str) -> None:
+  """Box plot (with the values as points) of each named series, n per box in its label."""
+  fig, ax = plt.subplots(figsize=(1.6 + 1.9 * max(1, len(series)), 4.2), layout='constrained')
+  values = [np.asarray(v, np.float64) for v in series.values()]
+  box_with_points(ax, values, [f'{name}\n(n = {len(v)})' for name, v in zip(series, values)])
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  save_figure(fig, path)
+
+
 def box_with_points(ax: Any, series: Sequence[np.ndarray], labels: Sequence[str]) -> None:
   """Box plots of the finite values of each series, the values as jittered points on top."""
   finite = [s[np.isfinite(s)] for s in series]
