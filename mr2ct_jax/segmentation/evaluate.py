@@ -72,8 +72,8 @@ def check_eval_labels(volumes: Iterable[Mapping[str, Any]], num_classes: int,
 
 
 def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], input_fn: InputFn,
-                     predict_fn: ApplyFn, names: Mapping[int, str], *, num_classes: int,
-                     batch_size: int, source: Callable[[str], str] = str,
+                     predict_fn: ApplyFn | Mapping[str, ApplyFn], names: Mapping[int, str],
+                     *, num_classes: int, batch_size: int, source: Callable[[str], str] = str,
                      figure_dir: str | None = None,
                      extra: Mapping[str, Mapping[str, Any]] | None = None
                      ) -> tuple[list[dict[str, Any]], dict[int, str]]:
@@ -82,7 +82,7 @@ def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], input_fn: InputFn,
   Args:
     volumes: records with 'patient_id', 'image' (MR, MR units) and 'label' `[N, S, S]`.
     input_fn: MR volume -> (U-Net input, display columns), e.g. `synthesis_inputs`.
-    predict_fn: see `make_predict_fn`.
+    predict_fn: see `make_predict_fn`; or patient id -> its U-Net's (the baseline's folds).
     names: label value -> structure name of the U-Net's classes 1..num_classes-1.
     num_classes: the U-Net's classes (a label value >= it is refused).
     batch_size: slices per U-Net call.
@@ -109,7 +109,8 @@ def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], input_fn: InputFn,
     labels_lib.check_label_map(truth, num_classes, where)
     present.update(labels_lib.present_labels(truth))
     inputs, columns = input_fn(mr)
-    pred = slices.run_batched(predict_fn, inputs, int(batch_size))
+    predict = predict_fn[pid] if isinstance(predict_fn, Mapping) else predict_fn
+    pred = slices.run_batched(predict, inputs, int(batch_size))
     scores = dice_lib.dice_in_truth(pred, truth, names)
     rows.append({'patient_id': pid, 'num_slices': int(mr.shape[0]),
                  'truth_voxels': int((truth > 0).sum()), **(extra or {}).get(pid, {}),

@@ -168,4 +168,3 @@ def resolve_num_classes(configured: int | None, maxima: Mapping[str, int]) -> in
 def present_labels(truth: np.ndarray) -> list[int]:
   """The structure values (>= 1) a label map contains, sorted."""
   return [int(v) for v in np.unique(truth) if v]
-
