@@ -3,7 +3,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 from mr2ct_jax.data import writer
@@ -92,9 +91,18 @@ def test_baseline_errors_are_one_line(data_dir, test_config, tmp_path):
   assert not os.path.exists(tmp_path / 'b')
 
 
+@pytest.fixture(scope='module')
+def labeled_mr_dir(tmp_path_factory, test_config):
+  """The tiny phantom with 3 labeled MR (MR + label map, no CT) and 1 paired test subject."""
+  config = test_config.copy_and_resolve_references()
+  config.data.phantom.num_labeled_mr = 3
+  return writer.prepare_phantom(str(tmp_path_factory.mktemp('lmr') / 'phantom'), config)
+
+
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
-def test_synthesis_run_with_a_label_table_compares_with_the_baseline(data_dir, test_config,
-                                                                      tmp_path):
+def test_synthesis_run_with_a_label_table_compares_with_the_baseline(
+    labeled_mr_dir, test_config, tmp_path):
+  data_dir = labeled_mr_dir
   import tiny_run  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.segmentation import compare as seg_compare  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.segmentation import run as seg_run  # pylint: disable=g-import-not-at-top
@@ -106,14 +114,19 @@ def test_synthesis_run_with_a_label_table_compares_with_the_baseline(data_dir, t
   seg.num_classes = None
   seg.label_table = str(table)
   summary = seg_run.run(workdir, data_dir, str(tmp_path / 'seg'), steps=2, seg_config=seg)
-  assert summary['num_classes'] == 5 and summary['split'] == 'test'
+  # Tested on the labeled MR (not the paired test split), as the paper's Fig. 6.
+  assert summary['num_classes'] == 5 and summary['split'] == 'labeled_mr'
+  meta = json.load(open(os.path.join(data_dir, 'dataset_meta.json'), encoding='utf-8'))
+  assert summary['patients'] == sorted(meta['splits']['labeled_mr']['patients'])
+  assert len(summary['patients']) == 3
   assert summary['structures'] == {'1': 'os_coxae', '2': 'femur', '3': 'gmed', '4': 'gmin'}
   run_info = json.load(open(tmp_path / 'seg' / 'run.json', encoding='utf-8'))
   assert run_info['seg']['num_classes'] == 5
 
   config = test_config.copy_and_resolve_references()
   config.seg.label_table = str(table)
-  base = baseline.run(config, data_dir, str(tmp_path / 'base'), folds=3, steps=1)
+  base = baseline.run(config, data_dir, str(tmp_path / 'base'), folds=2, steps=1)
+  assert base['split'] == 'labeled_mr' and sorted(map(len, base['folds'])) == [1, 2]
   assert base['data_fingerprint'] == summary['data_fingerprint']
   out = seg_compare.compare(str(tmp_path / 'base' / 'eval'), str(tmp_path / 'seg' / 'eval'))
   assert [r['metric'] for r in out['results']] == ['dice_os_coxae', 'dice_femur', 'dice_gmed',

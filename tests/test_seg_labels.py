@@ -102,8 +102,8 @@ def test_label_tables(tmp_path):
   as_json = tmp_path / 'labels.json'
   as_json.write_text(json.dumps({'1': 'pelvis', '3': 'gluteus_medius'}))
   assert labels.parse_label_table(str(as_json)) == {1: 'pelvis', 3: 'gluteus_medius'}
-  assert labels.structure_names(4, {1: 'pelvis', 3: 'gmed'}) == {1: 'pelvis', 2: 'label_2',
-                                                                3: 'gmed'}
+  names = labels.structure_names(4, {1: 'pelvis', 3: 'gmed'})
+  assert names == {1: 'pelvis', 2: 'label_2', 3: 'gmed'}
   assert labels.structure_names(5) == NAMES
   assert labels.label_table({'label_table': None}) == NAMES
   assert labels.label_table({'label_table': str(text)}) == table

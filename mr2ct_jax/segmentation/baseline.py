@@ -37,39 +37,12 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 import ml_collections
-import numpy as np
 
 from mr2ct_jax.cli import commands
-from mr2ct_jax.segmentation import labels
+from mr2ct_jax.segmentation import folds as folds_lib
 
 COMMAND = 'mr2ct_jax.segmentation.baseline'
-RUN_FILE = 'baseline.json'
-EVAL_DIR = 'eval'
-EVAL_OWN_FILE = 'per_volume.json'
-# The paper's 5-fold MR U-Net (10 labeled MR; discussion), for comparison.
-PAPER_BASELINE_DICE = {'pelvis': (0.815, 0.046), 'femur': (0.921, 0.023),
-                       'gluteus_medius': (0.825, 0.029), 'gluteus_minimus': (0.752, 0.045)}
-_ARCH_KEYS = ('base_filters', 'depth', 'num_classes')
-
-
-def fold_split(patients: Sequence[str], folds: int, seed: int,
-               where: str = 'the labeled MR') -> list[list[str]]:
-  """Deals the patients into `folds` folds: a seeded random order, patient i to fold i mod k.
-
-  Every patient is in exactly one fold; fold sizes differ by at most one.
-
-  Raises:
-    SegDataError: fewer than 2 folds, or more folds than patients.
-  """
-  patients = sorted(str(p) for p in patients)
-  if int(folds) < 2:
-    raise labels.SegDataError(f'folds={folds}: the cross-validation needs at least 2 folds')
-  if int(folds) > len(patients):
-    raise labels.SegDataError(f'{where}: {folds} folds but only {len(patients)} labeled MR '
-                              f'volume(s); use at most {len(patients)} folds (--folds or '
-                              'config.seg.baseline_folds)')
-  order = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xF01D]).permutation(len(patients))
-  return [sorted(patients[j] for j in order[i::int(folds)]) for i in range(int(folds))]
+fold_split = folds_lib.fold_split  # JAX-free, for a study driver
 
 
 def run(config: ml_collections.ConfigDict, data_dir: str, output: str,
@@ -121,7 +94,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
   from mr2ct_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.segmentation import train as seg_train  # pylint: disable=g-import-not-at-top
-  return (labels.SegDataError, config_checks.ConfigError, dataset.DatasetError,
+  return (folds_lib.labels.SegDataError, config_checks.ConfigError, dataset.DatasetError,
           reports.ReportError, checkpointing.CheckpointError, seg_train.NonFiniteLossError)
 
 

@@ -1,4 +1,6 @@
-"""The MR baseline's work (see `baseline` for the method, the command and the layout)."""
+"""The MR baseline's work (see `baseline` for the method, the command and the layout).
+
+Imported by `baseline.run` when called, so the command's `--help` need not load JAX."""
 
 import json
 import os
@@ -16,13 +18,20 @@ from mr2ct_jax.data import intensity
 from mr2ct_jax.data import resolve
 from mr2ct_jax.evaluation import fingerprint
 from mr2ct_jax.evaluation import reports
-from mr2ct_jax.segmentation import baseline
 from mr2ct_jax.segmentation import data as seg_data
 from mr2ct_jax.segmentation import evaluate as seg_eval
+from mr2ct_jax.segmentation import folds as folds_lib
 from mr2ct_jax.segmentation import labels as labels_lib
 from mr2ct_jax.segmentation import train as seg_train
 
 IN_CHANNELS = 1  # the MR alone
+RUN_FILE = 'baseline.json'
+EVAL_DIR = 'eval'
+EVAL_OWN_FILE = 'per_volume.json'
+# The paper's 5-fold MR U-Net (10 labeled MR; discussion), for comparison.
+PAPER_BASELINE_DICE = {'pelvis': (0.815, 0.046), 'femur': (0.921, 0.023),
+                       'gluteus_medius': (0.825, 0.029), 'gluteus_minimus': (0.752, 0.045)}
+ARCH_KEYS = ('base_filters', 'depth', 'num_classes')
 
 
 def _config(config: ml_collections.ConfigDict, data_dir: str,
@@ -46,7 +55,7 @@ def _check_previous(path: str, info: dict[str, Any]) -> None:
   if previous.get('folds') != info['folds']:
     raise labels_lib.SegDataError(f'{path}: this baseline has other folds (another fold count, '
                                   'seed or data); use another --output')
-  for key in baseline._ARCH_KEYS:  # pylint: disable=protected-access
+  for key in ARCH_KEYS:
     if previous.get('seg', {}).get(key) != info['seg'][key]:
       raise labels_lib.SegDataError(
           f'{path}: this baseline has seg.{key}={previous["seg"].get(key)!r}, the config asks '
@@ -55,11 +64,11 @@ def _check_previous(path: str, info: dict[str, Any]) -> None:
 
 def run(config: ml_collections.ConfigDict, data_dir: str, output: str, folds: int | None,
         *, steps: int | None = None, overwrite: bool = False) -> dict[str, Any] | None:
-  """`baseline.run` (documented there)."""
+  """`run` (documented there)."""
   output = os.path.abspath(output)
   data_dir = os.path.abspath(data_dir)
-  eval_dir = os.path.join(output, baseline.EVAL_DIR)
-  reports.check_output_dir(eval_dir, overwrite, baseline.EVAL_OWN_FILE)
+  eval_dir = os.path.join(output, EVAL_DIR)
+  reports.check_output_dir(eval_dir, overwrite, EVAL_OWN_FILE)
   config = _config(config, data_dir, steps)
   table = labels_lib.label_table(config.seg)
   split = seg_data.eval_split(data_dir)
@@ -79,11 +88,11 @@ def run(config: ml_collections.ConfigDict, data_dir: str, output: str, folds: in
   num_classes = labels_lib.resolve_num_classes(config.seg.get('num_classes'), maxima)
   config.seg.num_classes = num_classes
   k = int(config.seg.get('baseline_folds', 5) if folds is None else folds)
-  assignment = baseline.fold_split(list(volumes), k, int(config.seed),
-                                   where=f'{data_dir} ({split!r} split)')
+  assignment = folds_lib.fold_split(list(volumes), k, int(config.seed),
+                                    where=f'{data_dir} ({split!r} split)')
   info = {'data_dir': data_dir, 'split': split, 'seed': int(config.seed), 'folds': assignment,
           'num_classes': num_classes, 'seg': config.seg.to_dict()}
-  run_path = os.path.join(output, baseline.RUN_FILE)
+  run_path = os.path.join(output, RUN_FILE)
   _check_previous(run_path, info)
   is_main = jax.process_index() == 0
   if is_main:
@@ -117,7 +126,7 @@ def run(config: ml_collections.ConfigDict, data_dir: str, output: str, folds: in
     return to_model(mr)[..., None], [('MR', mr, config.data.mr_window)]
 
   names = labels_lib.structure_names(num_classes, table)
-  with reports.atomic_output_dir(eval_dir, overwrite, baseline.EVAL_OWN_FILE) as tmp:
+  with reports.atomic_output_dir(eval_dir, overwrite, EVAL_OWN_FILE) as tmp:
     figure_dir = os.path.join(tmp, 'figures')
     os.makedirs(figure_dir)
     rows, reported = seg_eval.evaluate_volumes(
@@ -136,7 +145,7 @@ def run(config: ml_collections.ConfigDict, data_dir: str, output: str, folds: in
              f'U-Net steps per fold {unet_steps}, {num_classes} classes.']
     summary = seg_eval.write_outputs(
         tmp, rows, reported, summary_meta, notes=notes, extra_fields=('fold',),
-        title=f'Single-modality MR baseline: {data_dir}', paper=baseline.PAPER_BASELINE_DICE,
+        title=f'Single-modality MR baseline: {data_dir}', paper=PAPER_BASELINE_DICE,
         paper_header='Paper (5-fold MR U-Net, 10 MR)')
   print(summary['summary_markdown'], flush=True)
   print(f'MR baseline evaluation written to {eval_dir}', flush=True)
