@@ -184,7 +184,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seg = seg = ml_collections.ConfigDict()
   seg.base_filters = 64           # U-Net filters at full resolution (Ronneberger: 64)
   seg.depth = 4                   # 2x2 poolings (64 -> 1024 filters); image_size % 2**depth == 0
-  seg.num_classes = 5             # 0 background, 1 pelvis, 2 femur, 3 glut. medius, 4 minimus
+  # Classes: None = the largest label value of the labeled split + 1 (set: checked >= that).
+  seg.num_classes = placeholder(int)
+  # Structure names: a file of `<value> <name>` lines or a JSON {value: name} (format:
+  # mr2ct_jax/segmentation/labels.py); None: the phantom's (1 pelvis, 2 femur, 3 gluteus
+  # medius, 4 gluteus minimus).
+  seg.label_table = placeholder(str)
+  seg.baseline_folds = 5          # k of the 1-channel MR baseline's cross-validation (paper: 5)
   seg.dtype = 'float32'           # compute dtype (params fp32)
   seg.lr = 1e-4                   # Adam (paper)
   seg.num_steps = 100_000         # iterations (paper)
@@ -204,6 +210,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == 'test':
     seg.base_filters = 4
     seg.depth = 2
+    seg.num_classes = 5           # set: tests build the U-Net from this config directly
     seg.lr = 1e-2                 # the 4-filter net visibly learns within a test's 20 steps
     seg.num_steps = 4
     seg.dice_loss_weight = 0.5

@@ -122,8 +122,14 @@ def _validate_seg(config: ml_collections.ConfigDict) -> None:
               'checkpoint_every', 'keep_checkpoints', 'eval_batch_size'):
     _require(int(seg[key]) == seg[key] and seg[key] >= 1, f'seg.{key}', seg[key],
              'must be an integer >= 1')
-  _require(seg.num_classes >= 2, 'seg.num_classes', seg.num_classes,
-           'must be >= 2 (background and at least one structure)')
+  # None: from the labeled data (segmentation.labels.resolve_num_classes checks a set value).
+  num_classes = seg.get('num_classes')
+  _require(num_classes is None or (int(num_classes) == num_classes and num_classes >= 2),
+           'seg.num_classes', num_classes,
+           'must be None (from the data) or an integer >= 2 (background and a structure)')
+  folds = seg.get('baseline_folds', 5)
+  _require(int(folds) == folds and folds >= 2, 'seg.baseline_folds', folds,
+           'must be an integer >= 2 (folds of the cross-validation)')
   size = config.data.image_size  # None: the dataset's, checked when the run fills it
   _require(size is None or size % 2 ** seg.depth == 0, 'seg.depth', seg.depth,
            f'2**depth must divide data.image_size={size} (one 2x2 pooling per level)')

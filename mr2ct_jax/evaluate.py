@@ -4,6 +4,10 @@ Usage:
   python -m mr2ct_jax.evaluate --workdir=runs/gc [--data=DATA_DIR] [--output=runs/gc/eval]
   python -m mr2ct_jax.evaluate --npz=g.npz --data=DATA_DIR --output=eval_npz
   python -m mr2ct_jax.evaluate --compare runs/nogc/eval runs/gc/eval   # paired t-tests
+  python -m mr2ct_jax.evaluate --compare runs/nogc/seg/eval runs/gc/seg/eval  # Dice t-tests
+
+--compare on two segmentation evaluations runs `python -m mr2ct_jax.segmentation.compare`
+(paired t-tests of Dice per structure, see there).
 
 For every test patient, sCT = G_ct(MR) is compared with the registered CT, and sMR = G_mr(CT)
 is computed for MI(real CT, sMR). Metrics (definitions in `mr2ct_jax.evaluation.metrics`):
@@ -40,6 +44,7 @@ from mr2ct_jax.cli import commands
 from mr2ct_jax.evaluation import compare
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.evaluation import scoring
+from mr2ct_jax.segmentation import compare as seg_compare
 
 
 def _define_flags() -> flags.FlagValues:
@@ -69,7 +74,8 @@ def _known_errors() -> tuple[type[Exception], ...]:
   for module, name in (('mr2ct_jax.inference.generators', 'SourceError'),
                        ('mr2ct_jax.checkpointing', 'CheckpointError'),
                        ('mr2ct_jax.data.volume', 'VolumeError'),
-                       ('mr2ct_jax.data.dataset', 'DatasetError')):
+                       ('mr2ct_jax.data.dataset', 'DatasetError'),
+                       ('mr2ct_jax.evaluation.fingerprint', 'FingerprintError')):
     cls = getattr(sys.modules.get(module), name, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
       errors.append(cls)
@@ -81,7 +87,11 @@ def _run(fv: flags.FlagValues, args: list[str]) -> None:
     if len(args) != 2:
       raise scoring.EvaluateError(
           '--compare needs exactly two evaluation directories: --compare A B')
-    compare.compare(args[0], args[1], fv.output, overwrite=fv.overwrite)
+    # Segmentation outputs hold Dice per structure, not the synthesis metrics.
+    if any(seg_compare.is_segmentation_output(d) for d in args):
+      seg_compare.compare(args[0], args[1], fv.output, overwrite=fv.overwrite)
+    else:
+      compare.compare(args[0], args[1], fv.output, overwrite=fv.overwrite)
     return
   if args:
     raise scoring.EvaluateError(f'unexpected arguments {args} (flags are --name=value)')

@@ -69,10 +69,13 @@ def test_dice_pinned_values():
 def test_seg_config_defaults_and_checks():
   from configs import gc  # pylint: disable=g-import-not-at-top
   seg = gc.get_config().seg  # the paper: 64 filters, 4 poolings, Adam 1e-4 for 1e5 steps
-  assert (seg.base_filters, seg.depth, seg.num_classes) == (64, 4, 5)
+  # Classes from the labeled data, names from the phantom's table, 5 folds for the baseline.
+  assert (seg.base_filters, seg.depth, seg.num_classes) == (64, 4, None)
+  assert (seg.label_table, seg.baseline_folds) == (None, 5)
   assert (seg.lr, seg.num_steps, seg.dice_loss_weight) == (1e-4, 100_000, 0.0)
   for key, value, message in [('depth', 6, 'config.seg.depth=6: 2**depth must divide'),
                               ('num_classes', 1, 'config.seg.num_classes=1'),
+                              ('baseline_folds', 1, 'config.seg.baseline_folds=1'),
                               ('lr', 0.0, 'config.seg.lr=0.0'),
                               ('dice_loss_weight', -1.0, 'config.seg.dice_loss_weight'),
                               ('batch_size', 0, 'config.seg.batch_size=0'),

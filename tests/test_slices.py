@@ -93,12 +93,12 @@ def test_evaluation_and_segmentation_translate_slices_as_the_translator_does(con
 
   # Segmentation's prediction loop over two-channel inputs.
   predict_fn = Recorder()
-  seg_eval_names = {1: 'a'}
   truth = np.zeros(mr.shape, np.uint8)
   truth[:, 5:9, 5:9] = 1
-  monkeypatch.setattr(seg_eval, 'structure_names', lambda num_classes: seg_eval_names)
-  seg_eval.evaluate_volumes([{'patient_id': 'p0', 'image': mr, 'label': truth}], seg_fn,
-                            lambda b: predict_fn(b)[..., 0] > 0, config)
+  seg_eval.evaluate_volumes([{'patient_id': 'p0', 'image': mr, 'label': truth}],
+                            seg_eval.synthesis_inputs(seg_fn, config),
+                            lambda b: predict_fn(b)[..., 0] > 0, {1: 'a'}, num_classes=2,
+                            batch_size=int(config.seg.eval_batch_size))
   predict_fn.check_padding((BATCH, 16, 16, 2))
 
 

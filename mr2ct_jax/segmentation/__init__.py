@@ -6,8 +6,10 @@ always the CT-like image and channel 1 the MR-like one. The generators come froz
 CycleGAN workdir. Dice per structure per test volume measures how well the synthesis carries
 CT labels over to MR.
 
-Modules: `dice` (NumPy Dice), `losses` (cross-entropy + soft Dice), `data` (sMR cache and the
-augmented batch sampler), `train` (jitted step and loop, Orbax checkpoints), `evaluate`
-(prediction and reports), `figures` (box plot, contour overlays), `run` (the whole command),
-`__main__` (`python -m mr2ct_jax.segmentation`).
+Modules: `dice` (NumPy Dice), `labels` (classes from the data, label tables, label checks),
+`losses` (cross-entropy + soft Dice), `data` (sMR cache and the augmented batch sampler),
+`train` (jitted step and loop, Orbax checkpoints; 1 or 2 input channels), `evaluate`
+(prediction and reports), `figures` (box plot, Fig. 7 label panels), `run` (the whole
+command), `__main__` (`python -m mr2ct_jax.segmentation`), `compare` (Dice t-tests between two
+evaluations), `baseline` + `baseline_run` + `folds` (the k-fold single-modality MR baseline).
 """

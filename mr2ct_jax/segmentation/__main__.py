@@ -6,8 +6,10 @@ Usage:
 
 Uses the CycleGAN workdir's generators frozen: G_mr makes sMR for the labeled CT slices (once,
 cached), the U-Net trains on (CT, sMR) with the run config's `seg` section (or that of
---config), then segments the paired test split's MR from (sCT = G_ct(MR), MR) and reports
-Dice per structure. Running it again resumes training from OUTPUT/checkpoints; the evaluation
+--config), then segments the labeled MR (the `labeled_mr` split, else the paired test split's
+MR) from (sCT = G_ct(MR), MR) and reports Dice per structure present in the ground truth
+(classes and names: mr2ct_jax.segmentation.labels; compare two runs with
+python -m mr2ct_jax.segmentation.compare A/eval B/eval). Running it again resumes training from OUTPUT/checkpoints; the evaluation
 goes to OUTPUT/eval (an existing one is replaced only with --overwrite).
 """
 

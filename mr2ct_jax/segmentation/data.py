@@ -22,14 +22,13 @@ from mr2ct_jax import atomic
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import intensity
 from mr2ct_jax.inference import slices
+from mr2ct_jax.segmentation import labels as labels_lib
 
 ApplyFn = slices.ApplyFn
 LABELED_SPLIT = 'labeled'
-CACHE_VERSION = 1
-
-
-class SegDataError(ValueError):
-  """The data cannot train/test the segmentation; the one-line message names the dir/key."""
+LABELED_MR_SPLIT = 'labeled_mr'
+CACHE_VERSION = 2
+SegDataError = labels_lib.SegDataError
 
 
 @dataclasses.dataclass
@@ -40,21 +39,55 @@ class LabeledSet:
     ct: [N, S, S] CT in the model range.
     smr: [N, S, S] synthetic MR = G_mr(CT) in the model range.
     label: [N, S, S] uint8 label map.
+    maxima: source label file -> its largest label value (`labels.resolve_num_classes`).
   """
   ct: np.ndarray
   smr: np.ndarray
   label: np.ndarray
+  maxima: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def images(self) -> tuple[np.ndarray, ...]:
+    """The U-Net's input channels, in order: (CT-like, MR-like)."""
+    return (self.ct, self.smr)
 
   @property
   def num_slices(self) -> int:
     return int(self.label.shape[0])
 
 
+@dataclasses.dataclass
+class MRSet:
+  """Labeled MR slices for the single-modality baseline: one input channel.
+
+  Attributes:
+    mr: [N, S, S] MR in the model range.
+    label: [N, S, S] uint8 label map.
+  """
+  mr: np.ndarray
+  label: np.ndarray
+
+  @property
+  def images(self) -> tuple[np.ndarray, ...]:
+    return (self.mr,)
+
+  @property
+  def num_slices(self) -> int:
+    return int(self.label.shape[0])
+
+
+def eval_split(data_dir: str) -> str:
+  """The split segmentation is tested on: `labeled_mr` (MR + labels) if prepared, else `test`."""
+  return LABELED_MR_SPLIT if dataset.has_split(data_dir, LABELED_MR_SPLIT) else 'test'
+
+
 def check_data_dir(data_dir: str, config: ml_collections.ConfigDict, split: str) -> None:
   """Raises SegDataError unless `data_dir` has `split`, prepared like the generator's data."""
   if not dataset.has_split(data_dir, split):
-    what = ('a labeled CT split (prepare with --labeled_dir)' if split == LABELED_SPLIT else
-            'a paired test split with labels (prepare with --paired_dir)')
+    what = {LABELED_SPLIT: 'a labeled CT split (prepare with --labeled_dir)',
+            LABELED_MR_SPLIT: 'a labeled MR split (prepare with --labeled_mr_dir)'}.get(
+                split, 'a labeled MR split (--labeled_mr_dir) or a paired test split with '
+                'labels (--paired_dir)')
     raise SegDataError(f'{data_dir}: no {split!r} split; segmentation needs {what}')
   mismatch = dataset.settings_mismatch(data_dir, config)
   if mismatch is not None:
@@ -92,38 +125,45 @@ def load_labeled_set(data_dir: str, config: ml_collections.ConfigDict, smr_fn: A
          'ct_window': str(tuple(float(w) for w in config.data.ct_window))}
   if cache_path and os.path.exists(cache_path) and _cache_matches(cache_path, key):
     with np.load(cache_path) as npz:
-      return LabeledSet(ct=npz['ct'], smr=npz['smr'], label=npz['label'])
-  cts, labels = [], []
+      maxima = dict(zip(npz['sources'].tolist(), npz['maxima'].tolist()))
+      return LabeledSet(ct=npz['ct'], smr=npz['smr'], label=npz['label'], maxima=maxima)
+  meta = dataset.load_meta(data_dir)
+  cts, labels, maxima = [], [], {}
   for volume in dataset.iterate_volumes(data_dir, LABELED_SPLIT):
     cts.append(intensity.ct_hu_to_model(volume['image'], config.data.ct_window))
     labels.append(np.asarray(volume['label'], np.uint8))
+    where = labels_lib.source_file(meta, LABELED_SPLIT, str(volume['patient_id']))
+    maxima[where] = int(labels[-1].max()) if labels[-1].size else 0
   if not cts or not any(lab.any() for lab in labels):
     raise SegDataError(f'{data_dir}: the {LABELED_SPLIT!r} split has no labeled voxel')
   ct = np.concatenate(cts)
   smr = slices.translate_slices(smr_fn, ct, int(config.seg.eval_batch_size))
   labeled = LabeledSet(ct=ct.astype(np.float16), smr=smr.astype(np.float16),
-                       label=np.concatenate(labels))
+                       label=np.concatenate(labels), maxima=maxima)
   if cache_path and write_cache:
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     # A file object, so NumPy does not append a second '.npz' to the temporary name.
     with atomic.writing(cache_path, 'wb') as f:
       np.savez(f, ct=labeled.ct, smr=labeled.smr, label=labeled.label,
+               sources=np.asarray(list(maxima), dtype=str),
+               maxima=np.asarray(list(maxima.values()), np.int64),
                **{f'key_{k}': np.asarray(v) for k, v in key.items()})
   return labeled
 
 
-def sample_batch(labeled: LabeledSet, *, seed: int, step: int, batch_size: int, pad: int,
+def sample_batch(labeled: LabeledSet | MRSet, *, seed: int, step: int, batch_size: int, pad: int,
                  flip_lr: bool, process_index: int = 0) -> dict[str, np.ndarray]:
   """The augmented local batch of `step`: {'image': f32 [B,S,S,2], 'label': i32 [B,S,S]}.
 
   Slices are drawn uniformly with replacement; each is padded by `pad` (images with the
   background -1, labels with 0) and a random S x S window is cropped, then flipped left-right
-  (axis 0) with probability 1/2 when `flip_lr`. Channel 0 is CT, channel 1 sMR.
+  (axis 0) with probability 1/2 when `flip_lr`. Channels are `labeled.images`: CT and sMR of
+  a LabeledSet, the MR of an MRSet ('image' is [B,S,S,C]).
   """
   rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), int(process_index)])
   size = labeled.label.shape[1]
   idx = rng.integers(0, labeled.num_slices, batch_size)
-  image = np.stack([labeled.ct[idx], labeled.smr[idx]], axis=-1).astype(np.float32)
+  image = np.stack([c[idx] for c in labeled.images], axis=-1).astype(np.float32)
   label = labeled.label[idx].astype(np.int32)
   if pad:
     image = np.pad(image, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-1.0)

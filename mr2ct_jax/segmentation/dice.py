@@ -39,3 +39,18 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray,
   """{name (or label value): Dice} for each label, see `dice`."""
   names = labels if isinstance(labels, Mapping) else {int(k): int(k) for k in labels}
   return {name: dice(pred, truth, int(label)) for label, name in names.items()}
+
+
+def dice_in_truth(pred: np.ndarray, truth: np.ndarray,
+                  labels: Mapping[int, str]) -> dict:
+  """{name: Dice} over the structures the ground truth contains; NaN for the others.
+
+  The score a report uses: a ground truth drawn for only some structures (the paper's MR had
+  4 of the U-Net's 22) says nothing about the others, so a structure absent from `truth` has
+  no Dice (NaN, left out of means and t-tests) even where the prediction holds it. A structure
+  in `truth` that the prediction misses scores 0.
+  """
+  truth = np.asarray(truth)
+  present = set(int(v) for v in np.unique(truth))
+  return {name: dice(pred, truth, int(label)) if int(label) in present else float('nan')
+          for label, name in labels.items()}

@@ -1,5 +1,12 @@
 """The segmentation command as a library call: sMR cache -> train U-Net -> Dice on the test MR.
 
+The U-Net is tested on the `labeled_mr` split (real MR + label map) when the dataset has
+one, else on the paired `test` split (its MR and label map); see `evaluate` for how Dice is
+scored and `labels` for the number of classes and the structure names (config.seg.num_classes,
+config.seg.label_table). Two evaluations are compared with
+`python -m mr2ct_jax.segmentation.compare A B` (or `python -m mr2ct_jax.evaluate --compare A B`,
+which hands segmentation outputs to it).
+
 Layout of the segmentation directory (default WORKDIR/seg):
   run.json                  the generator step the U-Net is built on, the data dir and the
                             seg config (a resumed run keeps the generator step; changing the
@@ -22,10 +29,12 @@ from mr2ct_jax import config_checks
 from mr2ct_jax import tb_logging
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import resolve
+from mr2ct_jax.evaluation import fingerprint
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.inference import generators
 from mr2ct_jax.segmentation import data as seg_data
 from mr2ct_jax.segmentation import evaluate as seg_eval
+from mr2ct_jax.segmentation import labels as labels_lib
 from mr2ct_jax.segmentation import train as seg_train
 
 RUN_FILE = 'run.json'
@@ -87,8 +96,8 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
 
   Args:
     workdir: the CycleGAN training workdir (its generators are used frozen).
-    data_dir: prepared dataset with `labeled` and `test` splits; None: the run config's
-      data.dir, or the phantom under WORKDIR/phantom.
+    data_dir: prepared dataset with a `labeled` split and a `labeled_mr` or `test` split;
+      None: the run config's data.dir, or the phantom under WORKDIR/phantom.
     output: the segmentation directory (default WORKDIR/seg; see the module docstring).
     steps: train to this many steps (default config.seg.num_steps).
     overwrite: replace an existing OUTPUT/eval.
@@ -97,6 +106,7 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
   Returns:
     The evaluation summary (Dice mean/sd per structure, ...; also OUTPUT/eval/summary.json),
     or None on processes other than 0. The summary table is printed.
+    seg.num_classes None is resolved from the labeled split (recorded in run.json).
 
   Raises:
     SegmentationError, seg_data.SegDataError, ConfigError, generators.SourceError,
@@ -119,10 +129,24 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
                             f'{pinned}, which cannot be loaded ({e}); use another --output') from e
   sct_fn, _, _ = generators.load_generator(workdir, 'mr2ct', info.step)
   config = segmentation_config(run_config, seg_config, steps, workdir)
+  table = labels_lib.label_table(config.seg)
 
   data_dir = os.path.abspath(resolve.resolve_data_dir(config, workdir, data_dir))
   seg_data.check_data_dir(data_dir, config, seg_data.LABELED_SPLIT)
-  seg_data.check_data_dir(data_dir, config, 'test')
+  split = seg_data.eval_split(data_dir)
+  seg_data.check_data_dir(data_dir, config, split)
+  data_meta = dataset.load_meta(data_dir)
+  source = lambda pid: labels_lib.source_file(data_meta, split, pid)
+  step_tag = 'none' if info.step is None else str(info.step)
+  is_main = jax.process_index() == 0
+  labeled = seg_data.load_labeled_set(
+      data_dir, config, smr_fn, cache_path=os.path.join(output, 'cache',
+                                                        f'labeled_g{step_tag}.npz'),
+      generator_step=info.step, write_cache=is_main)
+  config.seg.num_classes = labels_lib.resolve_num_classes(config.seg.get('num_classes'),
+                                                          labeled.maxima)
+  num_classes = int(config.seg.num_classes)
+  seg_eval.check_eval_labels(dataset.iterate_volumes(data_dir, split), num_classes, source)
 
   if previous:
     for key in _ARCH_KEYS:
@@ -130,35 +154,41 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
         raise SegmentationError(
             f'{run_path}: this segmentation run has seg.{key}={previous["seg"].get(key)!r}, '
             f'the config asks for {config.seg[key]!r}; use another --output')
-  is_main = jax.process_index() == 0
   if is_main:
     _write_run_file(run_path, {'workdir': os.path.abspath(workdir), 'data_dir': data_dir,
                                'generator_step': info.step, 'seg': config.seg.to_dict()})
   tb_logging.log_line(f'Segmentation in {output}: generators of {workdir} at step {info.step}, '
-                      f'data {data_dir}.')
-  step_tag = 'none' if info.step is None else str(info.step)
-  labeled = seg_data.load_labeled_set(
-      data_dir, config, smr_fn, cache_path=os.path.join(output, 'cache',
-                                                        f'labeled_g{step_tag}.npz'),
-      generator_step=info.step, write_cache=is_main)
-  tb_logging.log_line(f'Segmentation: {labeled.num_slices} labeled CT slices with sMR.')
+                      f'data {data_dir}, tested on its {split!r} split.')
+  tb_logging.log_line(f'Segmentation: {labeled.num_slices} labeled CT slices with sMR, '
+                      f'{num_classes} classes.')
   seg_train.train(config, output, labeled, run_info={'generator_step': info.step})
   if not is_main:
     return None
 
   params, unet_step = seg_train.restore_params(output, config)
   predict_fn = seg_eval.make_predict_fn(params, config)
-  names = seg_eval.structure_names(int(config.seg.num_classes))
-  meta = {'source': os.path.abspath(workdir), 'generator_step': info.step,
-          'unet_step': unet_step, 'data_dir': data_dir, 'output_dir': eval_dir}
+  names = labels_lib.structure_names(num_classes, table)
   with reports.atomic_output_dir(eval_dir, overwrite, EVAL_OWN_FILE) as tmp:
     figure_dir = os.path.join(tmp, 'figures')
     os.makedirs(figure_dir)
-    rows = seg_eval.evaluate_volumes(dataset.iterate_volumes(data_dir, 'test'), sct_fn,
-                                     predict_fn, config, figure_dir=figure_dir)
+    rows, reported = seg_eval.evaluate_volumes(
+        dataset.iterate_volumes(data_dir, split), seg_eval.synthesis_inputs(sct_fn, config),
+        predict_fn, names, num_classes=num_classes,
+        batch_size=int(config.seg.eval_batch_size), source=source, figure_dir=figure_dir)
     if not rows:
-      raise SegmentationError(f'{data_dir}: the test split holds no volumes')
-    summary = seg_eval.write_outputs(tmp, rows, names, meta)
+      raise SegmentationError(f'{data_dir}: the {split!r} split holds no volumes')
+    meta = {'method': 'via synthesis (2-channel U-Net on labeled CT + sMR)',
+            'source': os.path.abspath(workdir), 'generator_step': info.step,
+            'unet_step': unet_step, 'data_dir': data_dir, 'output_dir': eval_dir,
+            'split': split, 'num_classes': num_classes,
+            'label_table': config.seg.get('label_table'),
+            'data_fingerprint': fingerprint.fingerprint(data_meta, split,
+                                                        [r['patient_id'] for r in rows])}
+    notes = [f'Input channels (CT-like, MR-like): trained on (CT, sMR = G_mr(CT)) of the '
+             f'labeled split, tested on (sCT = G_ct(MR), MR) of the {split!r} split.',
+             f'Generator step {info.step}, U-Net step {unet_step}, {num_classes} classes.']
+    summary = seg_eval.write_outputs(tmp, rows, reported, meta, notes=notes,
+                                     title=f'Segmentation via synthesis: {workdir}')
   print(summary['summary_markdown'], flush=True)
   print(f'Segmentation evaluation written to {eval_dir}', flush=True)
   return summary

@@ -34,7 +34,7 @@ from mr2ct_jax.segmentation import data as seg_data
 from mr2ct_jax.segmentation import losses
 
 METRIC_KEYS = ('loss/total', 'loss/ce', 'loss/dice', 'accuracy')
-IN_CHANNELS = 2  # (CT-like, MR-like)
+IN_CHANNELS = 2  # (CT-like, MR-like); the single-modality baseline (`baseline`) uses 1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,33 +54,38 @@ class SegModel:
   """The U-Net module and its optimiser: what a run computes with besides its state.
 
   Attributes:
-    model: the U-Net of `config.seg` (2 input channels).
+    model: the U-Net of `config.seg` (2 input channels, 1 for the MR baseline).
     tx: Adam with the constant learning rate `config.seg.lr` (the paper: 1e-4).
   """
   model: unet_lib.UNet
   tx: optax.GradientTransformation
 
 
-def build(seg: ml_collections.ConfigDict) -> SegModel:
+def build(seg: ml_collections.ConfigDict, in_channels: int = IN_CHANNELS) -> SegModel:
   """The U-Net and optimiser of `config.seg`, built once per run and passed down.
 
   Memoised per architecture and learning rate: a process that trains the same U-Net again
-  (resuming, a sweep, the tests) gets the same objects, so the jitted step compiles once.
+  (resuming, a sweep, the folds of the baseline, the tests) gets the same objects, so the
+  jitted step compiles once. seg.num_classes must be resolved (`labels.resolve_num_classes`).
   """
+  if seg.num_classes is None:
+    raise config_checks.ConfigError('config.seg.num_classes=None: resolve it from the labeled '
+                                    'data first (segmentation.labels.resolve_num_classes)')
   return _build(int(seg.num_classes), int(seg.base_filters), int(seg.depth), str(seg.dtype),
-                float(seg.lr))
+                float(seg.lr), int(in_channels))
 
 
 @functools.lru_cache(maxsize=8)
-def _build(num_classes: int, base_filters: int, depth: int, dtype: str, lr: float) -> SegModel:
+def _build(num_classes: int, base_filters: int, depth: int, dtype: str, lr: float,
+           in_channels: int) -> SegModel:
   model = unet_lib.UNet(num_classes=num_classes, base_filters=base_filters, depth=depth,
-                        in_channels=IN_CHANNELS, dtype=layers.compute_dtype(dtype))
+                        in_channels=in_channels, dtype=layers.compute_dtype(dtype))
   return SegModel(model=model, tx=optax.adam(lr))
 
 
 def param_shapes(model: unet_lib.UNet, image_size: int) -> Any:
   """The parameter tree of `model` as ShapeDtypeStructs (no computation)."""
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, IN_CHANNELS), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, model.in_channels), jnp.float32)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params']
 
 
@@ -168,7 +173,8 @@ def _check_finite(step: int, values: dict[str, float]) -> None:
                                'good checkpoint is kept). Lower seg.lr.')
 
 
-def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.LabeledSet, *,
+def train(config: ml_collections.ConfigDict, seg_dir: str,
+          labeled: seg_data.LabeledSet | seg_data.MRSet, *,
           run_info: dict[str, Any] | None = None, stop_after: int | None = None,
           mesh: Mesh | None = None) -> SegState:
   """Trains (or resumes) the U-Net in SEG_DIR to config.seg.num_steps.
@@ -177,7 +183,8 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
     config: the CycleGAN run's config with the `seg` section (seed, data.crop_pad_fraction and
       data.flip_lr drive the augmentation).
     seg_dir: checkpoints in SEG_DIR/checkpoints, TensorBoard in SEG_DIR/tb.
-    labeled: the training slices (`data.load_labeled_set`).
+    labeled: the training slices (`data.load_labeled_set`; an MRSet for the 1-channel
+      baseline): the U-Net gets one input channel per `labeled.images`.
     run_info: JSON-serialisable facts saved with each checkpoint (e.g. the generator step).
     stop_after: stop (with a checkpoint) at this step, as a pre-empted job would.
     mesh: device mesh (default: all devices on the 'data' axis).
@@ -195,7 +202,7 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
   config_checks.validate(config, num_devices=1, num_processes=1)
   check_batch(config, mesh.size, jax.process_count())
   seg = config.seg
-  seg_model = build(seg)
+  seg_model = build(seg, len(labeled.images))
   manager = checkpointing.make_manager(seg_dir, max_to_keep=int(seg.keep_checkpoints))
   latest = manager.latest_step()
   if latest is not None:
@@ -254,7 +261,8 @@ def train(config: ml_collections.ConfigDict, seg_dir: str, labeled: seg_data.Lab
   return state
 
 
-def restore_params(seg_dir: str, config: ml_collections.ConfigDict) -> tuple[Any, int]:
+def restore_params(seg_dir: str, config: ml_collections.ConfigDict,
+                   in_channels: int = IN_CHANNELS) -> tuple[Any, int]:
   """The U-Net parameters (NumPy) of the latest checkpoint in SEG_DIR, and its step.
 
   Raises:
@@ -270,7 +278,8 @@ def restore_params(seg_dir: str, config: ml_collections.ConfigDict) -> tuple[Any
       raise checkpointing.CheckpointError(f'{ckpt_dir}: no segmentation checkpoint')
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
-                          abstract_state(build(config.seg), int(config.data.image_size), mesh))
+                          abstract_state(build(config.seg, in_channels),
+                                         int(config.data.image_size), mesh))
     state, _ = checkpointing.restore(manager, step, target)
   finally:
     manager.close()
