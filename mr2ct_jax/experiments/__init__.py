@@ -1,0 +1,1 @@
+"""The paper's study as one command: cells, resumable runs, one report (`paper`)."""

@@ -1,0 +1,137 @@
+"""The study's cells and the presets that size them (tiny for tests, cpu_small, paper).
+
+A cell is one arm of the paper's study on one prepared dataset:
+  gc_small, nogc_small, gc_large, nogc_large  {small, large training set} x {GC on, off}
+  gc_signed_large  beyond the paper: the large set with the paper's literal signed GC
+  mr_baseline      the discussion's k-fold cross-validation of a 1-channel MR U-Net
+  real_ct          the upper bound: gc_large's 2-channel U-Net fed the paired test subjects'
+                   real CT (in place of sCT) and real MR
+Small and large are data.num_train_mr / num_train_ct subsets (nested, seeded) of the one
+dataset's training splits.
+"""
+
+import dataclasses
+import functools
+import importlib.util
+from types import ModuleType
+
+import ml_collections
+
+from mr2ct_jax.cli import commands
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One cell: what it runs and, for synthesis cells, its training set and GC setting."""
+  name: str
+  kind: str                 # 'synthesis', 'baseline' or 'real_ct'
+  size: str = ''            # 'small' / 'large' (synthesis cells)
+  gc: bool = False          # GC term on
+  signed: bool = False      # loss.gc_signed
+  needs: str = ''           # a cell whose outputs this one uses
+
+
+CELLS = (
+    Cell('gc_small', 'synthesis', 'small', gc=True),
+    Cell('nogc_small', 'synthesis', 'small', gc=False),
+    Cell('gc_large', 'synthesis', 'large', gc=True),
+    Cell('nogc_large', 'synthesis', 'large', gc=False),
+    Cell('gc_signed_large', 'synthesis', 'large', gc=True, signed=True),
+    Cell('mr_baseline', 'baseline'),
+    Cell('real_ct', 'real_ct', needs='gc_large'),
+)
+CELL_NAMES = tuple(c.name for c in CELLS)
+BY_NAME = {c.name: c for c in CELLS}
+SYNTHESIS = tuple(c.name for c in CELLS if c.kind == 'synthesis')
+
+
+class PresetError(ValueError):
+  """An unknown preset or cell name, or a preset used without the data it needs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A study size: the base config and the two training-set sizes (MR, CT volumes)."""
+  name: str
+  variant: str                     # configs/gc.py variant the cells start from
+  small: tuple[int, int]
+  large: tuple[int, int]
+  baseline_folds: int
+  needs_data: bool = False
+  doc: str = ''
+
+
+PRESETS = {
+    'tiny': Preset('tiny', 'test', (2, 2), (4, 4), 2,
+                   doc='tests: every cell and the whole report in about a minute (32 px)'),
+    'cpu_small': Preset('cpu_small', 'quick', (6, 6), (24, 24), 3,
+                        doc='the phantom on 2 CPU cores, about 90 minutes for all cells'),
+    'paper': Preset('paper', 'paper', (20, 20), (302, 613), 5, needs_data=True,
+                    doc="the paper's sizes and schedule (accelerators; --data required)"),
+}
+
+
+def get_preset(name: str) -> Preset:
+  """The preset called `name`; PresetError names the choices."""
+  if name not in PRESETS:
+    raise PresetError(f'--preset={name}: unknown; choose one of {", ".join(PRESETS)}')
+  return PRESETS[name]
+
+
+def select_cells(names: str | None) -> list[Cell]:
+  """The cells of a comma-separated list (None / '': all), in study order."""
+  if not names:
+    return list(CELLS)
+  wanted = [n.strip() for n in names.split(',') if n.strip()]
+  unknown = [n for n in wanted if n not in BY_NAME]
+  if unknown:
+    raise PresetError(f'--cells: unknown cell {unknown[0]!r}; choose from '
+                      f'{", ".join(CELL_NAMES)}')
+  return [c for c in CELLS if c.name in wanted]
+
+
+@functools.lru_cache(maxsize=1)
+def _gc_configs() -> ModuleType:
+  """configs/gc.py of this checkout (configs/ lies beside the package, it is not installed)."""
+  spec = importlib.util.spec_from_file_location('mr2ct_jax_configs_gc',
+                                                commands.default_config_path())
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def base_config(preset: Preset) -> ml_collections.ConfigDict:
+  """The config every cell of `preset` starts from (the phantom's sizes included)."""
+  config = _gc_configs().get_config(preset.variant)
+  p = config.data.phantom
+  if preset.name == 'tiny':
+    # Several paired / unpaired / labeled MR subjects, so every t-test has n >= 2.
+    p.num_train_mr, p.num_train_ct = preset.large
+    p.num_labeled, p.num_test, p.num_val = 2, 2, 0
+    p.num_test_mr, p.num_test_ct, p.num_labeled_mr = 2, 2, 2
+    p.num_slices = 4
+    config.train.num_steps = 2
+    config.train.log_every = config.train.image_every = config.train.checkpoint_every = 2
+    config.seg.num_steps = 2
+  elif preset.name == 'cpu_small':
+    # The quick model, a large set 4x the small one, several subjects per test split.
+    p.num_train_mr, p.num_train_ct = preset.large
+    p.num_labeled, p.num_test, p.num_val = 4, 4, 0
+    p.num_test_mr, p.num_test_ct, p.num_labeled_mr = 4, 4, 6
+    p.num_slices = 12
+    config.train.num_steps = 1600
+    config.train.checkpoint_every = 400
+    config.seg.num_steps = 800
+  config.seg.baseline_folds = preset.baseline_folds
+  return config
+
+
+def cell_config(preset: Preset, cell: Cell, data_dir: str) -> ml_collections.ConfigDict:
+  """The full config of a cell: base config on `data_dir`, its subset and its loss."""
+  config = base_config(preset)
+  config.data.dir = data_dir
+  if cell.kind == 'synthesis':
+    config.data.num_train_mr, config.data.num_train_ct = getattr(preset, cell.size)
+    config.loss.gc_weight = _gc_configs().get_config('paper').loss.gc_weight if cell.gc else 0.0
+    config.loss.gc_signed = bool(cell.signed)
+  return config
