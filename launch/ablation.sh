@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# The paper's ablation: with and without the gradient-consistency loss, then paired t-tests.
+# The paper's ablations (GC on/off x training-set size, signed GC, MR baseline, real-CT upper
+# bound) as one call of the study driver; the report is WORKDIR/report/report.md.
 #
-#   DATA=/data/hip_tfds RUNS=runs/ablation bash launch/ablation.sh [extra --config.* overrides]
+#   PRESET=cpu_small RUNS=runs/paper bash launch/ablation.sh                  # the phantom
+#   PRESET=paper DATA=/data/hip_tfds RUNS=runs/paper bash launch/ablation.sh --cells=gc_large
 #
-# Leave DATA empty to use the built-in phantom. Each run resumes if interrupted.
+# Extra arguments go to `python -m mr2ct_jax.experiments.paper`. Reruns resume.
 set -euo pipefail
-RUNS="${RUNS:-runs/ablation}"
-CONFIG="${CONFIG:-configs/gc.py}"
+RUNS="${RUNS:-runs/paper}"
+PRESET="${PRESET:-cpu_small}"
 PYTHON="${PYTHON:-python}"
 data_args=()
-[ -n "${DATA:-}" ] && data_args=(--config.data.dir="$DATA")
-for variant in gc nogc; do
-  weight=0.3; [ "$variant" = nogc ] && weight=0
-  "$PYTHON" -m mr2ct_jax.main --config="$CONFIG" "${data_args[@]}" \
-    --config.loss.gc_weight="$weight" --workdir="$RUNS/$variant" "$@"
-done
-"$PYTHON" -m mr2ct_jax.evaluate --compare "$RUNS/nogc/eval" "$RUNS/gc/eval"
+[ -n "${DATA:-}" ] && data_args=(--data="$DATA")
+exec "$PYTHON" -m mr2ct_jax.experiments.paper --preset="$PRESET" "${data_args[@]}" \
+  --workdir="$RUNS" "$@"

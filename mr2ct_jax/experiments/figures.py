@@ -22,7 +22,7 @@ def _panel_grid(path: str, panels: Sequence[tuple[str, Mapping[str, Mapping[str,
   """One subplot per (title, {series: {patient: value}}), a box per series."""
   cols = min(len(panels), 3)
   rows = (len(panels) + cols - 1) // cols
-  width = max(3.0, 1.1 * max(len(s) for _, s in panels) + 1.2)
+  width = max(3.0, 0.6 * max(len(s) for _, s in panels) + 1.2)
   fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.6 * rows), squeeze=False,
                            layout='constrained')
   for i, (name, series) in enumerate(panels):

@@ -113,6 +113,7 @@ def base_config(preset: Preset) -> ml_collections.ConfigDict:
     config.train.num_steps = 2
     config.train.log_every = config.train.image_every = config.train.checkpoint_every = 2
     config.seg.num_steps = 2
+    config.model.conv_impl = 'xla'
   elif preset.name == 'cpu_small':
     # The quick model, a large set 4x the small one, several subjects per test split.
     p.num_train_mr, p.num_train_ct = preset.large

@@ -19,6 +19,7 @@ from mr2ct_jax.experiments import figures
 from mr2ct_jax.experiments import layout
 from mr2ct_jax.experiments import paper_numbers
 from mr2ct_jax.experiments import presets
+from mr2ct_jax.experiments import stats
 
 REPORT_FILE = 'report.md'
 DATA_FILE = 'report.json'
@@ -139,8 +140,11 @@ def _ttest_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                    reports.fmt(r['mean_b'], d), reports.fmt(r['diff'], d),
                    f'[{reports.fmt(r["ci_low"], d)}, {reports.fmt(r["ci_high"], d)}]',
                    reports.fmt(r['d_z'], 2), reports.fmt(r['t'], 3), fmt_p(r['p']), r['verdict']])
+    counts = stats.summary_counts([r['verdict'] for r in mine])
     out += [reports.md_table(['A → B', 'Metric', 'n', 'mean A', 'mean B', 'B - A', '95% CI',
-                              'd_z', 't', 'p', 'Verdict'], body), '']
+                              'd_z', 't', 'p', 'Verdict'], body), '',
+            'Verdicts of this question: ' + ', '.join(f'{k}: {v}' for k, v in counts.items())
+            + f' (of {len(mine)} comparisons, p < {stats.ALPHA} unadjusted).', '']
   return out
 
 

@@ -59,13 +59,16 @@ def verdict(result: Mapping[str, Any], higher_is_better: bool, *, helped: str = 
             hurt: str = 'hurt') -> str:
   """The rule-made wording of a comparison (B against A).
 
-  'not testable (n = N)' with fewer than 2 pairs or no spread; '<helped> (p<0.05)' /
+  'not testable (n = N)' with fewer than 2 pairs, 'not testable (no spread)' when every
+  difference is equal (or all values are); '<helped> (p<0.05)' /
   '<hurt> (p<0.05)' (p<0.01 when it is) when the paired t-test is significant, by the sign of
   the mean difference and the metric's direction; otherwise 'no significant difference'.
   """
   p = result['p']
-  if result['n'] < 2 or not math.isfinite(p):
+  if result['n'] < 2:
     return f'not testable (n = {result["n"]})'
+  if not math.isfinite(p):
+    return 'not testable (no spread)'
   if p >= ALPHA:
     return 'no significant difference'
   better = (result['diff'] > 0) == higher_is_better

@@ -1,0 +1,171 @@
+"""The paper's study driver at the tiny preset: every cell, the report, resuming, --cells."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from mr2ct_jax.experiments import analysis
+from mr2ct_jax.experiments import presets
+from mr2ct_jax.experiments import stats
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIRST = 'gc_small,mr_baseline'
+
+
+def _driver(workdir, *args):
+  # One CPU device (not the 8 fake ones of conftest): the study compiles each program once.
+  env = {**os.environ, 'XLA_FLAGS': '', 'PYTHONPATH': str(REPO)}
+  return subprocess.run([sys.executable, '-m', 'mr2ct_jax.experiments.paper', '--preset=tiny',
+                         f'--workdir={workdir}', *args], cwd=REPO, capture_output=True,
+                        encoding='utf-8', timeout=900, env=env)
+
+
+def _mtimes(folder):
+  return {str(p): p.stat().st_mtime_ns for p in pathlib.Path(folder).rglob('*') if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def study(tmp_path_factory):
+  """One tiny study: --cells=gc_small,mr_baseline first, then all cells, then a rerun."""
+  workdir = tmp_path_factory.mktemp('study')
+  first = _driver(workdir, f'--cells={FIRST}')
+  assert first.returncode == 0, first.stderr[-3000:]
+  first_report = (workdir / 'report' / 'report.md').read_text(encoding='utf-8')
+  first_cells = sorted(os.listdir(workdir / 'cells'))
+  before = _mtimes(workdir / 'cells' / 'gc_small')
+  full = _driver(workdir)
+  assert full.returncode == 0, full.stderr[-3000:]
+  after_full = _mtimes(workdir / 'cells')
+  rerun = _driver(workdir)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  return {'workdir': workdir, 'first_report': first_report, 'first_cells': first_cells,
+          'before': before, 'full': full, 'after_full': after_full, 'rerun': rerun}
+
+
+def test_cells_flag_runs_only_those(study):
+  assert study['first_cells'] == sorted(FIRST.split(','))
+  text = study['first_report']
+  for name in presets.CELL_NAMES:
+    state = 'done' if name in FIRST.split(',') else 'not run'
+    assert re.search(rf'^\| {name} \| [^|]+ \| {state} \|', text, re.M), name
+  assert 'Not run (its cells have not finished).' in text
+
+
+def test_every_cell_finishes_and_the_report_has_every_section(study):
+  workdir = study['workdir']
+  report = (workdir / 'report' / 'report.md').read_text(encoding='utf-8')
+  for name in presets.CELL_NAMES:
+    assert re.search(rf'^\| {name} \| [^|]+ \| done \|', report, re.M), name
+    assert (workdir / 'cells' / name / 'cell.json').is_file()
+  for heading in ('## Cells', '## Table 1', "### The paper's Table 1", '## Fig. 4', '## Fig. 6',
+                  '## Fig. 5', '## Paired t-tests and verdicts', '## Per-volume numbers'):
+    assert heading in report, heading
+  for _, title, _, _, _ in analysis.QUESTIONS:
+    assert f'### {title}' in report
+  assert 'Not run' not in report and 'not run' not in report
+  for png in ('table1_boxplot.png', 'mi_boxplot.png', 'dice_boxplot.png', 'slices_small.png',
+              'slices_large.png'):
+    path = workdir / 'report' / 'figures' / png
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', png
+    assert f'figures/{png}' in report
+  data = json.loads((workdir / 'report' / 'report.json').read_text(encoding='utf-8'))
+  # 2 paired test subjects per synthesis cell; the synthesis cells trained their num_steps.
+  for name in presets.SYNTHESIS:
+    assert sorted(data['results']['paired'][name]['mae_hu']) == ['phantom010', 'phantom011']
+    assert data['results']['cells'][name]['done']['step'] == 2
+  assert '26.388' in report and '0.808 ± 0.036' in report  # the paper's numbers beside ours
+
+
+def test_resuming_skips_finished_cells(study):
+  full, rerun = study['full'].stderr + study['full'].stdout, study['rerun'].stderr
+  rerun += study['rerun'].stdout
+  assert 'Cell gc_small: finished earlier; skipped.' in full
+  assert 'Cell mr_baseline: finished earlier; skipped.' in full
+  assert 'Cell gc_large: running.' in full
+  for name in presets.CELL_NAMES:
+    assert f'Cell {name}: finished earlier; skipped.' in rerun
+  assert 'compiled and ran' not in rerun and 'step 1/' not in rerun  # no training step ran
+  workdir = study['workdir']
+  assert _mtimes(workdir / 'cells' / 'gc_small') == {
+      k: v for k, v in study['before'].items()}
+  assert _mtimes(workdir / 'cells') == study['after_full']
+
+
+def test_ttests_equal_scipy_on_the_listed_per_volume_numbers(study):
+  workdir = study['workdir']
+  report = (workdir / 'report' / 'report.md').read_text(encoding='utf-8')
+  data = json.loads((workdir / 'report' / 'report.json').read_text(encoding='utf-8'))
+  results, rows = data['results'], data['comparisons']
+  assert {r['question'] for r in rows} == {q[0] for q in analysis.QUESTIONS}
+  checked = 0
+  for r in rows:
+    a = results[r['source']][r['a']][r['metric']]
+    b = results[r['source']][r['b']][r['metric']]
+    ids = sorted(p for p in a if a[p] is not None and b.get(p) is not None)
+    assert r['n'] == len(ids) >= 2
+    va, vb = np.array([a[p] for p in ids]), np.array([b[p] for p in ids])
+    d = vb - va
+    if np.std(d) == 0:
+      assert r['p'] is None and r['verdict'] == 'not testable (no spread)'
+      continue
+    expected = scipy_stats.ttest_rel(vb, va)
+    assert r['t'] == pytest.approx(float(expected.statistic), rel=1e-9)
+    assert r['p'] == pytest.approx(float(expected.pvalue), rel=1e-9)
+    assert r['diff'] == pytest.approx(float(d.mean()), rel=1e-9)
+    half = scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert r['ci_low'] == pytest.approx(d.mean() - half, rel=1e-9)
+    assert r['d_z'] == pytest.approx(d.mean() / d.std(ddof=1), rel=1e-9)
+    line = f'| {r["a"]} → {r["b"]} | {r["label"]} | {r["n"]} |'
+    assert any(l.startswith(line) and f'| {stats.fmt_p(r["p"]) if hasattr(stats, "fmt_p") else ""}'
+               for l in report.splitlines()), line
+    checked += 1
+  assert checked > 10
+  # The listed per-volume numbers are those the tests used (4 decimals in the Markdown).
+  mae = results['paired']['gc_large']['mae_255']
+  listed = ', '.join(f'{p} {v:.4f}' for p, v in sorted(mae.items()))
+  assert f'- Paired test subjects, gc_large, MAE (0-255, paper): {listed}' in report
+
+
+def test_verdict_rule():
+  base = {'n': 5, 'p': 0.01, 'diff': -1.0}
+  assert stats.verdict(base, higher_is_better=False) == 'helped (p<0.05)'
+  assert stats.verdict({**base, 'p': 0.001}, higher_is_better=True) == 'hurt (p<0.01)'
+  assert stats.verdict({**base, 'p': 0.2}, higher_is_better=True) == 'no significant difference'
+  assert stats.verdict({**base, 'n': 1}, higher_is_better=True) == 'not testable (n = 1)'
+  result = stats.compare({'a': 1.0, 'b': 2.0, 'c': 4.0}, {'a': 2.0, 'b': 2.5, 'c': 6.0})
+  assert result['diff'] == pytest.approx(7.5 / 3) and result['n'] == 3
+  assert result['p'] == pytest.approx(scipy_stats.ttest_rel([2, 2.5, 6], [1, 2, 4]).pvalue)
+
+
+def test_unknown_cell_and_paper_without_data_are_one_line_errors(tmp_path):
+  bad = _driver(tmp_path / 'a', '--cells=gc_tiny')
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
+      "error: --cells: unknown cell 'gc_tiny'")
+  env = {**os.environ, 'PYTHONPATH': str(REPO)}
+  paper = subprocess.run([sys.executable, '-m', 'mr2ct_jax.experiments.paper', '--preset=paper',
+                          f'--workdir={tmp_path / "b"}'], cwd=REPO, capture_output=True,
+                         encoding='utf-8', timeout=300, env=env)
+  assert paper.returncode == 1
+  assert paper.stderr.strip().splitlines()[-1] == (
+      'error: --preset=paper needs --data=DATA (a prepared dataset)')
+
+
+def test_sweep_dry_run_prints_one_job_per_cell():
+  env = {**os.environ, 'DATA': '/data/hip', 'WORKDIR': 'runs/paper', 'GPUS': '0 1 2 3 4 5'}
+  result = subprocess.run(['bash', str(REPO / 'launch' / 'paper_sweep.sh'), '--dry-run'],
+                          cwd=REPO, capture_output=True, encoding='utf-8', timeout=60, env=env)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  cells = [c for c in presets.CELL_NAMES if c != 'real_ct'] + ['real_ct']
+  assert len(lines) == len(cells)
+  for i, (line, cell) in enumerate(zip(lines, cells)):
+    assert line.split() == [
+        'env', f'CUDA_VISIBLE_DEVICES={i % 6}', 'python', '-m', 'mr2ct_jax.experiments.paper',
+        '--preset=paper', '--data=/data/hip', '--workdir=runs/paper', f'--cells={cell}']
