@@ -3,9 +3,9 @@
 #
 # GPUs of one host, one cell per GPU (CUDA_VISIBLE_DEVICES), then real_ct and the report:
 #   DATA=/data/hip_tfds WORKDIR=runs/paper bash launch/paper_sweep.sh [--dry-run]
-# Cloud TPU: one single-host slice per cell (e.g. v4-8: the driver is one process; TPU_NAMES:
-# space-separated slice names, one per cell of
-# the first wave; WORKDIR and DATA on a filesystem every worker mounts):
+# Cloud TPU: one single-host slice per cell (e.g. v4-8: the driver is one process). TPU_NAMES:
+# space-separated slice names, one per cell of the first wave; WORKDIR and DATA on a
+# filesystem every slice mounts:
 #   TPU_NAMES="s0 s1 s2 s3 s4 s5" ZONE=us-central2-b DATA=/mnt/hip WORKDIR=/mnt/runs/paper \
 #     bash launch/paper_sweep.sh [--dry-run]
 #

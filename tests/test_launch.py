@@ -39,16 +39,12 @@ def test_multi_gpu_requires_workdir():
   assert result.returncode != 0 and 'WORKDIR' in result.stderr
 
 
-def test_ablation_runs_both_arms_then_compares():
-  result = _run('ablation.sh', {'PYTHON': 'echo', 'RUNS': 'runs/abl', 'DATA': '/data/hip'})
+def test_ablation_is_a_call_of_the_study_driver():
+  result = _run('ablation.sh', {'PYTHON': 'echo', 'RUNS': 'runs/abl', 'DATA': '/data/hip',
+                                'PRESET': 'paper'}, '--cells=gc_large')
   assert result.returncode == 0, result.stderr
-  lines = result.stdout.strip().splitlines()
-  assert len(lines) == 3
-  assert '--config.loss.gc_weight=0.3' in lines[0] and '--workdir=runs/abl/gc' in lines[0]
-  assert '--config.loss.gc_weight=0' in lines[1].split() and 'runs/abl/nogc' in lines[1]
-  assert '--config.data.dir=/data/hip' in lines[0]
-  assert lines[2].split() == ['-m', 'mr2ct_jax.evaluate', '--compare', 'runs/abl/nogc/eval',
-                              'runs/abl/gc/eval']
+  assert result.stdout.split() == ['-m', 'mr2ct_jax.experiments.paper', '--preset=paper',
+                                   '--data=/data/hip', '--workdir=runs/abl', '--cells=gc_large']
 
 
 def test_tpu_pod_requires_its_settings():

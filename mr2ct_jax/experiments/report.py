@@ -44,18 +44,20 @@ def _cells_section(results: Mapping[str, Any]) -> list[str]:
   for cell in presets.CELLS:
     info = results['cells'][cell.name]
     done = info['done'] or {}
-    what = {'synthesis': f'{cell.size} set, GC {"signed" if cell.signed else "on" if cell.gc else "off"}',
-            'baseline': 'MR-only U-Net, k-fold CV', 'real_ct': f'real CT into {cell.needs}\'s U-Net'}
+    gc = 'signed' if cell.signed else 'on' if cell.gc else 'off'
+    what = {'synthesis': f'{cell.size} set, GC {gc}', 'baseline': 'MR-only U-Net, k-fold CV',
+            'real_ct': f'real CT into {cell.needs}\'s U-Net'}
     step = done.get('step', done.get('unet_step', ''))
     body.append([cell.name, what[cell.kind], info['status'], str(step)])
   return ['## Cells', '', reports.md_table(['Cell', 'What', 'Status', 'Step'], body), '']
 
 
-def _table1_section(results: Mapping[str, Any]) -> list[str]:
+def _table1_section(results: Mapping[str, Any], figs: Mapping[str, str]) -> list[str]:
   out = ['## Table 1: paired test subjects (MAE, PSNR on 0-255; MAE in HU)', '']
   cells = results['paired']
   if not cells:
     return out + ['No synthesis cell has finished.', '']
+  out += [f'![Table 1 metrics](figures/{figs["table1"]})', '']
   for metric in collect.TABLE1:
     have = {c: v[metric] for c, v in cells.items() if metric in v}
     if not have:
@@ -179,7 +181,7 @@ def build(workdir: str, preset: str, data: str) -> str:
   with atomic.building_dir(target) as tmp:
     figs = figures.write_all(os.path.join(tmp, 'figures'), results)
     text = [f'# The paper\'s study: preset {preset}', '', f'Data: {data}', '']
-    text += _cells_section(results) + _table1_section(results) + _mi_section(results, figs)
+    text += _cells_section(results) + _table1_section(results, figs) + _mi_section(results, figs)
     text += _dice_section(results, figs) + _slices_section(figs) + _ttest_section(rows)
     text += _per_volume_section(results)
     atomic.write_text(os.path.join(tmp, REPORT_FILE), '\n'.join(text))
