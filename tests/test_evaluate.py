@@ -80,7 +80,7 @@ def test_evaluate_volumes_known_values(test_config):
     assert 0.9 < r['ssim'] < 1.0
     assert 'mi_ct_smr' not in r  # no CT->MR generator
     # 0-255 metrics over whole common-FOV slices (3 of 4 have mask voxels); HU in the body.
-    assert r['valid_voxels'] == 3 * 32 * 32 and r['region'] == 'fov_slices'
+    assert r['valid_voxels'] == 3 * 32 * 32 and r['region'] == 'fov_levels'
     assert r['mask_voxels'] == 3 * 24 * 20
   s = per_slice[0]
   assert s['mae_255'] == pytest.approx(12.75, abs=1e-3) and s['valid_voxels'] == 32 * 32

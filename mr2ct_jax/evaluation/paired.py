@@ -8,6 +8,7 @@ output folder that appears complete or not at all. The metrics and regions are d
 """
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
@@ -17,6 +18,7 @@ from mr2ct_jax import atomic
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import resolve
 from mr2ct_jax.evaluation import figures as report_figures
+from mr2ct_jax.evaluation import fingerprint as fingerprint_lib
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.evaluation import scoring
 from mr2ct_jax.inference import generators
@@ -35,10 +37,11 @@ OWN_FILE = 'per_volume.json'
 def region_note(regions: set[str]) -> str:
   """The summary's sentence on which voxels each metric used."""
   fov = ('the record\'s common-FOV array' if regions == {'fov'} else
-         'the whole slices inside the MR/CT common field of view (slices where the test mask '
-         'is non-empty)')
+         'the MR/CT common field of view: the S levels where the test mask is non-empty '
+         '(whole axial slices, rows of coronal/sagittal ones) inside the volume\'s own '
+         'extent (padding of the network grid excluded)')
   return (f'Regions: 0-255 MAE/PSNR, SSIM and MI over {fov}, as in the paper; MAE in HU and '
-          'the SynthRAD metrics inside the body mask (AND common FOV). Voxels outside the '
+          'the HU-range PSNR/SSIM inside the body mask (AND common FOV). Voxels outside the '
           'common FOV are never evaluated.')
 
 
@@ -51,11 +54,15 @@ def write_outputs(out_dir: str, per_volume: list[dict[str, Any]],
   reports.write_json(os.path.join(out_dir, 'per_volume.json'), reports.rows_to_json(per_volume))
   reports.write_csv(os.path.join(out_dir, 'per_slice.csv'), per_slice,
                     [f for f in PER_SLICE_FIELDS if f in per_slice[0]])
-  meta = {**meta, 'region_note': region_note({r.get('region', 'fov_slices')
+  meta = {**meta, 'region_note': region_note({r.get('region', 'fov_levels')
                                               for r in per_volume})}
   notes = [meta['region_note'],
-           'SSIM: Gaussian window (sigma 1.5, 11x11), K1 0.01, K2 0.03, per slice; SynthRAD '
-           'SSIM uses the same window (the challenge script uses a 7x7x7 uniform one).',
+           f'0-255 scale: the paper\'s windows, CT {list(scoring.PAPER_CT_WINDOW)} HU and MR '
+           f'{list(scoring.PAPER_MR_WINDOW)}, whatever windows the run was trained with.',
+           'SSIM: Gaussian window (sigma 1.5, 11x11), K1 0.01, K2 0.03, per slice. psnr_hu_grid '
+           '/ ssim_hu_grid: HU clipped to [-1024, 3000], range 4024, on the network grid with '
+           'that 2-D SSIM; they are NOT the SynthRAD2023 metrics, which need the sCT on the '
+           'CT\'s own grid: translate the test MR and run evaluate --sct_dir.',
            'MI in nats, 64x64-bin joint histogram over [0, 255] of both windowed images, per '
            'slice inside the evaluated region, mean over slices.']
   if 'mi_ct_smr' not in keys:
@@ -118,6 +125,14 @@ def _load_generators(source: str, step: int | None, backend: str
   return sct_fn, smr_fn, config, info
 
 
+def _with_extent(volumes: Iterator[dict[str, Any]], data_dir: str
+                 ) -> Iterator[dict[str, Any]]:
+  """The records with 'inside': their network pixels inside the original volume."""
+  for volume in volumes:
+    volume['inside'] = dataset.load_geometry(data_dir, volume['patient_id']).valid_mask()
+    yield volume
+
+
 def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | None = None,
              overwrite: bool = False, backend: str = 'jax',
              progress: bool = True) -> dict[str, Any]:
@@ -135,7 +150,8 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
 
   Returns:
     The summary (also in summary.json): metric -> {mean, sd, n, n_inf, n_nan, ...}, patients,
-    source, step, data_dir, output_dir, and the Markdown table ('summary_markdown'), which is
+    source, step, data_dir, output_dir, fingerprint (of the test split scored), and the
+    Markdown table ('summary_markdown'), which is
     also printed.
 
   Raises:
@@ -151,17 +167,23 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
   if not dataset.has_split(data_dir, 'test'):
     raise EvaluateError(f'{data_dir}: dataset has no paired `test` split to evaluate on')
   _check_data_matches(data_dir, config)
+  data_meta = dataset.load_meta(data_dir)
   meta = {'source': source, 'kind': info.kind, 'step': info.step, 'data_dir': data_dir,
           'output_dir': output_dir, 'ct_window': list(config.data.ct_window),
-          'mr_window': list(config.data.mr_window)}
+          'mr_window': list(config.data.mr_window),
+          'metric_ct_window': list(scoring.PAPER_CT_WINDOW),
+          'metric_mr_window': list(scoring.PAPER_MR_WINDOW)}
   with reports.atomic_output_dir(output_dir, overwrite, OWN_FILE) as tmp:
     figure_dir = os.path.join(tmp, 'figures')
     os.makedirs(figure_dir)
     per_volume, per_slice = scoring.evaluate_volumes(
-        dataset.iterate_volumes(data_dir, 'test'), sct_fn, smr_fn, config,
-        figure_dir=figure_dir, progress=progress)
+        _with_extent(dataset.iterate_volumes(data_dir, 'test'), data_dir), sct_fn, smr_fn,
+        config, figure_dir=figure_dir, progress=progress,
+        plane=dataset.preprocessing(data_meta)['plane'])
     if not per_volume:
       raise EvaluateError(f'{data_dir}: the test split holds no volumes')
+    meta['fingerprint'] = fingerprint_lib.fingerprint(
+        data_meta, 'test', [r['patient_id'] for r in per_volume])
     summary = write_outputs(tmp, per_volume, per_slice, meta)
   print(summary['summary_markdown'], flush=True)
   print(f'Evaluation written to {output_dir}', flush=True)

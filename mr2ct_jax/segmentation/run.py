@@ -22,6 +22,7 @@ from mr2ct_jax import config_checks
 from mr2ct_jax import tb_logging
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import resolve
+from mr2ct_jax.evaluation import fingerprint
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.inference import generators
 from mr2ct_jax.segmentation import data as seg_data
@@ -158,6 +159,9 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
                                      predict_fn, config, figure_dir=figure_dir)
     if not rows:
       raise SegmentationError(f'{data_dir}: the test split holds no volumes')
+    # summary.json records what was scored, so `evaluate --compare` pairs only the same data.
+    meta['fingerprint'] = fingerprint.fingerprint(dataset.load_meta(data_dir), 'test',
+                                                  [r['patient_id'] for r in rows])
     summary = seg_eval.write_outputs(tmp, rows, names, meta)
   print(summary['summary_markdown'], flush=True)
   print(f'Segmentation evaluation written to {eval_dir}', flush=True)
