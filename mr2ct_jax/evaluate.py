@@ -19,8 +19,10 @@ is computed for MI(real CT, sMR). Metrics (definitions in `mr2ct_jax.evaluation.
   ssim               Gaussian SSIM on the 0-255 scale, per slice inside `valid`, slice mean
   mae_hu             MAE in HU inside the body mask, on the network grid (no clipping)
   psnr_hu_grid,      clip to [-1024, 3000] HU, data range 4024, inside the mask, on the
-  ssim_hu_grid       network grid, 2-D Gaussian SSIM: NOT the SynthRAD2023 metrics (those
-                     need the sCT in the CT's geometry: translate, then --sct_dir)
+  ssim_hu_grid       network grid, 2-D Gaussian SSIM: NOT the SynthRAD2023 metrics
+  synthrad_mae,      SynthRAD2023 task 1 as the challenge's code computes them, on the sCT
+  synthrad_psnr,     that `translate` makes from the recorded MR file, in the CT's own
+  synthrad_ssim      geometry (`mr2ct_jax.evaluation.native`; NaN if the files are gone)
   mi_mr_sct,         MI (nats, 64x64 bins over [0, 255], paper windows) between real MR and
   mi_ct_smr          sCT and between real CT and sMR, per slice inside `valid`, slice mean
 Regions: voxels outside the MR/CT common field of view (FOV) are never evaluated.

@@ -13,7 +13,13 @@ from scipy import stats
 from mr2ct_jax import evaluate
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.evaluation import compare
+from mr2ct_jax.data import dataset
+from mr2ct_jax.data import mask as mask_lib
+from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.evaluation import fingerprint
+from mr2ct_jax.evaluation import native
+from mr2ct_jax.evaluation import synthrad
+from mr2ct_jax.inference import volumes as inference_volumes
 from mr2ct_jax.evaluation import paired
 from mr2ct_jax.evaluation import scoring
 from mr2ct_jax.inference import slices
@@ -212,7 +218,27 @@ def test_evaluate_end_to_end_on_phantom(tmp_path, test_config, monkeypatch, caps
   assert 0 < row['mask_voxels'] <= row['valid_voxels']
   assert row['mi_mr_sct'] > 0 and row['mi_ct_smr'] > 0
   assert os.path.exists(os.path.join(out, 'figures', f"{row['patient_id']}.png"))
+  # SynthRAD2023 metrics: translate's sCT of the recorded MR file vs the CT file, own grid.
+  meta = dataset.load_meta(data_dir)
+  files = meta['splits']['test']['patients'][row['patient_id']]['files']
+  ct = volume_lib.read_volume(files['ct'])
+  sct = inference_volumes.translate_volume(volume_lib.read_volume(files['mr']),
+                                           lambda x: -np.asarray(x), test_config)
+  mask = (volume_lib.read_volume(files['mask']).array > 0 if 'mask' in files
+          else mask_lib.body_mask(ct.array, modality='ct'))
+  assert row['synthrad_mae'] == pytest.approx(synthrad.mae(ct.array, sct, mask), abs=1e-6)
+  assert row['synthrad_psnr'] == pytest.approx(synthrad.psnr(ct.array, sct, mask), abs=1e-6)
+  if min(ct.shape) >= 7:
+    assert row['synthrad_ssim'] == pytest.approx(synthrad.ssim(ct.array, sct, mask), abs=1e-6)
+  else:  # the tiny phantom has fewer slices than SSIM's 7-voxel window
+    assert math.isnan(row['synthrad_ssim'])
+  assert summary['fingerprint'] == fingerprint.fingerprint(meta, 'test', [row['patient_id']])
   with pytest.raises(reports.ReportError, match='--overwrite'):
     paired.evaluate(str(tmp_path), data_dir, out)
+  # Source files gone: NaN SynthRAD metrics, and the summary says so.
+  monkeypatch.setattr(native, 'recorded_files', lambda *args: {})
   paired.evaluate(str(tmp_path), data_dir, out, overwrite=True, progress=False)
+  (row,) = reports.read_rows_json(os.path.join(out, 'per_volume.json'))
+  assert math.isnan(row['synthrad_mae']) and math.isnan(row['synthrad_ssim'])
+  assert 'source files are gone' in open(os.path.join(out, 'summary.md'), encoding='utf-8').read()
   assert not [n for n in os.listdir(tmp_path) if n.startswith('.eval')]  # no temp dirs left

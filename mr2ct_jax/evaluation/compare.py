@@ -91,7 +91,8 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
     if os.path.exists(path) and not overwrite:
       raise reports.ReportError(f'{path}: already exists (pass --overwrite to replace it)')
   os.makedirs(output, exist_ok=True)
-  out = {'a': dir_a, 'b': dir_b, 'same_data': same, 'patients': sorted(str(r['patient_id']) for r in rows_a),
+  out = {'a': dir_a, 'b': dir_b, 'same_data': same,
+         'patients': sorted(str(r['patient_id']) for r in rows_a),
          'test': 'scipy.stats.ttest_rel(B, A), two-sided; diff = mean(B - A)',
          'results': [{k: reports.json_number(v) for k, v in r.items()} for r in results],
          'markdown': markdown}

@@ -19,6 +19,7 @@ from mr2ct_jax.data import dataset
 from mr2ct_jax.data import resolve
 from mr2ct_jax.evaluation import figures as report_figures
 from mr2ct_jax.evaluation import fingerprint as fingerprint_lib
+from mr2ct_jax.evaluation import native
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.evaluation import scoring
 from mr2ct_jax.inference import generators
@@ -61,10 +62,15 @@ def write_outputs(out_dir: str, per_volume: list[dict[str, Any]],
            f'{list(scoring.PAPER_MR_WINDOW)}, whatever windows the run was trained with.',
            'SSIM: Gaussian window (sigma 1.5, 11x11), K1 0.01, K2 0.03, per slice. psnr_hu_grid '
            '/ ssim_hu_grid: HU clipped to [-1024, 3000], range 4024, on the network grid with '
-           'that 2-D SSIM; they are NOT the SynthRAD2023 metrics, which need the sCT on the '
-           'CT\'s own grid: translate the test MR and run evaluate --sct_dir.',
+           'that 2-D SSIM; they are NOT the SynthRAD2023 metrics.',
            'MI in nats, 64x64-bin joint histogram over [0, 255] of both windowed images, per '
            'slice inside the evaluated region, mean over slices.']
+  if 'synthrad_mae' in keys:
+    notes.append('SynthRAD2023 metrics (MAE, PSNR, SSIM as the challenge\'s code computes them) '
+                 'of the sCT that `translate` makes from each recorded MR file, on the CT\'s '
+                 'own grid, inside the recorded mask file or the CT\'s body mask'
+                 + (f"; {meta['synthrad_missing']} patient(s) NaN: their source files are "
+                    'gone' if meta.get('synthrad_missing') else '') + '.')
   if 'mi_ct_smr' not in keys:
     notes.append('MI(real CT, sMR) not computed: the source has no CT->MR generator.')
   title = f"Evaluation of {meta['source']}" + (f" (step {meta['step']})"
@@ -182,6 +188,8 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
         plane=dataset.preprocessing(data_meta)['plane'])
     if not per_volume:
       raise EvaluateError(f'{data_dir}: the test split holds no volumes')
+    meta['synthrad_missing'] = native.add_metrics(per_volume, data_meta, 'test', sct_fn,
+                                                  config)
     meta['fingerprint'] = fingerprint_lib.fingerprint(
         data_meta, 'test', [r['patient_id'] for r in per_volume])
     summary = write_outputs(tmp, per_volume, per_slice, meta)
