@@ -132,6 +132,8 @@ def _run_sct_dir(fv: flags.FlagValues) -> None:
       raise scoring.EvaluateError(f'--{name} is required with --sct_dir/--ct_dir/--mask_dir')
   if fv.workdir is not None or fv.npz is not None:
     raise scoring.EvaluateError('--sct_dir scores existing sCT files: give no --workdir/--npz')
+  # Imported here, not at the top: --compare and --help need neither scikit-image nor the
+  # volume readers (SimpleITK).
   from mr2ct_jax.evaluation import sct_folder  # pylint: disable=g-import-not-at-top
   sct_folder.evaluate_folder(fv.sct_dir, fv.ct_dir, fv.mask_dir, fv.output,
                              overwrite=fv.overwrite, progress=fv.progress)
