@@ -149,7 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
-  """Trains, then (config.eval.after_training) translates and evaluates the paired test split.
+  """Trains, then (config.eval.after_training) translates and evaluates the test splits.
 
   Returns:
     The evaluation summary, or None when there is no test split or evaluation is off.
@@ -157,8 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _, data_dir = train(config, workdir)
   if not config.eval.after_training or jax.process_index() != 0:
     return None
-  if not dataset.has_split(data_dir, 'test'):
-    tb_logging.log_line(f'{data_dir}: no paired test split; skipping evaluation.')
+  if not any(dataset.has_split(data_dir, s) for s in ('test', 'test_mr', 'test_ct')):
+    tb_logging.log_line(f'{data_dir}: no test split (paired or unpaired); skipping '
+                        'evaluation.')
     return None
   output = os.path.join(workdir, 'eval')
   return paired.evaluate(workdir, data_dir, output, overwrite=True)
