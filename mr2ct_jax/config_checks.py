@@ -22,8 +22,13 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 
 def _check_window(config: ml_collections.ConfigDict, key: str) -> None:
   window = config.data[key]
+  if key == 'ct_window' and len(window) == 4:
+    _require(all(float(a) < float(b) for a, b in zip(window, window[1:])), f'data.{key}',
+             window, 'must be 4 increasing knots (air, soft-tissue low, high, bone)')
+    return
   _require(len(window) == 2 and float(window[0]) < float(window[1]), f'data.{key}', window,
-           'must be (low, high) with low < high')
+           'must be (low, high) with low < high' + (', or 4 increasing knots'
+                                                   if key == 'ct_window' else ''))
 
 
 def _check_dtype(name: str, key: str) -> None:
