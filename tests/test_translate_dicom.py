@@ -1,4 +1,4 @@
-"""translate --output_format=dicom: the CT series read back with SimpleITK equals the NIfTI output."""
+"""translate --output_format=dicom: the CT series read back with SimpleITK matches the NIfTI."""
 
 import os
 import re
