@@ -67,7 +67,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   phantom.num_train_ct = 20
   phantom.num_labeled = 4
   phantom.num_test = 3            # paired MR/CT test subjects (the paper had 3)
+  phantom.num_val = 1             # paired validation subjects, scored while training
+  phantom.num_test_mr = 10        # unpaired test MR and CT (the paper: 10 and 20; MI, Fig. 4)
+  phantom.num_test_ct = 20
+  phantom.num_labeled_mr = 10     # labeled MR without CT (segmentation test, Fig. 6)
   phantom.num_slices = 24
+  # Train on a subset of the prepared training patients (the paper's "20 vs >300 volumes"):
+  # 0 = all. The subsets are nested (the 20 of a 20-volume run are among the 40 of a
+  # 40-volume run) and depend only on subset_seed, not on config.seed, so runs that differ in
+  # their seed or their losses train on the same patients. The chosen ids are recorded in
+  # WORKDIR/config.json (data.train_patients).
+  data.num_train_mr = 0
+  data.num_train_ct = 0
+  data.subset_seed = 0
+  data.train_patients = placeholder(dict)  # filled at run start: {'train_mr': [...], ...}
 
   # ---- Model --------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -122,6 +135,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     phantom.num_train_ct = 6
     phantom.num_labeled = 2
     phantom.num_test = 2
+    phantom.num_val = 0
+    phantom.num_test_mr = 2
+    phantom.num_test_ct = 2
+    phantom.num_labeled_mr = 2
     phantom.num_slices = 12
     model.ngf = 16
     model.ndf = 16
@@ -145,6 +162,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     phantom.num_train_ct = 2
     phantom.num_labeled = 1
     phantom.num_test = 1
+    phantom.num_val = 0
+    phantom.num_test_mr = 0
+    phantom.num_test_ct = 0
+    phantom.num_labeled_mr = 0
     phantom.num_slices = 6
     model.ngf = 4
     model.ndf = 4

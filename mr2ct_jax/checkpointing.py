@@ -53,7 +53,10 @@ def _restore_tuples(config_dict: dict[str, Any],
 # dataset is made when none is given; the run's own preprocessing is in the data fields.
 _CODE_PATH_FIELDS = {'model': ('conv_impl',), 'data': ('prepare_defaults',)}
 # Fields added after runs were written, with the value those runs effectively used.
-_LEGACY_FIELDS = {'data': {'plane': 'axial'}}
+_LEGACY_FIELDS = {'data': {'plane': 'axial', 'num_train_mr': 0, 'num_train_ct': 0,
+                           'subset_seed': 0}}
+# Phantom sets that only evaluation reads: adding them leaves the training data unchanged.
+_EVAL_ONLY_PHANTOM = ('num_val', 'num_test_mr', 'num_test_ct', 'num_labeled_mr')
 
 
 def _with_legacy_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -66,10 +69,14 @@ def _with_legacy_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 def _compared(config: dict[str, Any], section: str) -> Any:
   """`config[section]` without the fields a resumed run may change."""
-  value = _with_legacy_fields(dict(config)).get(section)
+  value = _with_legacy_fields(json.loads(json.dumps(config))).get(section)
   if not isinstance(value, dict):
     return value
-  return {k: v for k, v in value.items() if k not in _CODE_PATH_FIELDS.get(section, ())}
+  value = {k: v for k, v in value.items() if k not in _CODE_PATH_FIELDS.get(section, ())}
+  if section == 'data' and isinstance(value.get('phantom'), dict):
+    value['phantom'] = {k: v for k, v in value['phantom'].items()
+                        if k not in _EVAL_ONLY_PHANTOM}
+  return value
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -85,7 +92,11 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     with open(path, encoding='utf-8') as f:
       old = json.load(f)
     for section in ('model', 'data', 'loss', 'optim'):
-      if _compared(old, section) != _compared(new, section):
+      compared_old, compared_new = _compared(old, section), _compared(new, section)
+      if section == 'data' and 'train_patients' not in compared_old:
+        # A run from before training subsets used every patient (num_train_* = 0 checks it).
+        compared_new.pop('train_patients', None)
+      if compared_old != compared_new:
         raise CheckpointError(
             f'{path}: this workdir holds a run with a different config.{section} '
             f'({old.get(section)} vs {new.get(section)}); use another --workdir')

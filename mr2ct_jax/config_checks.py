@@ -74,6 +74,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   for key in ('num_train_mr', 'num_train_ct', 'num_labeled', 'num_test', 'num_slices'):
     value = data.phantom[key]
     _require(value >= 1, f'data.phantom.{key}', value, 'must be >= 1')
+  for key in ('num_val', 'num_test_mr', 'num_test_ct', 'num_labeled_mr'):
+    if key in data.phantom:  # a run's config.json from before they existed has none
+      value = data.phantom[key]
+      _require(value >= 0, f'data.phantom.{key}', value, 'must be >= 0 (0: no such split)')
+  for key in ('num_train_mr', 'num_train_ct'):
+    if key in data:
+      _require(data[key] >= 0, f'data.{key}', data[key], 'must be >= 0 (0: all patients)')
 
   for key in ('ngf', 'ndf', 'num_disc_layers'):
     _require(model[key] >= 1, f'model.{key}', model[key], 'must be >= 1')

@@ -72,7 +72,7 @@ def test_slices_equal_preprocessing_of_the_input(data_dir, raw):
   np.testing.assert_array_equal(ct1['slice_index'], np.arange(expected.shape[0]))
   assert ct1['image'].max() == 700.0 and ct1['image'].min() == -1000.0
   assert ct1['mask'].any() and not ct1['mask'][:, 0, 0].any()
-  saved = dataset.load_geometry(data_dir, 'ct1')
+  saved = dataset.load_geometry(data_dir, 'ct1', 'train_ct')
   assert saved.to_dict() == geom.to_dict()
   assert dataset.load_meta(data_dir)['splits']['train_ct']['patients']['ct1']['num_slices'] == 5
 
@@ -105,15 +105,18 @@ def test_optional_splits_are_only_written_with_data(raw, tmp_path):
     dataset.load_split(out, 'test')
 
 
-def test_same_patient_in_two_folders_stays_in_one_split(raw, tmp_path, caplog):
+def test_a_test_subject_in_a_training_folder_is_an_error(raw, tmp_path):
   mr_dir = tmp_path / 'mr'
   mr_dir.mkdir()
   for name in ('mr0.nii.gz', 'mr1.nii.gz'):
     os.symlink(os.path.join(raw[0], name), mr_dir / name)
   os.symlink(os.path.join(raw[1], 'ct0.nii.gz'), mr_dir / 't0.nii.gz')  # a test subject
-  out = writer.prepare(str(mr_dir), raw[1], str(tmp_path / 'd'), paired_dir=raw[3], **KW)
-  assert sorted(dataset.load_meta(out)['splits']['train_mr']['patients']) == ['mr0', 'mr1']
-  assert "patient id 't0' is already in split 'test'" in caplog.text
+  with pytest.raises(dataset.DatasetError) as e:
+    writer.prepare(str(mr_dir), raw[1], str(tmp_path / 'd'), paired_dir=raw[3], **KW)
+  message = str(e.value)
+  assert '\n' not in message and "patient 't0' of the 'test' split" in message
+  assert os.path.join(raw[3], 't0_ct.nii.gz') in message and str(mr_dir / 't0.nii.gz') in message
+  assert not os.path.exists(tmp_path / 'd')
 
 
 def test_dicom_series_folder_is_one_patient(raw, tmp_path):
@@ -244,7 +247,7 @@ def test_prepare_cli_on_phantom(tmp_path):
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, encoding='utf-8', timeout=300)
   assert result.returncode == 0, result.stderr
   assert f'{raw / "mr" / "README.txt"}: not a volume' in result.stderr
-  assert 'prepared 1 MR, 1 CT volumes, 1 labeled, 1 paired test subjects; skipped 1' in (
+  assert 'prepared 1 MR, 1 CT volumes, 1 labeled CT, 1 paired test subjects; skipped 1' in (
       result.stderr)
   assert dataset.load_meta(str(out))['image_size'] == 32
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, encoding='utf-8', timeout=300)

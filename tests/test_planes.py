@@ -245,7 +245,7 @@ def test_prepare_records_the_plane_and_slices_in_it(coronal_dir, sagittal_dir, r
     vol = volume.read_volume(os.path.join(raw[1], 'ct1.nii.gz'))
     (ct1,) = [v for v in dataset.iterate_volumes(data_dir, 'train_ct')
               if v['patient_id'] == 'ct1']
-    geom = dataset.load_geometry(data_dir, 'ct1')
+    geom = dataset.load_geometry(data_dir, 'ct1', 'train_ct')
     _, shape = preprocess.plane_voxels(vol.affine, vol.array.shape, plane)
     assert geom.plane == plane and ct1['image'].shape == (shape[2], 32, 32)
     expected, _ = preprocess.to_network_grid(vol, geom.spacing_mm, 32, plane=plane)
@@ -257,7 +257,7 @@ def test_test_mask_leaves_out_the_cts_missing_s_levels(coronal_dir, sagittal_dir
   """The registered CT ends one S level early: those voxels are outside the test mask."""
   data_dir = coronal_dir if plane == 'coronal' else sagittal_dir
   (t0,) = list(dataset.iterate_volumes(data_dir, 'test'))
-  geom = dataset.load_geometry(data_dir, 't0')
+  geom = dataset.load_geometry(data_dir, 't0', 'test')
   mask = preprocess.from_network_grid(t0['mask'].astype(np.float32), geom) >= 0.5
   assert mask.shape == synth.SHAPE  # stored RAS: the last axis is S
   assert not mask[:, :, -1].any() and mask[:, :, :-1].any(axis=(0, 1)).all()

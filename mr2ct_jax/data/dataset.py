@@ -4,17 +4,19 @@ A data dir is written by `mr2ct_jax.data.writer` (the `prepare` command, or the 
 
   mr2ct_slices/1.0.0/    the TFDS dataset (array_record): the splits below that have data; one
                          example per slice, records in patient then slice order
-  geometry/<id>.json     SliceGeometry per patient (maps slices back to the input volume)
+  geometry/<split>/<id>.json   SliceGeometry per patient (maps slices back to the input volume)
   dataset_meta.json      preprocessing values, patients and record indices per split
 
 Everything that reads prepared data (the input pipeline, evaluation, segmentation) goes
 through this module, and none of it needs the writer.
 """
 
+import collections.abc
 import contextlib
 import json
 import os
 from typing import Any, Iterator, Sequence
+import zlib
 
 import ml_collections
 import numpy as np
@@ -79,11 +81,24 @@ def load_meta(data_dir: str) -> dict[str, Any]:
   return meta
 
 
-def load_geometry(data_dir: str, patient_id: str) -> preprocess.SliceGeometry:
-  """The SliceGeometry of one prepared patient."""
-  path = os.path.join(os.fspath(data_dir), GEOMETRY_DIR, f'{patient_id}.json')
+def geometry_path(data_dir: str, patient_id: str, split: str) -> str:
+  """Where the SliceGeometry of `patient_id` in `split` is stored (geometry/<split>/<id>.json:
+  a patient may be in several training splits, each volume on its own grid)."""
+  return os.path.join(os.fspath(data_dir), GEOMETRY_DIR, split, f'{patient_id}.json')
+
+
+def load_geometry(data_dir: str, patient_id: str, split: str) -> preprocess.SliceGeometry:
+  """The SliceGeometry of one prepared patient of `split`.
+
+  Datasets prepared before geometry was stored per split keep geometry/<id>.json (a patient
+  id was then unique across splits); that file is read when the per-split one is missing.
+  """
+  path = geometry_path(data_dir, patient_id, split)
   if not os.path.isfile(path):
-    raise DatasetError(f'{path}: no geometry for patient {patient_id!r}')
+    legacy = os.path.join(os.fspath(data_dir), GEOMETRY_DIR, f'{patient_id}.json')
+    if not os.path.isfile(legacy):
+      raise DatasetError(f'{path}: no geometry for patient {patient_id!r} of split {split!r}')
+    path = legacy
   with open(path, encoding='utf-8') as f:
     return preprocess.SliceGeometry.from_dict(json.load(f))
 
@@ -158,17 +173,74 @@ def _read_errors(data_dir: str, split: str) -> Iterator[None]:
                        f'the data again') from e
 
 
-def load_split(data_dir: str, split: str) -> Sequence[dict[str, Any]]:
+def load_split(data_dir: str, split: str,
+               patients: Sequence[str] | None = None) -> Sequence[dict[str, Any]]:
   """Random-access source of a split's examples (see tfds_builder.features for the keys).
 
+  Args:
+    data_dir: a prepared data dir.
+    split: one of its splits.
+    patients: only these patients' slices (in the split's record order); None: all.
+
   Raises:
-    DatasetError: the data dir is missing, not prepared, or has no such split.
+    DatasetError: the data dir is missing, not prepared, has no such split, or `patients`
+      names one the split does not hold.
   """
   meta = load_meta(data_dir)
   if split not in meta['splits']:
     raise DatasetError(f'{data_dir}: no {split!r} split (it has {sorted(meta["splits"])})')
   with _read_errors(data_dir, split):
-    return tfds_builder.data_source(data_dir, split)
+    source = tfds_builder.data_source(data_dir, split)
+  if patients is None:
+    return source
+  known = meta['splits'][split]['patients']
+  missing = sorted(set(patients) - set(known))
+  if missing:
+    raise DatasetError(f'{data_dir}: the {split!r} split has no patient {missing[0]!r}')
+  records = sorted(i for pid in set(patients) for i in known[pid]['records'])
+  return _Records(source, records)
+
+
+class _Records(collections.abc.Sequence):
+  """The examples of `source` at `records` (a subset of a split, for training subsets)."""
+
+  def __init__(self, source: Sequence[dict[str, Any]], records: Sequence[int]):
+    self._source, self._records = source, list(records)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index):  # grain reads single indices
+    return self._source[self._records[index]]
+
+
+def training_subset(meta: dict[str, Any], split: str, num: int, seed: int,
+                    where: str = '') -> list[str]:
+  """The patients of a seeded, nested subset of a training split (sorted ids).
+
+  The split's sorted patient ids are permuted by a generator seeded with (`seed`, the split's
+  name) and the first `num` are taken: a smaller subset is always inside a larger one of the
+  same seed (the 20 of a 20-volume run are among the 40 of a 40-volume run).
+
+  Args:
+    meta: the dataset's meta (`load_meta`).
+    split: 'train_mr' or 'train_ct' (any split works).
+    num: subset size; 0 = every patient.
+    seed: config.data.subset_seed.
+    where: the data dir, named in errors.
+
+  Raises:
+    DatasetError: `num` exceeds the split's patient count (the config key is named).
+  """
+  ids = sorted(meta['splits'][split]['patients'])
+  if num == 0:
+    return ids
+  if num > len(ids):
+    key = {'train_mr': 'num_train_mr', 'train_ct': 'num_train_ct'}.get(split, split)
+    raise DatasetError(f'config.data.{key}={num}: {where or "the dataset"} has only '
+                       f'{len(ids)} {split} patients')
+  order = np.random.default_rng([int(seed), zlib.crc32(split.encode())]).permutation(len(ids))
+  return sorted(ids[i] for i in order[:num])
 
 
 def iterate_volumes(data_dir: str, split: str) -> Iterator[dict[str, Any]]:
@@ -177,7 +249,7 @@ def iterate_volumes(data_dir: str, split: str) -> Iterator[dict[str, Any]]:
   Yields:
     {'patient_id': str, 'image', 'paired': float32 [N,S,S], 'mask', 'label': uint8 [N,S,S],
      'slice_index': int32 [N]} with slices in slice_index order (0..N-1). Map them back to
-    the input volume with `load_geometry(data_dir, patient_id)`.
+    the input volume with `load_geometry(data_dir, patient_id, split)`.
   """
   source = load_split(data_dir, split)
   patients = load_meta(data_dir)['splits'][split]['patients']

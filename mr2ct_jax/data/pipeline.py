@@ -204,7 +204,8 @@ def make_unpaired_iterator(config: ml_collections.ConfigDict, data_dir: str, *,
 
   Args:
     config: uses seed, train.batch_size (global), data.{image_size, ct_window, mr_window,
-      crop_pad_fraction, flip_lr, prefetch, num_workers}.
+      crop_pad_fraction, flip_lr, prefetch, num_workers}, and the training patients
+      data.train_patients (else the subset of data.num_train_mr/ct, data.subset_seed).
     data_dir: written by `writer.prepare` / `writer.prepare_phantom`.
     process_index, process_count: default jax.process_index() / jax.process_count().
 
@@ -227,8 +228,15 @@ def make_unpaired_iterator(config: ml_collections.ConfigDict, data_dir: str, *,
   windows = {'mr': data.mr_window, 'ct': data.ct_window}
   streams, info = {}, {'process_index': process_index, 'process_count': process_count,
                        'local_batch': batch // process_count, 'pad': pad, 'shard_sizes': {}}
+  meta = dataset.load_meta(data_dir)
+  recorded = data.get('train_patients') or {}
   for modality, split in TRAIN_SPLITS.items():
-    source = dataset.load_split(data_dir, split)
+    key = f'num_train_{modality}'
+    patients = recorded.get(split)
+    if patients is None:  # not resolved by the training loop (e.g. a bare pipeline test)
+      patients = dataset.training_subset(meta, split, int(data.get(key, 0)),
+                                         int(data.get('subset_seed', 0)), data_dir)
+    source = dataset.load_split(data_dir, split, patients=list(patients))
     seed = derive_seed(config.seed, 'stream', modality, process_index)
     streams[modality] = make_stream(
         source, Augment(modality, windows[modality], size, pad, flip_lr), seed=seed,
@@ -237,4 +245,3 @@ def make_unpaired_iterator(config: ml_collections.ConfigDict, data_dir: str, *,
         num_workers=int(data.num_workers))
     info['shard_sizes'][modality] = len(range(process_index, len(source), process_count))
   return UnpairedIterator(streams, info)
-

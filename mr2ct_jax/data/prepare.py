@@ -1,7 +1,8 @@
 r"""Prepares folders of MR / CT volumes as a TFDS slice dataset (array_record).
 
   python -m mr2ct_jax.data.prepare --mr_dir=MR --ct_dir=CT [--labeled_dir=LAB] \
-      [--paired_dir=PAIRED] --out=DATA_DIR [--config=configs/gc.py] [--n4] \
+      [--paired_dir=PAIRED] [--val_dir=VAL] [--test_mr_dir=TMR] [--test_ct_dir=TCT] \
+      [--labeled_mr_dir=LMR] --out=DATA_DIR [--config=configs/gc.py] [--n4] \
       [--plane=axial|coronal|sagittal] [--overwrite]
 
 Every volume is preprocessed once: read (NIfTI or DICOM series folder) -> [N4 for MR] ->
@@ -21,18 +22,30 @@ Folder layouts:
   --paired_dir         paired test subjects: <id>_mr.nii.gz, <id>_ct.nii.gz (the same
                        subject's CT registered to the MR grid: same shape and affine),
                        optional <id>_mask.nii.gz (body mask) and <id>_label.nii.gz.
+  --val_dir            paired validation subjects (scored while training), as --paired_dir.
+  --test_mr_dir,       unpaired test volumes, one per patient as --mr_dir / --ct_dir (MI of
+  --test_ct_dir        MR vs sCT and CT vs sMR, the paper's Fig. 4).
+  --labeled_mr_dir     MR with label maps, no CT: <id>_mr.nii.gz + <id>_label.nii.gz on the
+                       MR grid (segmentation test set, the paper's Fig. 6).
 The built-in phantom (`python -m mr2ct_jax.data.phantom OUT`) writes exactly this layout
-under OUT/mr, OUT/ct, OUT/labeled and OUT/paired.
+under OUT/mr, OUT/ct, OUT/labeled, OUT/paired, OUT/val, OUT/test_mr, OUT/test_ct and
+OUT/labeled_mr.
 
-A patient id belongs to exactly one split (test, then train_mr, train_ct, labeled); a bad
-file is skipped with a one-line warning "PATH: reason" and counted in the closing summary.
+Splits and subjects (patients are matched by id): training splits (train_mr, train_ct,
+labeled) may share patients: CycleGAN training is unpaired, and a labeled CT may also be an
+unlabeled one. An evaluation subject (test, val, test_mr, test_ct, labeled_mr) that is also in
+a training split is an error naming both files, and so is a validation subject that is also a
+test subject. A bad file is skipped with a one-line warning "PATH: reason" and counted in the
+closing summary.
 
 The command reads the flags; `mr2ct_jax.data.writer` builds the dataset (per-patient steps
 in `mr2ct_jax.data.prepare_volumes`) and `mr2ct_jax.data.dataset` reads it back.
 
 Output (DATA_DIR, built in a temporary sibling directory and renamed when complete):
-  mr2ct_slices/1.0.0/    the TFDS dataset: splits train_mr, train_ct, [labeled], [test]
-  geometry/<id>.json     SliceGeometry per patient (maps slices back to the input volume)
+  mr2ct_slices/1.0.0/    the TFDS dataset: splits train_mr, train_ct and those of the
+                         optional folders given (labeled, test, val, test_mr, test_ct,
+                         labeled_mr)
+  geometry/<split>/<id>.json   SliceGeometry per patient (maps slices back to the input)
   dataset_meta.json      preprocessing values, patients and record index per split
 DATA_DIR must lie apart from the input folders; an existing one is replaced only with
 --overwrite, and only if it is a dataset prepared earlier (it holds dataset_meta.json).
@@ -69,6 +82,15 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_string('paired_dir', None, 'Optional folder of paired test subjects: <id>_mr, '
                       '<id>_ct (registered to the MR), optional <id>_mask, <id>_label.',
                       flag_values=fv)
+  flags.DEFINE_string('val_dir', None, 'Optional folder of paired validation subjects, laid '
+                      'out as --paired_dir (scored every config.eval.every steps).',
+                      flag_values=fv)
+  flags.DEFINE_string('test_mr_dir', None, 'Optional folder of unpaired test MR volumes.',
+                      flag_values=fv)
+  flags.DEFINE_string('test_ct_dir', None, 'Optional folder of unpaired test CT volumes (HU).',
+                      flag_values=fv)
+  flags.DEFINE_string('labeled_mr_dir', None, 'Optional folder of <id>_mr + <id>_label volumes '
+                      '(segmentation test set).', flag_values=fv)
   flags.DEFINE_string('out', None, 'Data dir to create (config.data.dir for training).',
                       flag_values=fv)
   flags.DEFINE_bool('n4', None, 'N4 bias correction of MR (default: config.data.n4).',
@@ -102,8 +124,9 @@ def _run(fv: flags.FlagValues) -> None:
     if fv[key].value is not None:
       settings[key] = fv[key].value
   writer.prepare(fv.mr_dir, fv.ct_dir, fv.out, labeled_dir=fv.labeled_dir,
-                 paired_dir=fv.paired_dir, **settings, overwrite=fv.overwrite,
-                 allow_large=fv.allow_large_volumes)
+                 paired_dir=fv.paired_dir, val_dir=fv.val_dir, test_mr_dir=fv.test_mr_dir,
+                 test_ct_dir=fv.test_ct_dir, labeled_mr_dir=fv.labeled_mr_dir, **settings,
+                 overwrite=fv.overwrite, allow_large=fv.allow_large_volumes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,19 +16,29 @@ import numpy as np
 from mr2ct_jax.data import intensity
 from mr2ct_jax.data import mask as mask_lib
 from mr2ct_jax.data import preprocess
+from mr2ct_jax.data import dataset
 from mr2ct_jax.data import dicom
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.data.dataset import DatasetError
 
-# Order in which splits claim patient ids: the paired test subjects first, so a subject that
-# also appears in a training folder never leaks into training.
-SPLIT_ORDER = ('test', 'train_mr', 'train_ct', 'labeled')
+# Order in which splits are listed and prepared: evaluation splits first (dataset.EVAL_SPLITS),
+# then the training splits.
+SPLIT_ORDER = ('test', 'val', 'test_mr', 'test_ct', 'labeled_mr', 'train_mr', 'train_ct',
+               'labeled')
 # The command-line flag of each split's folder (named in errors).
 SPLIT_FLAG = {'train_mr': 'mr_dir', 'train_ct': 'ct_dir', 'labeled': 'labeled_dir',
-              'test': 'paired_dir'}
+              'test': 'paired_dir', 'val': 'val_dir', 'test_mr': 'test_mr_dir',
+              'test_ct': 'test_ct_dir', 'labeled_mr': 'labeled_mr_dir'}
 # Roles of the files in the labeled / paired folders, by name suffix (<id>_<role>):
-# split -> (required roles, optional roles).
-ROLES = {'labeled': (('ct', 'label'), ()), 'test': (('mr', 'ct'), ('mask', 'label'))}
+# split -> (required roles, optional roles). The other splits hold one volume per patient.
+ROLES = {'labeled': (('ct', 'label'), ()), 'test': (('mr', 'ct'), ('mask', 'label')),
+         'val': (('mr', 'ct'), ('mask', 'label')), 'labeled_mr': (('mr', 'label'), ())}
+# What the single volume of a one-volume-per-patient split is.
+SINGLE_MODALITY = {'train_mr': 'mr', 'train_ct': 'ct', 'test_mr': 'mr', 'test_ct': 'ct'}
+# Evaluation splits that may share subjects (an unpaired test MR and a labeled MR of the same
+# patient are both test data); the validation subjects are kept apart from the test subjects
+# too, since they steer training.
+_EVAL_OVERLAP_ALLOWED = ('test', 'test_mr', 'test_ct', 'labeled_mr')
 Inputs = dict[str, dict[str, dict[str, str]]]  # split -> patient id -> role -> path
 
 
@@ -182,24 +192,32 @@ def ct_fov(ct_slices: np.ndarray, plane: str = 'axial') -> np.ndarray:
   return tissue.reshape(shape)
 
 
+def _check_label_grid(image: volume_lib.Volume, label: volume_lib.Volume) -> None:
+  if label.array.shape != image.array.shape or not np.allclose(
+      label.affine, image.affine, atol=1e-3):
+    raise Skipped(f'{label.path}: label map is not on the grid of {image.path} (shape '
+                  f'{label.array.shape} vs {image.array.shape} or a different affine)')
+
+
 def process_patient(split: str, files: dict[str, str], s: Settings,
                     allow_large: bool = False) -> tuple[
     dict[str, np.ndarray], preprocess.SliceGeometry]:
-  """Preprocesses one patient of `split`; files: role -> path ('image' for train splits)."""
-  if split == 'train_mr':
-    image, body, geom = preprocess_mr(read(files['image'], allow_large), s)
+  """Preprocesses one patient of `split`; files: role -> path ('image' for one-volume splits).
+
+  The arrays per split are those listed in `dataset` (TRAIN_SPLITS / EVAL_SPLITS).
+  """
+  if split in SINGLE_MODALITY:
+    process = preprocess_mr if SINGLE_MODALITY[split] == 'mr' else preprocess_ct
+    image, body, geom = process(read(files['image'], allow_large), s)
     return {'image': image, 'mask': body}, geom
-  if split == 'train_ct':
-    image, body, geom = preprocess_ct(read(files['image'], allow_large), s)
-    return {'image': image, 'mask': body}, geom
-  if split == 'labeled':
-    ct_vol, label_vol = read(files['ct'], allow_large), read(files['label'], allow_large)
-    if label_vol.array.shape != ct_vol.array.shape or not np.allclose(
-        label_vol.affine, ct_vol.affine, atol=1e-3):
-      raise Skipped(f'{files["label"]}: label map is not on the grid of {files["ct"]}')
-    image, body, geom = preprocess_ct(ct_vol, s)
+  if split in ('labeled', 'labeled_mr'):
+    role = 'ct' if split == 'labeled' else 'mr'
+    image_vol, label_vol = read(files[role], allow_large), read(files['label'], allow_large)
+    _check_label_grid(image_vol, label_vol)
+    process = preprocess_ct if split == 'labeled' else preprocess_mr
+    image, body, geom = process(image_vol, s)
     return {'image': image, 'mask': body, 'label': preprocess_labels(label_vol, s)}, geom
-  # test: MR + registered CT (+ body mask, labels) on the MR grid.
+  # test / val: MR + registered CT (+ body mask, labels) on the MR grid.
   mr_vol, ct_vol = read(files['mr'], allow_large), read(files['ct'], allow_large)
   check_same_grid(mr_vol, ct_vol)
   image, body, geom = preprocess_mr(mr_vol, s)
@@ -217,41 +235,67 @@ def process_patient(split: str, files: dict[str, str], s: Settings,
   return arrays, geom
 
 
+def _list_split(split: str, folder: str, warn: Callable[[str], None]
+                ) -> dict[str, dict[str, str]]:
+  """patient id -> role -> path of one split's folder."""
+  paths = list_entries(os.fspath(folder), SPLIT_FLAG[split])
+  if split in ROLES:
+    return group_roles(paths, split, warn)
+  groups: dict[str, dict[str, str]] = {}
+  for path in paths:
+    pid = volume_lib.volume_id(path)
+    if pid in groups:
+      warn(f'{path}: duplicate patient id {pid!r} (also {groups[pid]["image"]}); skipped')
+      continue
+    groups[pid] = {'image': path}
+  return groups
+
+
+def _check_apart(inputs: Inputs) -> None:
+  """Raises DatasetError if an evaluation subject is also a training subject (or a
+  validation subject also a test subject): scores on it would not be held out."""
+  first = lambda split, pid: next(iter(inputs[split][pid].values()))
+  for eval_split in dataset.EVAL_SPLITS:
+    others = list(dataset.TRAIN_SPLITS)
+    if eval_split == 'val':
+      others += list(_EVAL_OVERLAP_ALLOWED)
+    for pid in sorted(inputs.get(eval_split, {})):
+      for other in others:
+        if pid in inputs.get(other, {}):
+          raise DatasetError(
+              f'{first(eval_split, pid)}: patient {pid!r} of the {eval_split!r} split '
+              f'(--{SPLIT_FLAG[eval_split]}) is also in {other!r} ({first(other, pid)}, '
+              f'--{SPLIT_FLAG[other]}); evaluation subjects must not be used for training'
+              + (' or testing' if eval_split == 'val' else ''))
+
+
 def collect_inputs(dirs: dict[str, str | None], warn: Callable[[str], None]) -> Inputs:
-  """The patients of each split's folder; a patient id belongs to one split only.
+  """The patients of each split's folder, evaluation subjects checked apart from training.
+
+  Training splits may share patients (CycleGAN training is unpaired; a labeled CT may also be
+  an unlabeled one; an MR and a CT of one patient may both train). A subject of an evaluation
+  split (test, test_mr, test_ct, labeled_mr, val) must not appear in a training split, and a
+  validation subject in no test split; patients are matched by id.
 
   Args:
     dirs: split -> folder (None: the split is not prepared).
     warn: called with 'PATH: reason' for every file that is skipped.
 
   Returns:
-    split -> patient id -> role -> path ('image' for train_mr / train_ct).
+    split -> patient id -> role -> path ('image' for one-volume splits).
 
   Raises:
-    DatasetError: a given folder is missing or empty.
+    DatasetError: a given folder is missing or empty; an evaluation subject is also in a
+      training split (one line naming both files).
   """
+  unknown = sorted(set(dirs) - set(SPLIT_ORDER))
+  if unknown:
+    raise DatasetError(f'unknown split(s) {unknown}; expected some of {SPLIT_ORDER}')
   inputs: Inputs = {}
-  owner: dict[str, tuple[str, str]] = {}  # patient id -> (split, path)
   for split in SPLIT_ORDER:
-    if not dirs.get(split):
-      continue
-    paths = list_entries(os.fspath(dirs[split]), SPLIT_FLAG[split])
-    if split in ROLES:
-      groups = group_roles(paths, split, warn)
-    else:
-      groups = {}
-      for path in paths:
-        pid = volume_lib.volume_id(path)
-        if pid in groups:
-          warn(f'{path}: duplicate patient id {pid!r} (also {groups[pid]["image"]}); skipped')
-          continue
-        groups[pid] = {'image': path}
-    for pid, files in groups.items():
-      first = next(iter(files.values()))
-      if pid in owner:
-        warn(f'{first}: patient id {pid!r} is already in split {owner[pid][0]!r} '
-             f'({owner[pid][1]}); skipped so no subject crosses splits')
-        continue
-      owner[pid] = (split, first)
-      inputs.setdefault(split, {})[pid] = files
+    if dirs.get(split):
+      groups = _list_split(split, dirs[split], warn)
+      if groups:
+        inputs[split] = groups
+  _check_apart(inputs)
   return inputs

@@ -65,3 +65,36 @@ def resolve_preprocessing(config: ml_collections.ConfigDict,
     if config.data.get(key) is None:
       config.data[key] = recorded[key]
   return config
+
+
+def resolve_training_subset(config: ml_collections.ConfigDict,
+                            data_dir: str) -> ml_collections.ConfigDict:
+  """`config` with data.train_patients set: the training patients of each unpaired split.
+
+  config.data.num_train_mr / num_train_ct (0 = all) pick a seeded, nested subset
+  (`dataset.training_subset`, seed config.data.subset_seed); the chosen ids are recorded in
+  the run's config.json, so a resumed run, and anyone reading the run, see exactly which
+  patients trained it. A config that already lists them (a run's own config.json) must list
+  the patients the rule picks from this dataset.
+
+  Raises:
+    DatasetError: a subset larger than the split, or recorded ids that differ.
+  """
+  meta = dataset.load_meta(data_dir)
+  chosen = {}
+  for split, key in (('train_mr', 'num_train_mr'), ('train_ct', 'num_train_ct')):
+    if split not in meta['splits']:
+      continue  # pipeline.check_data_dir names the missing split
+    chosen[split] = dataset.training_subset(meta, split, int(config.data.get(key, 0)),
+                                            int(config.data.get('subset_seed', 0)), data_dir)
+  recorded = config.data.get('train_patients')
+  if recorded is not None:
+    recorded = {k: list(v) for k, v in recorded.items()}
+    if recorded != chosen:
+      raise dataset.DatasetError(
+          f'{data_dir}: config.data.train_patients lists other patients than this dataset '
+          'holds for data.num_train_mr/num_train_ct and data.subset_seed; was the data '
+          'prepared again? Use a new workdir')
+  config = config.copy_and_resolve_references()
+  config.data.train_patients = chosen
+  return config

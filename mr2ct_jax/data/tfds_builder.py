@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 
 NAME = 'mr2ct_slices'
 VERSION_STR = '1.0.0'
-SPLITS = ('train_mr', 'train_ct', 'labeled', 'test')
+SPLITS = ('train_mr', 'train_ct', 'labeled', 'test', 'test_mr', 'test_ct', 'labeled_mr', 'val')
 # Arrays in a patient's .npz file; `image` and `mask` are required, the others are zeros when
 # missing (one fixed feature set for every split keeps the readers simple).
 ARRAY_KEYS = ('image', 'paired', 'mask', 'label')

@@ -49,7 +49,6 @@ def _write_json(path: str, obj: Any) -> None:
 def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings,
            warn: Callable[[str], None], allow_large: bool) -> dict[str, Any]:
   """Preprocesses all patients into `tmp` and writes the dataset; returns the meta dict."""
-  os.makedirs(os.path.join(tmp, dataset.GEOMETRY_DIR))
   prepared: dict[str, list[tfds_builder.PreparedPatient]] = {}
   sources: dict[str, dict[str, dict[str, str]]] = {}
   for split in prepare_volumes.SPLIT_ORDER:
@@ -66,7 +65,9 @@ def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings
       os.makedirs(folder, exist_ok=True)
       path = os.path.join(folder, f'{len(prepared.get(split, []))}.npz')
       np.savez(path, **arrays)
-      _write_json(os.path.join(tmp, dataset.GEOMETRY_DIR, f'{pid}.json'), geom.to_dict())
+      geometry = dataset.geometry_path(tmp, pid, split)
+      os.makedirs(os.path.dirname(geometry), exist_ok=True)
+      _write_json(geometry, geom.to_dict())
       prepared.setdefault(split, []).append(tfds_builder.PreparedPatient(pid, path))
       sources.setdefault(split, {})[pid] = {
           'files': {r: os.path.abspath(p) for r, p in files.items()},
@@ -94,7 +95,9 @@ def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings
 def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = None,
             paired_dir: str | None = None, *, spacing_mm: float, image_size: int,
             mr_percentile: float, n4: bool, plane: str = 'axial', overwrite: bool = False,
-            allow_large: bool = False) -> str:
+            allow_large: bool = False, val_dir: str | None = None,
+            test_mr_dir: str | None = None, test_ct_dir: str | None = None,
+            labeled_mr_dir: str | None = None) -> str:
   """Builds the slice dataset of the given folders in `out_dir` (atomically).
 
   Args:
@@ -110,21 +113,28 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
     plane: slice plane, 'axial', 'coronal' or 'sagittal' (taken in patient space).
     overwrite: replace an existing `out_dir` written by `prepare` (or an empty folder).
     allow_large: accept volumes over the size bounds of `volume_checks`.
+    val_dir: optional paired validation subjects, laid out like `paired_dir` (val split).
+    test_mr_dir, test_ct_dir: optional unpaired test volumes, one per patient (test_mr,
+      test_ct splits).
+    labeled_mr_dir: optional `<id>_mr` + `<id>_label` volumes (labeled_mr split).
 
   Returns:
     `out_dir`.
 
   Raises:
-    DatasetError: missing/empty folder, no usable MR or CT volume, `out_dir` exists (or with
-      `overwrite`: is not a prepared dataset), is/contains/lies inside an input folder, or
-      cannot be created.
+    DatasetError: missing/empty folder, no usable MR or CT volume, an evaluation subject that
+      is also a training subject (`prepare_volumes.collect_inputs`), `out_dir` exists (or
+      with `overwrite`: is not a prepared dataset), is/contains/lies inside an input folder,
+      or cannot be created.
   """
+  dirs = {'train_mr': mr_dir, 'train_ct': ct_dir, 'labeled': labeled_dir, 'test': paired_dir,
+          'val': val_dir, 'test_mr': test_mr_dir, 'test_ct': test_ct_dir,
+          'labeled_mr': labeled_mr_dir}
   out_dir = os.path.abspath(os.fspath(out_dir))
   # Before reading any volume: --overwrite replaces out_dir wholesale, so it must not be (or
   # hold, or lie in) an input folder, nor anything but an earlier dataset.
-  atomic.check_apart(out_dir, {'--mr_dir': mr_dir, '--ct_dir': ct_dir,
-                               '--labeled_dir': labeled_dir, '--paired_dir': paired_dir},
-                     error=DatasetError)
+  atomic.check_apart(out_dir, {f'--{prepare_volumes.SPLIT_FLAG[k]}': v
+                               for k, v in dirs.items()}, error=DatasetError)
   atomic.check_replaceable(out_dir, overwrite, dataset.META_FILE, 'a prepared dataset',
                            error=DatasetError)
   atomic.check_writable(out_dir, error=DatasetError)
@@ -138,18 +148,18 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
     skipped.append(message)
     logging.warning('%s', message)
 
-  inputs = prepare_volumes.collect_inputs(
-      {'train_mr': mr_dir, 'train_ct': ct_dir, 'labeled': labeled_dir, 'test': paired_dir},
-      warn)
+  inputs = prepare_volumes.collect_inputs(dirs, warn)
 
   with atomic.building_dir(out_dir) as tmp:
     meta = _build(tmp, inputs, settings, warn, allow_large)
     meta['skipped'] = skipped
     _write_json(os.path.join(tmp, dataset.META_FILE), meta)
   counts = {k: len(v['patients']) for k, v in meta['splits'].items()}
+  described = {'labeled': 'labeled CT', 'test': 'paired test subjects',
+               'val': 'validation subjects', 'test_mr': 'unpaired test MR',
+               'test_ct': 'unpaired test CT', 'labeled_mr': 'labeled MR'}
   summary = (f'prepared {counts.get("train_mr", 0)} MR, {counts.get("train_ct", 0)} CT volumes'
-             + (f', {counts["labeled"]} labeled' if 'labeled' in counts else '')
-             + (f', {counts["test"]} paired test subjects' if 'test' in counts else '')
+             + ''.join(f', {counts[k]} {what}' for k, what in described.items() if k in counts)
              + (f'; skipped {len(skipped)} (see above)' if skipped else '; skipped none')
              + f' -> {out_dir}')
   logging.info('%s', summary)
@@ -207,12 +217,19 @@ def prepare_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
     if os.path.exists(path):
       shutil.rmtree(path)
   p = config.data.phantom
+  extra = {key: int(p.get(key, 0))
+           for key in ('num_val', 'num_test_mr', 'num_test_ct', 'num_labeled_mr')}
   # cohort.generate writes atomically itself (temporary sibling, then rename).
   cohort.generate(raw, num_train_mr=p.num_train_mr, num_train_ct=p.num_train_ct,
                   num_labeled=p.num_labeled, num_test=p.num_test,
-                  num_slices=p.num_slices, seed=config.seed)
+                  num_slices=p.num_slices, seed=config.seed, **extra)
+  folder = lambda name, count: os.path.join(raw, name) if count else None
   prepare(os.path.join(raw, 'mr'), os.path.join(raw, 'ct'), data_dir,
           labeled_dir=os.path.join(raw, 'labeled'), paired_dir=os.path.join(raw, 'paired'),
+          val_dir=folder('val', extra['num_val']),
+          test_mr_dir=folder('test_mr', extra['num_test_mr']),
+          test_ct_dir=folder('test_ct', extra['num_test_ct']),
+          labeled_mr_dir=folder('labeled_mr', extra['num_labeled_mr']),
           spacing_mm=params['spacing_mm'], image_size=params['image_size'],
           mr_percentile=params['mr_percentile'], n4=params['n4'], plane=params['plane'],
           overwrite=True)

@@ -75,6 +75,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     # Preprocessing fields left None are the dataset's: the run records (and resumes with)
     # the filled config, which translate and evaluate apply to new volumes.
     config = resolve.resolve_preprocessing(config, data_dir)
+    config = resolve.resolve_training_subset(config, data_dir)
+    tb_logging.log_line('Training patients: ' + ', '.join(
+        f'{len(ids)} {split}' for split, ids in config.data.train_patients.items()) + '.')
     config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
     checkpointing.save_config(workdir, config)
 

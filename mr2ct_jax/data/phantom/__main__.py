@@ -1,7 +1,8 @@
 r"""Generates the built-in phantom as NIfTI folders (the layout `prepare` reads).
 
   python -m mr2ct_jax.data.phantom OUT [--seed=0] [--num_train_mr=20] [--num_train_ct=20] \
-      [--num_labeled=4] [--num_test=3] [--num_slices=24] [--overwrite]
+      [--num_labeled=4] [--num_test=3] [--num_val=0] [--num_test_mr=0] [--num_test_ct=0] \
+      [--num_labeled_mr=0] [--num_slices=24] [--overwrite]
 
 The layout and the anatomy are described in `mr2ct_jax.data.phantom.cohort`.
 """
@@ -24,6 +25,11 @@ _NUM_TRAIN_CT = flags.DEFINE_integer('num_train_ct', 20,
 _NUM_LABELED = flags.DEFINE_integer('num_labeled', 4, 'CT subjects with label maps.')
 _NUM_TEST = flags.DEFINE_integer('num_test', 3,
                                  'Paired test subjects (MR + registered CT + mask + labels).')
+_NUM_VAL = flags.DEFINE_integer('num_val', 0, 'Paired validation subjects (as --num_test).')
+_NUM_TEST_MR = flags.DEFINE_integer('num_test_mr', 0, 'Unpaired test MR subjects.')
+_NUM_TEST_CT = flags.DEFINE_integer('num_test_ct', 0, 'Unpaired test CT subjects.')
+_NUM_LABELED_MR = flags.DEFINE_integer('num_labeled_mr', 0,
+                                       'MR subjects with label maps (no CT).')
 _NUM_SLICES = flags.DEFINE_integer('num_slices', 24, 'Axial slices per volume.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a non-empty OUT.')
 
@@ -35,7 +41,7 @@ def summary(out_dir: str) -> str:
   lines = [f'{out_dir}: phantom, seed {meta["seed"]}, {meta["num_slices"]} slices/volume']
   for name, ids in meta['subjects'].items():
     files = sorted(os.listdir(os.path.join(out_dir, name)))
-    line = f'  {name + "/":9s} {len(ids):3d} subjects, {len(files):3d} files'
+    line = f'  {name + "/":12s} {len(ids):3d} subjects, {len(files):3d} files'
     if files:
       img = nib.load(os.path.join(out_dir, name, files[0]))
       line += (f'; e.g. {files[0]}: {img.shape} {img.get_data_dtype()}, '
@@ -51,7 +57,9 @@ def main(argv: list[str]) -> None:
   start = time.time()
   try:
     cohort.generate(argv[1], _NUM_TRAIN_MR.value, _NUM_TRAIN_CT.value, _NUM_LABELED.value,
-                    _NUM_TEST.value, _NUM_SLICES.value, _SEED.value, overwrite=_OVERWRITE.value)
+                    _NUM_TEST.value, _NUM_SLICES.value, _SEED.value, overwrite=_OVERWRITE.value,
+                    num_val=_NUM_VAL.value, num_test_mr=_NUM_TEST_MR.value,
+                    num_test_ct=_NUM_TEST_CT.value, num_labeled_mr=_NUM_LABELED_MR.value)
   except (ValueError, FileExistsError) as e:
     sys.exit(f'error: {e}')
   print(summary(os.path.abspath(argv[1])))

@@ -10,9 +10,15 @@ Layout written under OUT (NIfTI, correct affines):
                              same shape and affine as the MR),
   paired/<id>_mask.nii.gz    body mask AND the CT's field of view (uint8),
   paired/<id>_label.nii.gz   label map on the MR grid
+  val/<id>_{mr,ct,mask,label}.nii.gz   validation subjects, as paired/
+  test_mr/<id>.nii.gz        unpaired test MR, as mr/
+  test_ct/<id>.nii.gz        unpaired test CT, as ct/
+  labeled_mr/<id>_mr.nii.gz  MR of further subjects ...
+  labeled_mr/<id>_label.nii.gz  ... and their label maps on the MR grid (no CT)
   subjects.json              seed, counts and the ids of each set
-Each set uses its own subjects (MR and CT training subjects are disjoint). Like a real pair
-(the paper's Fig. 3), the paired CT covers a slightly shorter range than the MR: its top
+Each set uses its own subjects (MR and CT training subjects are disjoint); the sets after
+paired/ take the next subject indices, so adding them leaves the earlier sets unchanged.
+Like a real pair (the paper's Fig. 3), the paired CT covers a slightly shorter range than the MR: its top
 slices are outside the CT's field of view and hold -1024 HU; the mask excludes them, so
 evaluation against the registered CT only counts voxels that both images cover.
 
@@ -84,24 +90,31 @@ def _write_subject(folder: str, split: str, s: anatomy.Subject, seed: int,
                    num_slices: int) -> None:
   """Renders and writes one subject's files for `split` into `folder`."""
   sid = subject_id(s.index)
-  if split == 'mr':
+  if split in ('mr', 'test_mr', 'labeled_mr'):
     grid = mr_grid(s, seed, num_slices)
     tissue, _ = render.tissue_volume(s, grid)
-    volume.write_nifti(os.path.join(folder, 'mr', f'{sid}.nii.gz'),
-                       render.mr_image(tissue, grid, _rng(seed, s.index, 'mr')), grid.affine,
-                       np.uint16)
-  elif split in ('ct', 'labeled'):
+    mr = render.mr_image(tissue, grid, _rng(seed, s.index, 'mr'))
+    if split != 'labeled_mr':
+      volume.write_nifti(os.path.join(folder, split, f'{sid}.nii.gz'), mr, grid.affine,
+                         np.uint16)
+    else:
+      volume.write_nifti(os.path.join(folder, split, f'{sid}_mr.nii.gz'), mr, grid.affine,
+                         np.uint16)
+      volume.write_nifti(os.path.join(folder, split, f'{sid}_label.nii.gz'),
+                         render.label_map(tissue), grid.affine, np.uint8)
+  elif split in ('ct', 'test_ct', 'labeled'):
     grid = ct_grid(s, seed, num_slices)
     tissue, _ = render.tissue_volume(s, grid)
     ct = render.ct_image(tissue, _rng(seed, s.index, 'ct'))
-    if split == 'ct':
-      volume.write_nifti(os.path.join(folder, 'ct', f'{sid}.nii.gz'), ct, grid.affine, np.int16)
+    if split != 'labeled':
+      volume.write_nifti(os.path.join(folder, split, f'{sid}.nii.gz'), ct, grid.affine,
+                         np.int16)
     else:
       volume.write_nifti(os.path.join(folder, 'labeled', f'{sid}_ct.nii.gz'), ct, grid.affine,
                          np.int16)
       volume.write_nifti(os.path.join(folder, 'labeled', f'{sid}_label.nii.gz'),
                          render.label_map(tissue), grid.affine, np.uint8)
-  else:  # paired: everything on the MR grid
+  else:  # paired / val: everything on the MR grid
     grid = mr_grid(s, seed, num_slices)
     tissue, body = render.tissue_volume(s, grid)
     mr = render.mr_image(tissue, grid, _rng(seed, s.index, 'mr'))
@@ -112,25 +125,39 @@ def _write_subject(folder: str, split: str, s: anatomy.Subject, seed: int,
       in_fov = in_fov[::-1]
     ct[:, :, ~in_fov] = render.CT_FILL
     mask = body & in_fov[None, None, :]
-    out = os.path.join(folder, 'paired', sid)
+    out = os.path.join(folder, split, sid)
     volume.write_nifti(f'{out}_mr.nii.gz', mr, grid.affine, np.uint16)
     volume.write_nifti(f'{out}_ct.nii.gz', ct, grid.affine, np.int16)
     volume.write_nifti(f'{out}_mask.nii.gz', mask.astype(np.uint8), grid.affine, np.uint8)
     volume.write_nifti(f'{out}_label.nii.gz', render.label_map(tissue), grid.affine, np.uint8)
 
 
+# The sets in subject-index order (the first four are the original phantom's) and the
+# `generate` argument of each set's size.
+SETS = (('mr', 'num_train_mr'), ('ct', 'num_train_ct'), ('labeled', 'num_labeled'),
+        ('paired', 'num_test'), ('val', 'num_val'), ('test_mr', 'num_test_mr'),
+        ('test_ct', 'num_test_ct'), ('labeled_mr', 'num_labeled_mr'))
+
+
 def split_indices(num_train_mr: int, num_train_ct: int, num_labeled: int,
-                  num_test: int) -> dict[str, list[int]]:
-  """Subject indices of each set: consecutive and disjoint (mr, ct, labeled, paired)."""
+                  num_test: int, num_val: int = 0, num_test_mr: int = 0,
+                  num_test_ct: int = 0, num_labeled_mr: int = 0) -> dict[str, list[int]]:
+  """Subject indices of each set (`SETS` order): consecutive and disjoint; empty sets left out."""
+  counts = dict(zip([name for name, _ in SETS],
+                    (num_train_mr, num_train_ct, num_labeled, num_test, num_val, num_test_mr,
+                     num_test_ct, num_labeled_mr)))
   out, start = {}, 0
-  for name, n in (('mr', num_train_mr), ('ct', num_train_ct), ('labeled', num_labeled),
-                  ('paired', num_test)):
-    out[name], start = list(range(start, start + n)), start + n
+  for name, n in counts.items():
+    if n or name in ('mr', 'ct', 'labeled', 'paired'):
+      out[name] = list(range(start, start + n))
+    start += n
   return out
 
 
 def generate(out_dir: str, num_train_mr: int, num_train_ct: int, num_labeled: int,
-             num_test: int, num_slices: int, seed: int, overwrite: bool = False) -> None:
+             num_test: int, num_slices: int, seed: int, overwrite: bool = False, *,
+             num_val: int = 0, num_test_mr: int = 0, num_test_ct: int = 0,
+             num_labeled_mr: int = 0) -> None:
   """Writes the phantom data set (layout in the module docstring) to `out_dir`.
 
   Everything is written to a temporary folder beside `out_dir` and renamed when complete.
@@ -143,13 +170,18 @@ def generate(out_dir: str, num_train_mr: int, num_train_ct: int, num_labeled: in
     num_slices: axial slices per volume.
     seed: the data set is a deterministic function of the arguments.
     overwrite: replace a non-empty `out_dir`.
+    num_val: paired validation subjects (as the test subjects); 0: no val/ folder.
+    num_test_mr, num_test_ct: unpaired test MR / CT subjects; 0: no folder.
+    num_labeled_mr: MR subjects with label maps on the MR grid; 0: no folder.
 
   Raises:
     ValueError: bad counts; FileExistsError: `out_dir` is not empty and not `overwrite`.
   """
+  extra = {'num_val': num_val, 'num_test_mr': num_test_mr, 'num_test_ct': num_test_ct,
+           'num_labeled_mr': num_labeled_mr}
   _check_args({'num_train_mr': num_train_mr, 'num_train_ct': num_train_ct,
-               'num_labeled': num_labeled, 'num_test': num_test}, num_slices, seed)
-  splits = split_indices(num_train_mr, num_train_ct, num_labeled, num_test)
+               'num_labeled': num_labeled, 'num_test': num_test, **extra}, num_slices, seed)
+  splits = split_indices(num_train_mr, num_train_ct, num_labeled, num_test, **extra)
   out_dir = os.path.abspath(os.fspath(out_dir))
   if os.path.exists(out_dir):
     if not os.path.isdir(out_dir):
