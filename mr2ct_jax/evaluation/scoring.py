@@ -40,8 +40,8 @@ def _patient_id(value: Any) -> str:
   return str(value)
 
 
-def _check_volume(volume: Mapping[str, Any], pid: str) -> tuple[np.ndarray, ...]:
-  """(MR, CT, mask, valid) of a test record, checked; raises EvaluateError naming `pid`."""
+def check_volume(volume: Mapping[str, Any], pid: str) -> tuple[np.ndarray, ...]:
+  """(MR, CT, mask, valid) of a paired (test or val) record, checked; EvaluateError names `pid`."""
   for key in ('image', 'paired', 'mask'):
     if key not in volume:
       raise EvaluateError(f'test patient {pid}: record has no {key!r} array')
@@ -169,7 +169,7 @@ def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
     if pid in seen:
       raise EvaluateError(f'test patient {pid}: appears twice in the test split')
     seen.add(pid)
-    mr, ct, mask, valid = _check_volume(volume, pid)
+    mr, ct, mask, valid = check_volume(volume, pid)
     try:
       sct_hu, smr = _translate(mr, ct, sct_fn, smr_fn, mr_window, ct_window, batch_size)
     except ValueError as e:  # the generator's output does not fit its input
