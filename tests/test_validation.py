@@ -127,9 +127,9 @@ def test_mean_scores_leave_out_infinite_psnr():
   rows = [{'mae_hu': 10.0, 'mae_255': 2.0, 'psnr_255': float('inf'), 'ssim': 0.5,
            'mi_mr_sct': 0.25},
           {'mae_hu': 30.0, 'mae_255': 4.0, 'psnr_255': 20.0, 'ssim': 0.7, 'mi_mr_sct': 0.75}]
-  assert validation.mean_scores(rows) == pytest.approx({'val/mae_hu': 20.0, 'val/mae_255': 3.0,
-                                          'val/psnr_255': 20.0, 'val/ssim': 0.6,
-                                          'val/mi_mr_sct': 0.5}, rel=1e-12)
+  want = {'val/mae_hu': 20.0, 'val/mae_255': 3.0, 'val/psnr_255': 20.0, 'val/ssim': 0.6,
+          'val/mi_mr_sct': 0.5}
+  assert validation.mean_scores(rows) == pytest.approx(want, rel=1e-12)
 
 
 def test_bad_eval_every_is_named(test_config):
