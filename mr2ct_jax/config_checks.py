@@ -117,6 +117,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   for key in ('log_every', 'image_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(train[key] >= 1, f'train.{key}', train[key], 'must be >= 1')
   _require(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size, 'must be >= 1')
+  if 'every' in config.eval:  # a run's config.json from before validation while training
+    _require(int(config.eval.every) == config.eval.every and config.eval.every >= 0,
+             'eval.every', config.eval.every, 'must be an integer >= 0 (0: no validation)')
   _validate_seg(config)
 
 

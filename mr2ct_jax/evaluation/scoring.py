@@ -59,9 +59,9 @@ def fov_levels(mask: np.ndarray, plane: str = 'axial') -> np.ndarray:
   return np.broadcast_to(mask.any(axis=others, keepdims=True), mask.shape)
 
 
-def _check_volume(volume: Mapping[str, Any], pid: str,
+def check_volume(volume: Mapping[str, Any], pid: str,
                   plane: str = 'axial') -> tuple[np.ndarray, ...]:
-  """(MR, CT, mask, valid) of a test record, checked; raises EvaluateError naming `pid`.
+  """(MR, CT, mask, valid) of a paired (test or val) record, checked; EvaluateError names `pid`.
 
   `valid` is the record's 'fov' array when present; else the mask's S levels (`fov_levels`)
   AND, when the record has an 'inside' array (network pixels inside the original volume,
@@ -182,7 +182,7 @@ def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
   Args:
     volumes: records with 'patient_id' and `[N, H, W]` arrays 'image' (MR units), 'paired'
       (registered CT, HU), 'mask' (body & common FOV), optionally 'fov' (the evaluated
-      region) or 'inside' (network pixels inside the original volume); see `_check_volume`.
+      region) or 'inside' (network pixels inside the original volume); see `check_volume`.
     sct_fn: G_ct, NHWC [-1, 1] -> [-1, 1]; smr_fn: G_mr, or None to skip MI(CT, sMR).
     config: the run's config (data windows, eval.batch_size).
     figure_dir: if set, writes `<figure_dir>/<patient_id>.png` per volume.
@@ -201,7 +201,7 @@ def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
     if pid in seen:
       raise EvaluateError(f'test patient {pid}: appears twice in the test split')
     seen.add(pid)
-    mr, ct, mask, valid = _check_volume(volume, pid, plane)
+    mr, ct, mask, valid = check_volume(volume, pid, plane)
     try:
       sct_hu, smr = _translate(mr, ct, sct_fn, smr_fn, mr_window, ct_window, batch_size)
     except ValueError as e:  # the generator's output does not fit its input
