@@ -20,26 +20,12 @@ from mr2ct_jax.evaluation import reports
 from mr2ct_jax.evaluation import unpaired
 
 
-def read_fingerprint(directory: str) -> dict[str, Any] | None:
-  """The data fingerprint of an evaluation output (summary.json), or None if it has none.
+def read_summary(directory: str) -> dict[str, Any]:
+  """summary.json of an evaluation output ({} if it has none).
 
   Raises:
-    reports.ReportError: summary.json exists but cannot be read.
+    reports.ReportError: summary.json exists but cannot be read or is not an object.
   """
-  path = os.path.join(directory, 'summary.json')
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path, encoding='utf-8') as f:
-      summary = json.load(f)
-  except (OSError, ValueError) as e:
-    raise reports.ReportError(f'{path}: cannot read JSON: {e}') from e
-  fp = summary.get('fingerprint') if isinstance(summary, dict) else None
-  return fp if isinstance(fp, dict) and 'sha256' in fp else None
-
-
-def _unpaired_fingerprints(directory: str) -> dict[str, dict[str, Any]]:
-  """The fingerprints of the unpaired test splits an evaluation scored (split -> fp)."""
   path = os.path.join(directory, 'summary.json')
   if not os.path.isfile(path):
     return {}
@@ -48,7 +34,20 @@ def _unpaired_fingerprints(directory: str) -> dict[str, dict[str, Any]]:
       summary = json.load(f)
   except (OSError, ValueError) as e:
     raise reports.ReportError(f'{path}: cannot read JSON: {e}') from e
-  found = summary.get('fingerprint_unpaired') if isinstance(summary, dict) else None
+  if not isinstance(summary, dict):
+    raise reports.ReportError(f'{path}: expected a JSON object')
+  return summary
+
+
+def read_fingerprint(directory: str) -> dict[str, Any] | None:
+  """The data fingerprint of an evaluation output (summary.json), or None if it has none."""
+  fp = read_summary(directory).get('fingerprint')
+  return fp if isinstance(fp, dict) and 'sha256' in fp else None
+
+
+def _unpaired_fingerprints(directory: str) -> dict[str, dict[str, Any]]:
+  """The fingerprints of the unpaired test splits an evaluation scored (split -> fp)."""
+  found = read_summary(directory).get('fingerprint_unpaired')
   return dict(found) if isinstance(found, dict) else {}
 
 
@@ -115,23 +114,32 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
         '## Unpaired test volumes: MI, paired t-tests by patient (MR and CT rows apart)')
     markdown = (markdown + '\n' + table) if markdown else table
   results = results + unpaired_results
-  if same is not True:
-    markdown += ('\nWarning: compared with --allow_different_data; the two results were '
-                 + ('scored on different data.\n' if same is False else
-                    'not both fingerprinted, the data may differ.\n'))
-  output = dir_b if output is None else output
+  out = {'a': dir_a, 'b': dir_b, 'same_data': same,
+         'patients': sorted(str(r['patient_id']) for r in rows_a),
+         'test': 'scipy.stats.ttest_rel(B, A), two-sided; diff = mean(B - A)',
+         'results': [{k: reports.json_number(v) for k, v in r.items()} for r in results],
+         'markdown': markdown}
+  write_comparison(dir_b if output is None else output, out, overwrite)
+  print(out['markdown'], flush=True)
+  return out
+
+
+def write_comparison(output: str, out: dict[str, Any], overwrite: bool) -> None:
+  """Writes compare.json (`out`) and compare.md (out['markdown'], with a warning line added
+  when out['same_data'] is not True) into `output`.
+
+  Raises:
+    reports.ReportError: existing files without `overwrite`, an `output` that cannot be made.
+  """
+  if out['same_data'] is not True:
+    out['markdown'] += ('\nWarning: compared with --allow_different_data; the two results were '
+                        + ('scored on different data.\n' if out['same_data'] is False else
+                           'not both fingerprinted, the data may differ.\n'))
   atomic.check_writable(output, folder=True, error=reports.ReportError)
   paths = [os.path.join(output, name) for name in ('compare.md', 'compare.json')]
   for path in paths:
     if os.path.exists(path) and not overwrite:
       raise reports.ReportError(f'{path}: already exists (pass --overwrite to replace it)')
   os.makedirs(output, exist_ok=True)
-  out = {'a': dir_a, 'b': dir_b, 'same_data': same,
-         'patients': sorted(str(r['patient_id']) for r in rows_a),
-         'test': 'scipy.stats.ttest_rel(B, A), two-sided; diff = mean(B - A)',
-         'results': [{k: reports.json_number(v) for k, v in r.items()} for r in results],
-         'markdown': markdown}
   reports.write_json(paths[1], out)
-  atomic.write_text(paths[0], markdown)
-  print(markdown, flush=True)
-  return out
+  atomic.write_text(paths[0], out['markdown'])

@@ -14,7 +14,6 @@ patients of the same data (their recorded data fingerprints must be equal) and r
 same structures. Outputs: OUTPUT/compare.md and compare.json (OUTPUT: default B).
 """
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,6 @@ from typing import Any
 
 from absl import flags
 
-from mr2ct_jax import atomic
 from mr2ct_jax.cli import commands
 from mr2ct_jax.evaluation import compare as eval_compare
 from mr2ct_jax.evaluation import fingerprint
@@ -32,19 +30,7 @@ COMMAND = 'mr2ct_jax.segmentation.compare'
 KIND = 'segmentation'  # = segmentation.evaluate.KIND (that module imports JAX)
 
 
-def read_summary(eval_dir: str) -> dict[str, Any]:
-  """summary.json of an evaluation directory ({} if it has none)."""
-  path = os.path.join(eval_dir, 'summary.json')
-  if not os.path.isfile(path):
-    return {}
-  try:
-    with open(path, encoding='utf-8') as f:
-      summary = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise reports.ReportError(f'{path}: cannot read JSON: {e}') from e
-  if not isinstance(summary, dict):
-    raise reports.ReportError(f'{path}: expected a JSON object')
-  return summary
+read_summary = eval_compare.read_summary
 
 
 def is_segmentation_output(eval_dir: str) -> bool:
@@ -95,26 +81,14 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
   markdown = reports.ttest_markdown(results, dir_a, dir_b).replace(
       'Pairs with a non-finite value (inf PSNR) are excluded',
       'Pairs where a ground truth lacks the structure (Dice NaN) are excluded')
-  output = dir_b if output is None else output
-  atomic.check_writable(output, folder=True, error=reports.ReportError)
-  paths = [os.path.join(output, name) for name in ('compare.md', 'compare.json')]
-  for path in paths:
-    if os.path.exists(path) and not overwrite:
-      raise reports.ReportError(f'{path}: already exists (pass --overwrite to replace it)')
-  os.makedirs(output, exist_ok=True)
   out = {'a': dir_a, 'b': dir_b, 'patients': sorted(str(r['patient_id']) for r in rows_a),
          'structures': names_a, 'same_data': same,
          'test': 'scipy.stats.ttest_rel(B, A), two-sided, per structure, matched by patient; '
                  'diff = mean(B - A)',
          'results': [{k: reports.json_number(v) for k, v in r.items()} for r in results],
          'markdown': markdown}
-  if same is not True:
-    markdown += ('\n**Warning:** the two evaluations were not shown to score the same data '
-                 '(--allow_different_data); the pairs may not be the same subjects.\n')
-    out['markdown'] = markdown
-  reports.write_json(paths[1], out)
-  atomic.write_text(paths[0], markdown)
-  print(markdown, flush=True)
+  eval_compare.write_comparison(dir_b if output is None else output, out, overwrite)
+  print(out['markdown'], flush=True)
   return out
 
 
