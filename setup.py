@@ -26,6 +26,7 @@ setuptools.setup(
         'SimpleITK>=2.5',
         'tensorboardX>=2.6',
         'scipy>=1.13',
+        'scikit-image>=0.26,<0.27',  # SynthRAD2023 metrics as the challenge computes them
         'matplotlib>=3.9',
         'tqdm>=4.66',
     ],

@@ -124,6 +124,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval = ev = ml_collections.ConfigDict()
   ev.after_training = True        # translate + evaluate the paired test split at the end
   ev.batch_size = 8               # slices per generator call when translating
+  # Validation while training: every this many steps (0 = never) score the `val` split
+  # (prepare --val_dir) and write val/* scalars and an MR | sCT | CT image to TensorBoard.
+  ev.every = 5000
 
   if variant == 'nogc':
     loss.gc_weight = 0.0
@@ -135,7 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     phantom.num_train_ct = 6
     phantom.num_labeled = 2
     phantom.num_test = 2
-    phantom.num_val = 0
+    phantom.num_val = 1
     phantom.num_test_mr = 2
     phantom.num_test_ct = 2
     phantom.num_labeled_mr = 2
@@ -151,6 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.log_every = 50
     train.image_every = 200
     train.checkpoint_every = 200
+    ev.every = 200
   elif variant == 'test':
     # Set, not None: tests build networks and workdirs from this config directly.
     data.image_size = 32
@@ -177,6 +181,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.image_every = 2
     train.checkpoint_every = 2
     ev.batch_size = 4
+    ev.every = 0
 
   # ---- Downstream segmentation (python -m mr2ct_jax.segmentation) -----------------------
   # The paper's 2-D U-Net on two channels: trained on labeled CT + sMR = G_mr(CT), tested on

@@ -22,8 +22,13 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 
 def _check_window(config: ml_collections.ConfigDict, key: str) -> None:
   window = config.data[key]
+  if key == 'ct_window' and len(window) == 4:
+    _require(all(float(a) < float(b) for a, b in zip(window, window[1:])), f'data.{key}',
+             window, 'must be 4 increasing knots (air, soft-tissue low, high, bone)')
+    return
   _require(len(window) == 2 and float(window[0]) < float(window[1]), f'data.{key}', window,
-           'must be (low, high) with low < high')
+           'must be (low, high) with low < high' + (', or 4 increasing knots'
+                                                   if key == 'ct_window' else ''))
 
 
 def _check_dtype(name: str, key: str) -> None:
@@ -112,6 +117,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   for key in ('log_every', 'image_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(train[key] >= 1, f'train.{key}', train[key], 'must be >= 1')
   _require(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size, 'must be >= 1')
+  if 'every' in config.eval:  # a run's config.json from before validation while training
+    _require(int(config.eval.every) == config.eval.every and config.eval.every >= 0,
+             'eval.every', config.eval.every, 'must be an integer >= 0 (0: no validation)')
   _validate_seg(config)
 
 

@@ -5,11 +5,21 @@
   python -m mr2ct_jax.translate --workdir=runs/gc --input=MR_DIR/ --output=SCT_DIR/ \
       [--direction=ct2mr] [--step=N] [--overwrite | --skip_existing]
   python -m mr2ct_jax.translate --npz=g_ct.npz --input=... --output=...
+  python -m mr2ct_jax.translate --workdir=runs/gc --input=MR_DIR_OR_VOLUME --output=OUT_DIR/ \
+      --output_format=dicom
 
 Each volume is read (NIfTI or DICOM series), preprocessed as the run's dataset was (N4,
 spacing, slice plane, MR percentile: recorded in the run's config.json), translated on the
 network grid and mapped back to its own voxels (`mr2ct_jax.inference.volumes`), and written
 with the input's shape and affine under a temporary name that is renamed when complete.
+
+`--output_format=dicom` (synthetic CT only) writes each volume as a CT DICOM series for
+treatment planning systems: `--output` is then always a folder, which receives one folder
+`<id>_sct/` per input volume (`<id>` = the input's name without suffix) holding one .dcm file
+per slice (`mr2ct_jax.data.dicom_write`: the input's geometry converted to DICOM's LPS, new
+UIDs, int16 pixels with HU through RescaleSlope/RescaleIntercept, patient and study tags copied
+from a DICOM input, else PatientID = `<id>`). Each series folder is built under a temporary name
+and renamed when complete; `--overwrite` replaces only a folder of DICOM files (or an empty one).
 """
 
 import dataclasses
@@ -24,8 +34,14 @@ import tqdm
 from mr2ct_jax import atomic
 from mr2ct_jax.cli import commands
 from mr2ct_jax.data import dicom
+from mr2ct_jax.data import dicom_write
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.inference import volumes
+
+OUTPUT_FORMATS = ('nifti', 'dicom')
+# Suffix of the folder a DICOM series output gets: '<id>_sct/'.
+DICOM_SUFFIX = '_sct'
+
 
 class TranslateError(ValueError):
   """Translation cannot proceed (bad input/output path); the message starts with the path."""
@@ -38,9 +54,10 @@ class Job:
   output_path: str
 
 
-def output_name(input_path: str) -> str:
-  """'p01.nii.gz' / 'p01.nii' / DICOM folder 'p01/' -> 'p01.nii.gz'."""
-  return volume_lib.volume_id(input_path) + '.nii.gz'
+def output_name(input_path: str, output_format: str = 'nifti') -> str:
+  """'p01.nii.gz' / 'p01.nii' / DICOM folder 'p01/' -> 'p01.nii.gz' (nifti) or 'p01_sct' (dicom)."""
+  suffix = DICOM_SUFFIX if output_format == 'dicom' else '.nii.gz'
+  return volume_lib.volume_id(input_path) + suffix
 
 
 def is_single_volume(input_path: str, output_path: str) -> bool:
@@ -48,15 +65,35 @@ def is_single_volume(input_path: str, output_path: str) -> bool:
   return os.path.isfile(input_path) or volume_lib.is_nifti_path(output_path)
 
 
+def _dicom_jobs(input_path: str, output_path: str) -> list[Job]:
+  """One '<output>/<id>_sct' series folder per input volume (a file, a series or a folder)."""
+  if os.path.isfile(output_path) or volume_lib.is_nifti_path(output_path):
+    raise TranslateError(f'{output_path}: --output_format=dicom writes series folders; give an '
+                         'output folder')
+  inputs = [input_path] if os.path.isfile(input_path) else volume_lib.list_volumes(input_path)
+  return [Job(path, os.path.join(output_path, output_name(path, 'dicom'))) for path in inputs]
+
+
+def _check_replaceable_series(path: str) -> None:
+  """--overwrite replaces a DICOM series folder (or an empty one), never anything else."""
+  if not os.path.isdir(path):
+    raise TranslateError(f'{path}: exists and is not a folder; --overwrite replaces only a '
+                         'DICOM series folder')
+  if os.listdir(path) and not dicom.is_dicom_dir(path):
+    raise TranslateError(f'{path}: not a DICOM series folder; refusing to replace it even with '
+                         '--overwrite')
+
+
 def plan(input_path: str, output_path: str, overwrite: bool = False,
-         skip_existing: bool = False) -> list[Job]:
+         skip_existing: bool = False, output_format: str = 'nifti') -> list[Job]:
   """Pairs inputs with outputs and checks them all before any work starts.
 
   One volume (a NIfTI file, or any input with an output ending in .nii/.nii.gz, e.g. a DICOM
   series folder) -> one output file. Otherwise `input_path` is a folder of volumes
   (`list_volumes`) and `output_path` a folder that receives '<input name>.nii.gz' each.
   With `skip_existing`, volumes whose output exists are left out (to finish an interrupted
-  folder run) instead of being an error.
+  folder run) instead of being an error. With `output_format='dicom'`, `output_path` is a
+  folder that receives one series folder '<input name>_sct' per input volume.
 
   Raises:
     TranslateError / volume_lib.VolumeError: missing input, a folder without volumes, an
@@ -64,7 +101,12 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
   """
   if not os.path.exists(input_path):
     raise TranslateError(f'{input_path}: no such input file or folder')
-  if is_single_volume(input_path, output_path):
+  if output_format not in OUTPUT_FORMATS:
+    raise TranslateError(f'--output_format={output_format}: must be one of '
+                         f'{", ".join(OUTPUT_FORMATS)}')
+  if output_format == 'dicom':
+    jobs = _dicom_jobs(input_path, output_path)
+  elif is_single_volume(input_path, output_path):
     if (os.path.isdir(input_path) and not dicom.is_dicom_dir(input_path)
         and any(volume_lib.is_nifti_path(name) and not name.startswith('.')
                 for name in os.listdir(input_path))):
@@ -95,13 +137,16 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
     if os.path.exists(job.output_path) and not overwrite:
       raise TranslateError(f'{job.output_path}: already exists (pass --overwrite to replace '
                            f'it, or --skip_existing to keep it)')
+    if os.path.lexists(job.output_path) and output_format == 'dicom':
+      _check_replaceable_series(job.output_path)
   return jobs
 
 
 def translate(source: str, input_path: str, output_path: str, *, direction: str = 'mr2ct',
               step: int | None = None, overwrite: bool = False, skip_existing: bool = False,
               batch_size: int | None = None, backend: str = 'jax',
-              progress: bool = True, allow_large: bool = False) -> list[str]:
+              progress: bool = True, allow_large: bool = False,
+              output_format: str = 'nifti') -> list[str]:
   """Translates a volume or a folder of volumes with a trained generator.
 
   In a folder, an input that cannot be read or used (`volume_lib.VolumeError`) is reported on
@@ -111,7 +156,8 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
   Args:
     source: training workdir or exported .npz.
     input_path: NIfTI file, DICOM series folder, or a folder of those.
-    output_path: .nii/.nii.gz for one volume, or a folder for a folder input.
+    output_path: .nii/.nii.gz for one volume, or a folder for a folder input (always a
+      folder for DICOM output, which receives '<id>_sct/' series folders).
     direction: 'mr2ct' (synthetic CT, int16 HU) or 'ct2mr' (synthetic MR, float32).
     step: checkpoint step (workdir sources; None = latest).
     overwrite: replace existing outputs.
@@ -120,9 +166,10 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
     backend: 'jax' or 'numpy' forward.
     progress: progress bars over volumes and slices.
     allow_large: accept volumes over the size bounds of `mr2ct_jax.data.volume_checks`.
+    output_format: 'nifti' or 'dicom' (a CT DICOM series per volume; mr2ct only).
 
   Returns:
-    The written output paths.
+    The written output paths (files, or series folders for DICOM).
 
   Raises:
     TranslateError, volume_lib.VolumeError, generators.SourceError: one-line messages.
@@ -131,19 +178,27 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
   # errors and `plan` should not wait for them.
   from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
   generators.network_for(direction)
+  if output_format == 'dicom' and direction != 'mr2ct':
+    raise TranslateError(f'{output_path}: --output_format=dicom writes synthetic CT only; use '
+                         'nifti for --direction=ct2mr')
   # Fail fast, before loading the model.
-  jobs = plan(input_path, output_path, overwrite, skip_existing)
+  jobs = plan(input_path, output_path, overwrite, skip_existing, output_format)
   if not jobs:  # --skip_existing and every output exists
     return []
   apply_fn, config, _ = generators.load_generator(source, direction, step, backend)
   dtype = np.int16 if direction == 'mr2ct' else np.float32
-  folder = not is_single_volume(input_path, output_path)
+  if output_format == 'dicom':
+    folder = not (os.path.isfile(input_path) or dicom.is_dicom_dir(input_path))
+  else:
+    folder = not is_single_volume(input_path, output_path)
   batch = int(batch_size or config.eval.batch_size)
   estimate = volumes.TimeEstimate(apply_fn, batch) if progress else None
   written, skipped = [], []
   for job in tqdm.tqdm(jobs, desc='volumes', unit='vol', disable=not progress or len(jobs) < 2):
     try:
       vol = volume_lib.read_volume(job.input_path, allow_large)
+      if output_format == 'dicom':  # before the translation's work: a sheared affine
+        dicom_write.check_representable(job.input_path, vol.affine)
       if estimate is not None:
         _announce(job.input_path, vol, config, estimate)
       result = volumes.translate_volume(vol, apply_fn, config, direction, batch_size,
@@ -155,14 +210,28 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
       print(f'skipped: {e}', file=sys.stderr)
       skipped.append(job.input_path)
       continue
-    # file_shape: the input's own shape, trailing singleton axes ([X, Y, Z, 1]) included.
-    volume_lib.write_nifti(job.output_path, result.reshape(vol.file_shape), vol.affine,
-                           dtype=dtype, overwrite=overwrite)
+    if output_format == 'dicom':
+      _write_series(job, result, vol.affine)
+    else:
+      # file_shape: the input's own shape, trailing singleton axes ([X, Y, Z, 1]) included.
+      volume_lib.write_nifti(job.output_path, result.reshape(vol.file_shape), vol.affine,
+                             dtype=dtype, overwrite=overwrite)
     written.append(job.output_path)
   if skipped:
     raise TranslateError(f'{input_path}: {len(skipped)} of {len(jobs)} volumes skipped (listed '
                          f'above); {len(written)} written to {output_path}')
   return written
+
+
+def _write_series(job: Job, hu: np.ndarray, affine: np.ndarray) -> None:
+  """Writes one CT DICOM series folder, complete or not at all (plan checked `--overwrite`)."""
+  tags = dicom_write.source_tags(job.input_path) if os.path.isdir(job.input_path) else {}
+  with atomic.building_dir(job.output_path) as tmp:
+    try:
+      dicom_write.write_ct_series(tmp, hu, affine, volume_lib.volume_id(job.input_path), tags)
+    except RuntimeError as e:  # GDCM's write failures (a full disk...) name the temporary file
+      raise atomic.OutputError(f'{job.output_path}: cannot write the DICOM series ('
+                               f'{" ".join(str(e).split())[-200:]})') from e
 
 
 # Volumes whose estimated generator time is above this get a line before they start.
@@ -191,6 +260,9 @@ def _define_flags() -> flags.FlagValues:
                     flag_values=fv)
   flags.DEFINE_integer('batch_size', None, 'Slices per generator call (default: '
                        'config.eval.batch_size).', lower_bound=1, flag_values=fv)
+  flags.DEFINE_enum('output_format', 'nifti', list(OUTPUT_FORMATS),
+                    'nifti: one .nii.gz per volume; dicom: a CT DICOM series folder <id>_sct/ '
+                    'per volume inside --output (synthetic CT only).', flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.', flag_values=fv)
   flags.DEFINE_bool('skip_existing', False, 'Folder input: leave out volumes whose output '
                     'exists (finish an interrupted run).', flag_values=fv)
@@ -204,12 +276,13 @@ def _define_flags() -> flags.FlagValues:
 def _run(fv: flags.FlagValues) -> None:
   # Before the model loads: an output that cannot be created (its parent is a file, a
   # read-only or virtual file system) is one line, not a traceback after the translation.
-  atomic.check_writable(fv.output, folder=not is_single_volume(fv.input, fv.output))
+  folder = fv.output_format == 'dicom' or not is_single_volume(fv.input, fv.output)
+  atomic.check_writable(fv.output, folder=folder)
   written = translate(commands.generator_source(fv), fv.input, fv.output,
                       direction=fv.direction, step=fv.step, overwrite=fv.overwrite,
                       skip_existing=fv.skip_existing, batch_size=fv.batch_size,
                       backend=fv.backend, progress=fv.progress,
-                      allow_large=fv.allow_large_volumes)
+                      allow_large=fv.allow_large_volumes, output_format=fv.output_format)
   if not written:
     print(f'nothing to do: every output in {fv.output} exists (--skip_existing)')
     return

@@ -13,6 +13,13 @@ from scipy import stats
 from mr2ct_jax import evaluate
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.evaluation import compare
+from mr2ct_jax.data import dataset
+from mr2ct_jax.data import mask as mask_lib
+from mr2ct_jax.data import volume as volume_lib
+from mr2ct_jax.evaluation import fingerprint
+from mr2ct_jax.evaluation import native
+from mr2ct_jax.evaluation import synthrad
+from mr2ct_jax.inference import volumes as inference_volumes
 from mr2ct_jax.evaluation import paired
 from mr2ct_jax.evaluation import scoring
 from mr2ct_jax.inference import slices
@@ -64,7 +71,7 @@ def test_evaluate_volumes_known_values(test_config):
   for r in per_volume:
     assert r['mae_255'] < 1e-3 and r['mae_hu'] < 1e-2
     assert r['psnr_255'] > 80 and r['ssim'] == pytest.approx(1.0, abs=1e-6)
-    assert r['ssim_synthrad'] == pytest.approx(1.0, abs=1e-6)
+    assert r['ssim_hu_grid'] == pytest.approx(1.0, abs=1e-6)
     # MI(CT, sMR) with sMR == MR: the MR's entropy on the same 64 bins over [0, 255].
     assert r['mi_ct_smr'] == pytest.approx(r['mi_mr_sct'], rel=1e-3)
     assert r['mi_mr_sct'] > 3.0
@@ -76,11 +83,11 @@ def test_evaluate_volumes_known_values(test_config):
     assert r['mae_255'] == pytest.approx(12.75, abs=1e-3)
     assert r['psnr_255'] == pytest.approx(20 * math.log10(255 / 12.75), abs=1e-3)
     assert r['mae_hu'] == pytest.approx(25.0, abs=1e-2)
-    assert r['psnr_synthrad'] == pytest.approx(20 * math.log10(4024 / 25.0), abs=1e-3)
+    assert r['psnr_hu_grid'] == pytest.approx(20 * math.log10(4024 / 25.0), abs=1e-3)
     assert 0.9 < r['ssim'] < 1.0
     assert 'mi_ct_smr' not in r  # no CT->MR generator
     # 0-255 metrics over whole common-FOV slices (3 of 4 have mask voxels); HU in the body.
-    assert r['valid_voxels'] == 3 * 32 * 32 and r['region'] == 'fov_slices'
+    assert r['valid_voxels'] == 3 * 32 * 32 and r['region'] == 'fov_levels'
     assert r['mask_voxels'] == 3 * 24 * 20
   s = per_slice[0]
   assert s['mae_255'] == pytest.approx(12.75, abs=1e-3) and s['valid_voxels'] == 32 * 32
@@ -112,8 +119,9 @@ def _write_eval(out_dir, config, delta, seed=0, panels=True):
         figure_dir=figure_dir if panels else None)
     for i, r in enumerate(per_volume):  # make the paired differences non-degenerate
       r['mae_255'] += 0.1 * i * (delta != 0)
+    fp = fingerprint.fingerprint(None, 'test', [r['patient_id'] for r in per_volume])
     return paired.write_outputs(tmp, per_volume, per_slice,
-                                {'source': 'synthetic', 'step': 7})
+                                {'source': 'synthetic', 'step': 7, 'fingerprint': fp})
 
 
 def test_outputs_and_compare(tmp_path, test_config, capsys):
@@ -149,13 +157,13 @@ def test_outputs_and_compare(tmp_path, test_config, capsys):
   with pytest.raises(reports.ReportError, match='--overwrite'):
     compare.compare(dir_a, dir_b)
 
-  # Different patient sets: a one-line error.
+  # Different patient sets (and no fingerprint): a one-line error even when allowed.
   rows = reports.read_rows_json(os.path.join(dir_a, 'per_volume.json'))[:2]
   other = tmp_path / 'c'
   other.mkdir()
   reports.write_json(str(other / 'per_volume.json'), reports.rows_to_json(rows))
   with pytest.raises(reports.ReportError, match='patient ids differ'):
-    compare.compare(dir_a, str(other), str(tmp_path / 'cmp'))
+    compare.compare(dir_a, str(other), str(tmp_path / 'cmp'), allow_different_data=True)
 
 
 def test_cli_compare_and_errors(tmp_path, test_config, capsys):
@@ -210,7 +218,27 @@ def test_evaluate_end_to_end_on_phantom(tmp_path, test_config, monkeypatch, caps
   assert 0 < row['mask_voxels'] <= row['valid_voxels']
   assert row['mi_mr_sct'] > 0 and row['mi_ct_smr'] > 0
   assert os.path.exists(os.path.join(out, 'figures', f"{row['patient_id']}.png"))
+  # SynthRAD2023 metrics: translate's sCT of the recorded MR file vs the CT file, own grid.
+  meta = dataset.load_meta(data_dir)
+  files = meta['splits']['test']['patients'][row['patient_id']]['files']
+  ct = volume_lib.read_volume(files['ct'])
+  sct = inference_volumes.translate_volume(volume_lib.read_volume(files['mr']),
+                                           lambda x: -np.asarray(x), test_config)
+  mask = (volume_lib.read_volume(files['mask']).array > 0 if 'mask' in files
+          else mask_lib.body_mask(ct.array, modality='ct'))
+  assert row['synthrad_mae'] == pytest.approx(synthrad.mae(ct.array, sct, mask), abs=1e-6)
+  assert row['synthrad_psnr'] == pytest.approx(synthrad.psnr(ct.array, sct, mask), abs=1e-6)
+  if min(ct.shape) >= 7:
+    assert row['synthrad_ssim'] == pytest.approx(synthrad.ssim(ct.array, sct, mask), abs=1e-6)
+  else:  # the tiny phantom has fewer slices than SSIM's 7-voxel window
+    assert math.isnan(row['synthrad_ssim'])
+  assert summary['fingerprint'] == fingerprint.fingerprint(meta, 'test', [row['patient_id']])
   with pytest.raises(reports.ReportError, match='--overwrite'):
     paired.evaluate(str(tmp_path), data_dir, out)
+  # Source files gone: NaN SynthRAD metrics, and the summary says so.
+  monkeypatch.setattr(native, 'recorded_files', lambda *args: {})
   paired.evaluate(str(tmp_path), data_dir, out, overwrite=True, progress=False)
+  (row,) = reports.read_rows_json(os.path.join(out, 'per_volume.json'))
+  assert math.isnan(row['synthrad_mae']) and math.isnan(row['synthrad_ssim'])
+  assert 'source files are gone' in open(os.path.join(out, 'summary.md'), encoding='utf-8').read()
   assert not [n for n in os.listdir(tmp_path) if n.startswith('.eval')]  # no temp dirs left

@@ -85,3 +85,19 @@ def test_check_ct_is_hu_accepts(low, high):
 def test_check_ct_is_hu_rejects(low, high, why):
   with pytest.raises(volume.VolumeError, match=f'^ct.nii.gz: does not look like Hounsfield.*{why}'):
     intensity.check_ct_is_hu(np.array([low, 40.0, high]), 'ct.nii.gz')
+
+
+def test_a_four_knot_ct_window_keeps_soft_tissue_and_bone():
+  """(-1024, -150, 350, 2000): soft tissue on [32, 223], air and bone in the outer levels."""
+  window = (-1024.0, -150.0, 350.0, 2000.0)
+  hu = np.array([-3000.0, -1024.0, -587.0, -150.0, 100.0, 350.0, 1175.0, 2000.0, 4000.0])
+  unit = intensity.window_to_unit(hu, window)
+  np.testing.assert_allclose(unit, [0, 0, 16, 32, 127.5, 223, 239, 255, 255], atol=1e-4)
+  inside = hu[1:-1]
+  np.testing.assert_allclose(intensity.model_to_ct_hu(intensity.ct_hu_to_model(inside, window),
+                                                      window), inside, atol=1e-3)
+  # Beyond the range the end segments' slopes continue (network outputs stay visible).
+  np.testing.assert_allclose(intensity.unit_to_window(np.array([-16.0, 271.0]), window),
+                             [-1024.0 - 16 * 874 / 32, 2000.0 + 16 * 1650 / 32], rtol=1e-6)
+  with pytest.raises(ValueError, match='4 increasing knots'):
+    intensity.window_to_unit(hu, (-1024.0, 350.0, -150.0, 2000.0))

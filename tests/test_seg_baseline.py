@@ -55,7 +55,7 @@ def test_baseline_cross_validation_end_to_end(data_dir, test_config, tmp_path, c
     assert folds[row['fold']] == [row['patient_id']]  # tested by the U-Net that left it out
     for name in ('pelvis', 'femur', 'gluteus_medius', 'gluteus_minimus'):
       assert 0.0 <= row[f'dice_{name}'] <= 1.0
-  assert summary['data_fingerprint']['split'] == 'test'
+  assert summary['fingerprint']['split'] == 'test'
   assert 'Paper (5-fold MR U-Net, 10 MR)' in capsys.readouterr().out
   figures = sorted(os.listdir(os.path.join(out, 'eval', 'figures')))
   assert figures == ['dice_boxplot.png'] + sorted(f'{p}.png' for p in summary['patients'])
@@ -127,7 +127,7 @@ def test_synthesis_run_with_a_label_table_compares_with_the_baseline(
   config.seg.label_table = str(table)
   base = baseline.run(config, data_dir, str(tmp_path / 'base'), folds=2, steps=1)
   assert base['split'] == 'labeled_mr' and sorted(map(len, base['folds'])) == [1, 2]
-  assert base['data_fingerprint'] == summary['data_fingerprint']
+  assert base['fingerprint'] == summary['fingerprint']
   out = seg_compare.compare(str(tmp_path / 'base' / 'eval'), str(tmp_path / 'seg' / 'eval'))
   assert [r['metric'] for r in out['results']] == ['dice_os_coxae', 'dice_femur', 'dice_gmed',
                                                    'dice_gmin', 'dice_mean']

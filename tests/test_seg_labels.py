@@ -138,7 +138,7 @@ def _write_eval(directory, dice_rows, names, fp):
   reports.write_json(os.path.join(directory, 'per_volume.json'), reports.rows_to_json(rows))
   reports.write_json(os.path.join(directory, 'summary.json'), {
       'kind': seg_eval.KIND, 'structures': {str(i + 1): n for i, n in enumerate(names)},
-      'data_fingerprint': fp})
+      'fingerprint': fp})
   return rows
 
 

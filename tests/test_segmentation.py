@@ -233,6 +233,7 @@ def test_cli_end_to_end_and_resume(setup, capsys):
   summary = json.load(open(os.path.join(ev, 'summary.json'), encoding='utf-8'))
   assert summary['unet_step'] == 2 and summary['generator_step'] == 2
   assert summary['dice']['pelvis']['n'] == 1
+  assert summary['fingerprint']['patients'] == summary['patients']  # for evaluate --compare
   cache = os.listdir(os.path.join(out, 'cache'))
   assert cache == ['labeled_g2.npz']
 

@@ -141,14 +141,27 @@ def test_a_validation_subject_that_is_a_test_subject_is_an_error(raw, tmp_path):
                    val_dir=val, **KW)
 
 
-def test_a_labeled_mr_whose_label_grid_differs_is_skipped_naming_it(raw, tmp_path, caplog):
+def test_a_labeled_mr_whose_label_grid_differs_is_a_one_line_error(raw, tmp_path):
   folder = _link(raw['labeled_mr'], ['lm0_mr.nii.gz'], tmp_path / 'lmr')
   synth.write(os.path.join(folder, 'lm0_label.nii.gz'), np.zeros((20, 36, 5), np.uint8),
               synth.affine(synth.MR_SPACING), np.uint8)
-  out = writer.prepare(raw['mr'], raw['ct'], str(tmp_path / 'd'), labeled_mr_dir=folder, **KW)
-  assert 'labeled_mr' not in dataset.load_meta(out)['splits']
+  with pytest.raises(dataset.DatasetError) as e:
+    writer.prepare(raw['mr'], raw['ct'], str(tmp_path / 'd'), labeled_mr_dir=folder, **KW)
+  message = str(e.value)
+  assert '\n' not in message and not os.path.exists(tmp_path / 'd')
+  assert message.startswith(os.path.join(folder, 'lm0_label.nii.gz') + ': label map is not on')
+  assert '--labeled_mr_dir' in message
+
+
+def test_a_labeled_ct_whose_label_grid_differs_is_skipped(raw, tmp_path):
+  """Training data: the subject is left out with one warning line (as other bad files)."""
+  folder = _link(raw['labeled'], ['lab0_ct.nii.gz'], tmp_path / 'lab')
+  synth.write(os.path.join(folder, 'lab0_label.nii.gz'), np.zeros((20, 36, 5), np.uint8),
+              synth.affine(synth.CT_SPACING, True), np.uint8)
+  out = writer.prepare(raw['mr'], raw['ct'], str(tmp_path / 'd'), labeled_dir=folder, **KW)
+  assert 'labeled' not in dataset.load_meta(out)['splits']
   (line,) = dataset.load_meta(out)['skipped']
-  assert line.startswith(os.path.join(folder, 'lm0_label.nii.gz') + ': label map is not on the')
+  assert line.startswith(os.path.join(folder, 'lab0_label.nii.gz') + ': label map is not on')
 
 
 # ---- Training subsets ------------------------------------------------------------------

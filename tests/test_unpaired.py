@@ -101,3 +101,43 @@ def test_nan_slices_are_a_one_line_error(config):
   vols[0]['image'][1, 2, 3] = np.nan
   with pytest.raises(reports.ReportError, match=r'^test_mr patient mr0: the prepared slices'):
     unpaired.score({'test_mr': vols}, _invert, None, config)
+
+
+def _fake_generators(monkeypatch, config, maps):
+  from mr2ct_jax.inference import generators  # pylint: disable=import-outside-toplevel
+
+  def fake_load(source, direction='mr2ct', step=None, backend='jax'):
+    info = generators.GeneratorInfo(source=source, kind='workdir', direction=direction,
+                                    network=generators.network_for(direction), step=4,
+                                    backend=backend)
+    return maps[direction], config, info
+
+  monkeypatch.setattr(generators, 'load_generator', fake_load)
+
+
+def test_evaluate_scores_the_unpaired_splits_and_compare_tests_them(tmp_path, monkeypatch):
+  from mr2ct_jax.data import writer  # pylint: disable=import-outside-toplevel
+  from mr2ct_jax.evaluation import compare  # pylint: disable=import-outside-toplevel
+  from mr2ct_jax.evaluation import paired  # pylint: disable=import-outside-toplevel
+  config = gc.get_config('test')
+  config.data.phantom.num_test_mr, config.data.phantom.num_test_ct = 2, 2
+  data_dir = writer.prepare_phantom(str(tmp_path / 'phantom'), config)
+  runs = {'a': {'mr2ct': _invert, 'ct2mr': _invert},
+          'b': {'mr2ct': lambda x: np.tanh(2 * np.asarray(x)), 'ct2mr': _invert}}
+  for name, maps in runs.items():
+    _fake_generators(monkeypatch, config, maps)
+    summary = paired.evaluate(str(tmp_path), data_dir, str(tmp_path / name), progress=False)
+    assert summary['unpaired']['mr']['n'] == 2 and summary['unpaired']['ct']['n'] == 2
+    assert '## Unpaired test volumes' in summary['summary_markdown']
+    assert set(summary['fingerprint_unpaired']) == {'test_mr', 'test_ct'}
+  rows = unpaired.read(str(tmp_path / 'a'))
+  assert len(rows['mr']) == 2 and all(r['mi'] > 0 for r in rows['mr'] + rows['ct'])
+  with open(tmp_path / 'a' / 'summary.md', encoding='utf-8') as f:
+    assert '## Unpaired test volumes' in f.read()
+  out = compare.compare(str(tmp_path / 'a'), str(tmp_path / 'b'), str(tmp_path / 'cmp'))
+  by_set = {(r.get('set', 'paired'), r['metric']): r for r in out['results']}
+  assert ('unpaired', 'mi_mr_sct') in by_set and ('unpaired', 'mi_ct_smr') in by_set
+  expected = stats.ttest_rel([r['mi'] for r in unpaired.read(str(tmp_path / 'b'))['mr']],
+                             [r['mi'] for r in rows['mr']])
+  assert by_set[('unpaired', 'mi_mr_sct')]['p'] == pytest.approx(expected.pvalue, rel=1e-12)
+  assert 'Unpaired test volumes: MI' in out['markdown']

@@ -18,6 +18,12 @@ PAPER_CT_WINDOW = (-150.0, 350.0)
 PAPER_MR_WINDOW = (0.0, 100.0)
 
 
+# A 4-knot window (a, b, c, d) maps [a, b] -> [0, 32], [b, c] -> [32, 223], [c, d] -> [223, 255]:
+# the soft-tissue window [b, c] keeps 3/4 of the range while air (down to a) and bone (up to d)
+# stay representable, e.g. (-1024, -150, 350, 2000) for an sCT that shows bone in HU.
+_KNOT_LEVELS = {2: (0.0, 255.0), 4: (0.0, 32.0, 223.0, 255.0)}
+
+
 def _window(window: Window) -> tuple[np.float32, np.float32]:
   low, high = float(window[0]), float(window[1])
   if not low < high:
@@ -25,8 +31,25 @@ def _window(window: Window) -> tuple[np.float32, np.float32]:
   return np.float32(low), np.float32(high)
 
 
+def _knots(window: Window) -> tuple[np.ndarray, np.ndarray]:
+  """(values, levels) of a 4-knot window, checked."""
+  values = np.asarray([float(w) for w in window], np.float64)
+  if len(values) not in _KNOT_LEVELS or not np.all(np.diff(values) > 0):
+    raise ValueError(f'window must be (low, high) or 4 increasing knots, got {tuple(window)}')
+  return values, np.asarray(_KNOT_LEVELS[len(values)])
+
+
+def check_window(window: Window) -> None:
+  """Raises ValueError unless `window` is (low, high) or 4 increasing knots."""
+  _knots(window)
+
+
 def window_to_unit(x: np.ndarray, window: Window) -> np.ndarray:
-  """Clips `x` to `window` and maps it linearly to [0, 255]."""
+  """Clips `x` to `window` and maps it to [0, 255]: linearly for (low, high), piecewise
+  linearly through the knot levels for a 4-knot window."""
+  if len(window) != 2:
+    values, levels = _knots(window)
+    return np.interp(np.asarray(x, np.float64), values, levels).astype(np.float32)
   low, high = _window(window)
   x = np.clip(np.asarray(x, np.float32), low, high)
   # Divide first: (high - low) / (high - low) == 1 exactly, so `high` maps to exactly 255.
@@ -34,7 +57,18 @@ def window_to_unit(x: np.ndarray, window: Window) -> np.ndarray:
 
 
 def unit_to_window(x: np.ndarray, window: Window) -> np.ndarray:
-  """Inverse of `window_to_unit` inside the window: [0, 255] -> [low, high] (no clipping)."""
+  """Inverse of `window_to_unit` inside the window: [0, 255] -> [low, high] (no clipping:
+  beyond the ends the first/last segment's slope continues)."""
+  if len(window) != 2:
+    values, levels = _knots(window)
+    x = np.asarray(x, np.float64)
+    out = np.interp(x, levels, values)
+    below, above = x < levels[0], x > levels[-1]
+    slope_lo = (values[1] - values[0]) / (levels[1] - levels[0])
+    slope_hi = (values[-1] - values[-2]) / (levels[-1] - levels[-2])
+    out = np.where(below, values[0] + (x - levels[0]) * slope_lo, out)
+    out = np.where(above, values[-1] + (x - levels[-1]) * slope_hi, out)
+    return out.astype(np.float32)
   low, high = _window(window)
   return (np.asarray(x, np.float32) / np.float32(255.0) * (high - low) + low).astype(np.float32)
 

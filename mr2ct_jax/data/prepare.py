@@ -36,7 +36,8 @@ labeled) may share patients: CycleGAN training is unpaired, and a labeled CT may
 unlabeled one. An evaluation subject (test, val, test_mr, test_ct, labeled_mr) that is also in
 a training split is an error naming both files, and so is a validation subject that is also a
 test subject. A bad file is skipped with a one-line warning "PATH: reason" and counted in the
-closing summary.
+closing summary, except that in an evaluation split a label map, mask or CT that is not on its
+MR's grid stops prepare with that line: a test subject is never left out silently.
 
 The command reads the flags; `mr2ct_jax.data.writer` builds the dataset (per-patient steps
 in `mr2ct_jax.data.prepare_volumes`) and `mr2ct_jax.data.dataset` reads it back.

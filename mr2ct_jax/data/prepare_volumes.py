@@ -56,6 +56,11 @@ class Skipped(Exception):
   """A single input cannot be used; the message is 'PATH: reason'."""
 
 
+class GridMismatch(Skipped):
+  """A label map, mask or registered CT is not on its image's grid: skipped in a training
+  split, an error in an evaluation split (a test subject must not silently drop out)."""
+
+
 # ---------------------------------------------------------------------------------------
 # Listing inputs.
 
@@ -170,7 +175,7 @@ def preprocess_binary(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
 def check_same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> None:
   """Raises Skipped unless `b` has the shape and affine of `a` (the MR)."""
   if a.array.shape != b.array.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
-    raise Skipped(f'{b.path}: not on the MR grid of {a.path} (shape {b.array.shape} vs '
+    raise GridMismatch(f'{b.path}: not on the MR grid of {a.path} (shape {b.array.shape} vs '
                   f'{a.array.shape} or a different affine); a paired CT must be registered '
                   'and resampled to its MR')
 
@@ -195,7 +200,7 @@ def ct_fov(ct_slices: np.ndarray, plane: str = 'axial') -> np.ndarray:
 def _check_label_grid(image: volume_lib.Volume, label: volume_lib.Volume) -> None:
   if label.array.shape != image.array.shape or not np.allclose(
       label.affine, image.affine, atol=1e-3):
-    raise Skipped(f'{label.path}: label map is not on the grid of {image.path} (shape '
+    raise GridMismatch(f'{label.path}: label map is not on the grid of {image.path} (shape '
                   f'{label.array.shape} vs {image.array.shape} or a different affine)')
 
 

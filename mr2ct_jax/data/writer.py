@@ -55,6 +55,12 @@ def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings
     for pid, files in inputs.get(split, {}).items():
       try:
         arrays, geom = prepare_volumes.process_patient(split, files, s, allow_large)
+      except prepare_volumes.GridMismatch as e:
+        if split in dataset.EVAL_SPLITS:
+          raise DatasetError(f'{e} (--{prepare_volumes.SPLIT_FLAG[split]}: a test subject is '
+                             'never left out silently)') from e
+        warn(str(e))
+        continue
       except (prepare_volumes.Skipped, volume_lib.VolumeError) as e:
         warn(str(e))  # e.g. corrupt, not in HU: 'PATH: why'
         continue

@@ -58,8 +58,12 @@ def volume_panel(path: str, mr: np.ndarray, sct_hu: np.ndarray, ct_hu: np.ndarra
                            layout='constrained')
   err_cmap = matplotlib.colormaps['inferno'].with_extremes(bad='white')
   err_img = None
+  # Errors count over the whole range the sCT can take (a 4-knot window reaches bone); a
+  # 4-knot window is shown from its soft-tissue low to its bone end, so bone is not white.
+  err_range = (float(ct_window[0]), float(ct_window[-1]))
+  ct_window = ct_window if len(ct_window) == 2 else (ct_window[1], ct_window[-1])
   for r, k in enumerate(rows):
-    err = np.abs(np.clip(sct_hu[k], *ct_window) - np.clip(ct_hu[k], *ct_window))
+    err = np.abs(np.clip(sct_hu[k], *err_range) - np.clip(ct_hu[k], *err_range))
     err = np.ma.masked_where(~valid[k], err)
     panels = [(mr[k], 'MR', 'gray', mr_window), (sct_hu[k], 'synthetic CT', 'gray', ct_window),
               (ct_hu[k], 'real CT (registered)', 'gray', ct_window),
@@ -77,7 +81,7 @@ def volume_panel(path: str, mr: np.ndarray, sct_hu: np.ndarray, ct_hu: np.ndarra
       if c == 3:
         err_img = im
   fig.colorbar(err_img, ax=axes[:, 3].tolist(), shrink=0.9,
-               label=f'absolute error (HU), CT window [{ct_window[0]:g}, {ct_window[1]:g}]')
+               label=f'absolute error (HU), CT clipped to [{err_range[0]:g}, {err_range[1]:g}]')
   fig.suptitle(title, fontsize=11)
   save_figure(fig, path)
 

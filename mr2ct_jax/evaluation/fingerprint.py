@@ -6,7 +6,8 @@ Every evaluation output (synthesis, segmentation, sCT folders) records `fingerpr
 
 import hashlib
 import json
-from typing import Any, Iterable, Mapping
+import os
+from typing import Any, Iterable, Mapping, Sequence
 
 PREPROCESSING_KEYS = ('spacing_mm', 'image_size', 'mr_percentile', 'n4', 'plane')
 
@@ -37,6 +38,38 @@ def fingerprint(meta: Mapping[str, Any] | None, split: str,
                   'files': sorted(str(f).rsplit('/', 1)[-1]
                                   for f in recorded[pid].get('files', {}).values())}
             for pid in pids if pid in recorded}
+  body = {'split': split, 'patients': pids, 'preprocessing': preprocessing, 'inputs': inputs}
+  digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode('utf-8')).hexdigest()
+  return {'split': split, 'patients': pids, 'preprocessing': preprocessing, 'sha256': digest}
+
+
+def file_sha256(path: str) -> str:
+  """sha256 of a file's bytes (read in 1 MiB blocks)."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def files_fingerprint(split: str, files: Mapping[str, Sequence[str]],
+                      preprocessing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The fingerprint of scoring reference files in place (no prepared dataset).
+
+  Args:
+    split: what was scored (e.g. 'sct_dir').
+    files: patient id -> the reference files scored for it (e.g. its CT and mask); the hash
+      covers each file's base name and the sha256 of its bytes, so renamed folders still
+      match and edited files do not.
+    preprocessing: how the reference was used (e.g. {'mask': 'ct_body_mask'}).
+
+  Returns:
+    {'split', 'patients' (sorted), 'preprocessing', 'sha256'}, like `fingerprint`.
+  """
+  pids = sorted(str(p) for p in files)
+  preprocessing = dict(preprocessing or {})
+  inputs = {pid: sorted([os.path.basename(str(f)), file_sha256(str(f))] for f in files[pid])
+            for pid in pids}
   body = {'split': split, 'patients': pids, 'preprocessing': preprocessing, 'inputs': inputs}
   digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode('utf-8')).hexdigest()
   return {'split': split, 'patients': pids, 'preprocessing': preprocessing, 'sha256': digest}

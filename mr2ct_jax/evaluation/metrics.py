@@ -209,7 +209,12 @@ def _synthrad_prepare(ct: np.ndarray, sct: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def synthrad_mae(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> float:
-  """SynthRAD2023 MAE: mean |CT - sCT| in HU inside the body mask, without clipping."""
+  """Mean |CT - sCT| in HU inside the mask, without clipping (as SynthRAD2023's MAE).
+
+  These `synthrad_*` functions serve the network-grid metrics of the paired evaluation
+  (mae_hu, psnr_hu_grid, ssim_hu_grid); the challenge's exact computation on the CT's own
+  grid is `mr2ct_jax.evaluation.synthrad`.
+  """
   return mae(ct, sct, mask)
 
 
@@ -236,7 +241,8 @@ def synthrad_ssim(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> float:
 
   Difference from the challenge's script: the window is this module's 2-D Gaussian one
   (per slice) instead of scikit-image's default 7x7x7 uniform 3-D window (which needs >= 7
-  slices), so values are close to, not identical with, the challenge's.
+  slices) and there is no 3-voxel crop, so values are close to, not identical with, the
+  challenge's (`mr2ct_jax.evaluation.synthrad` computes those).
   """
   smap = synthrad_ssim_map(ct, sct, mask)
   values = smap[np.asarray(mask).astype(bool)]

@@ -40,11 +40,15 @@ METRICS: dict[str, MetricInfo] = {
     'mae_255': MetricInfo('MAE (0-255, paper)', '', 3, False),
     'psnr_255': MetricInfo('PSNR (0-255, paper)', 'dB', 3, True),
     'ssim': MetricInfo('SSIM (0-255)', '', 4, True),
-    'mae_hu': MetricInfo('MAE in body (HU, = SynthRAD MAE)', 'HU', 1, False),
-    'psnr_synthrad': MetricInfo('PSNR (SynthRAD)', 'dB', 3, True),
-    'ssim_synthrad': MetricInfo('SSIM (SynthRAD)', '', 4, True),
+    'mae_hu': MetricInfo('MAE in body (HU, network grid)', 'HU', 1, False),
+    'psnr_hu_grid': MetricInfo('PSNR (HU [-1024, 3000], network grid)', 'dB', 3, True),
+    'ssim_hu_grid': MetricInfo('SSIM (HU [-1024, 3000], 2-D, network grid)', '', 4, True),
     'mi_mr_sct': MetricInfo('MI(real MR, sCT)', 'nats', 4, True),
     'mi_ct_smr': MetricInfo('MI(real CT, sMR)', 'nats', 4, True),
+    # SynthRAD2023 task 1 on the CT's own grid (`evaluate --sct_dir`, `evaluation.synthrad`).
+    'synthrad_mae': MetricInfo('MAE (SynthRAD2023)', 'HU', 1, False),
+    'synthrad_psnr': MetricInfo('PSNR (SynthRAD2023)', 'dB', 3, True),
+    'synthrad_ssim': MetricInfo('SSIM (SynthRAD2023)', '', 4, True),
 }
 MI_METRICS = ('mi_mr_sct', 'mi_ct_smr')
 

@@ -15,6 +15,7 @@ import numpy as np
 import tqdm
 
 from mr2ct_jax.data import intensity
+from mr2ct_jax.data import preprocess
 from mr2ct_jax.evaluation import figures as report_figures
 from mr2ct_jax.evaluation import metrics
 from mr2ct_jax.evaluation import reports
@@ -25,6 +26,11 @@ ApplyFn = slices_lib.ApplyFn
 METRIC_KEYS = tuple(reports.METRICS)
 MI_RANGE = (0.0, 255.0)  # fixed histogram range: MI values are comparable between models
 ERROR_MAX_HU = 500.0     # top of the |error| colour scale in the panels
+# The paper's windows (Hiasa et al. 2018; configs/gc.py 'paper'): the 0-255 MAE/PSNR, SSIM and
+# MI always use them, whatever data.ct_window / mr_window a run was trained with, so every run
+# reports the paper's metric (the run's windows only map the generator's range).
+PAPER_CT_WINDOW = (-150.0, 350.0)
+PAPER_MR_WINDOW = (0.0, 100.0)
 
 
 class EvaluateError(ValueError):
@@ -40,8 +46,27 @@ def _patient_id(value: Any) -> str:
   return str(value)
 
 
-def _check_volume(volume: Mapping[str, Any], pid: str) -> tuple[np.ndarray, ...]:
-  """(MR, CT, mask, valid) of a test record, checked; raises EvaluateError naming `pid`."""
+def fov_levels(mask: np.ndarray, plane: str = 'axial') -> np.ndarray:
+  """bool [N, H, W]: the S levels (patient's S axis) at which `mask` has any voxel.
+
+  `prepare` ANDs the test mask with the CT's field of view along S (`prepare_volumes.ct_fov`),
+  so these levels are the common FOV: whole slices for axial stacks, rows of the slices'
+  S axis for coronal and sagittal ones.
+  """
+  axes = preprocess.check_plane(plane)
+  s_axis = (axes[2], axes[0], axes[1]).index(2)  # the S axis in the [N, H, W] stack
+  others = tuple(a for a in range(3) if a != s_axis)
+  return np.broadcast_to(mask.any(axis=others, keepdims=True), mask.shape)
+
+
+def check_volume(volume: Mapping[str, Any], pid: str,
+                  plane: str = 'axial') -> tuple[np.ndarray, ...]:
+  """(MR, CT, mask, valid) of a paired (test or val) record, checked; EvaluateError names `pid`.
+
+  `valid` is the record's 'fov' array when present; else the mask's S levels (`fov_levels`)
+  AND, when the record has an 'inside' array (network pixels inside the original volume,
+  `SliceGeometry.valid_mask`), those pixels: padding around the volume is never scored.
+  """
   for key in ('image', 'paired', 'mask'):
     if key not in volume:
       raise EvaluateError(f'test patient {pid}: record has no {key!r} array')
@@ -51,9 +76,16 @@ def _check_volume(volume: Mapping[str, Any], pid: str) -> tuple[np.ndarray, ...]
   if 'fov' in volume:
     valid = np.asarray(volume['fov']).astype(bool)
   else:
-    # prepare's common FOV is slice-wise, so the slices holding any mask voxel are the FOV.
-    valid = np.broadcast_to(mask.any(axis=tuple(range(1, mask.ndim)), keepdims=True),
-                            mask.shape)
+    if mask.ndim != 3:
+      raise EvaluateError(f'test patient {pid}: expected [slices, H, W] arrays, got '
+                          f'{mask.shape}')
+    valid = fov_levels(mask, plane)
+    if 'inside' in volume:
+      inside = np.asarray(volume['inside']).astype(bool)
+      if inside.shape != mask.shape:
+        raise EvaluateError(f'test patient {pid}: its geometry gives {inside.shape} network '
+                            f'pixels, the record has {mask.shape}')
+      valid = valid & inside
   for key, array in (('paired', ct), ('mask', mask), ('fov', valid)):
     if array.shape != mr.shape:
       raise EvaluateError(f'test patient {pid}: {key!r} has shape {array.shape}, image has '
@@ -67,9 +99,8 @@ def _check_volume(volume: Mapping[str, Any], pid: str) -> tuple[np.ndarray, ...]
 
 
 def volume_metrics(mr: np.ndarray, ct_hu: np.ndarray, sct_hu: np.ndarray,
-                   smr: np.ndarray | None, mask: np.ndarray, valid: np.ndarray,
-                   config: ml_collections.ConfigDict) -> tuple[dict[str, float],
-                                                               list[dict[str, float]]]:
+                   smr: np.ndarray | None, mask: np.ndarray,
+                   valid: np.ndarray) -> tuple[dict[str, float], list[dict[str, float]]]:
   """Metrics of one volume and of each of its slices.
 
   Args:
@@ -78,13 +109,12 @@ def volume_metrics(mr: np.ndarray, ct_hu: np.ndarray, sct_hu: np.ndarray,
     sct_hu: synthetic CT (HU).
     smr: synthetic MR from the real CT (MR units), or None (MI(CT, sMR) not computed).
     mask: body mask (AND common FOV).
-    valid: region of the 0-255 metrics, SSIM and MI.
-    config: the run's config (data.ct_window, data.mr_window).
+    valid: region of the 0-255 metrics, SSIM and MI (on the paper's windows).
 
   Returns:
     (volume record, list of slice records), keys as `reports.METRICS`.
   """
-  ct_window, mr_window = config.data.ct_window, config.data.mr_window
+  ct_window, mr_window = PAPER_CT_WINDOW, PAPER_MR_WINDOW
   ct_unit = intensity.ct_to_unit(ct_hu, ct_window)
   sct_unit = intensity.ct_to_unit(sct_hu, ct_window)
   mr_unit = intensity.mr_to_unit(mr, mr_window)
@@ -107,8 +137,8 @@ def volume_metrics(mr: np.ndarray, ct_hu: np.ndarray, sct_hu: np.ndarray,
       'psnr_255': metrics.psnr(ct_unit, sct_unit, valid, data_range=255.0),
       'ssim': finite_mean(ssim_slices),
       'mae_hu': metrics.synthrad_mae(ct_hu, sct_hu, mask),
-      'psnr_synthrad': metrics.synthrad_psnr(ct_hu, sct_hu, mask),
-      'ssim_synthrad': (float(synthrad_map[mask].mean()) if mask.any() else float('nan')),
+      'psnr_hu_grid': metrics.synthrad_psnr(ct_hu, sct_hu, mask),
+      'ssim_hu_grid': (float(synthrad_map[mask].mean()) if mask.any() else float('nan')),
       'mi_mr_sct': finite_mean(mi_mr_sct),
   }
   if smr is not None:
@@ -123,8 +153,8 @@ def volume_metrics(mr: np.ndarray, ct_hu: np.ndarray, sct_hu: np.ndarray,
         'psnr_255': metrics.psnr(ct_unit[k], sct_unit[k], valid[k], data_range=255.0),
         'ssim': ssim_slices[k],
         'mae_hu': metrics.synthrad_mae(ct_hu[k], sct_hu[k], mask[k]),
-        'psnr_synthrad': metrics.synthrad_psnr(ct_hu[k], sct_hu[k], mask[k]),
-        'ssim_synthrad': synthrad_slices[k],
+        'psnr_hu_grid': metrics.synthrad_psnr(ct_hu[k], sct_hu[k], mask[k]),
+        'ssim_hu_grid': synthrad_slices[k],
         'mi_mr_sct': mi_mr_sct[k],
     }
     if smr is not None:
@@ -145,17 +175,19 @@ def _translate(mr: np.ndarray, ct: np.ndarray, sct_fn: ApplyFn, smr_fn: ApplyFn 
 
 def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
                      smr_fn: ApplyFn | None, config: ml_collections.ConfigDict, *,
-                     figure_dir: str | None = None,
-                     progress: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                     figure_dir: str | None = None, progress: bool = False,
+                     plane: str = 'axial') -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """Translates and scores each test volume; optionally writes its panel figure.
 
   Args:
     volumes: records with 'patient_id' and `[N, H, W]` arrays 'image' (MR units), 'paired'
-      (registered CT, HU), 'mask' (body & common FOV), optionally 'fov' (common FOV).
+      (registered CT, HU), 'mask' (body & common FOV), optionally 'fov' (the evaluated
+      region) or 'inside' (network pixels inside the original volume); see `check_volume`.
     sct_fn: G_ct, NHWC [-1, 1] -> [-1, 1]; smr_fn: G_mr, or None to skip MI(CT, sMR).
     config: the run's config (data windows, eval.batch_size).
     figure_dir: if set, writes `<figure_dir>/<patient_id>.png` per volume.
     progress: show a progress bar over volumes.
+    plane: the slices' plane (the dataset's), for the S levels of the common FOV.
 
   Returns:
     (per-volume records, per-slice records), in the order of `volumes`.
@@ -169,14 +201,14 @@ def evaluate_volumes(volumes: Iterable[Mapping[str, Any]], sct_fn: ApplyFn,
     if pid in seen:
       raise EvaluateError(f'test patient {pid}: appears twice in the test split')
     seen.add(pid)
-    mr, ct, mask, valid = _check_volume(volume, pid)
+    mr, ct, mask, valid = check_volume(volume, pid, plane)
     try:
       sct_hu, smr = _translate(mr, ct, sct_fn, smr_fn, mr_window, ct_window, batch_size)
     except ValueError as e:  # the generator's output does not fit its input
       raise EvaluateError(f'test patient {pid}: {e}') from e
-    vol, slices = volume_metrics(mr, ct, sct_hu, smr, mask, valid, config)
+    vol, slices = volume_metrics(mr, ct, sct_hu, smr, mask, valid)
     per_volume.append({'patient_id': pid, 'num_slices': int(mr.shape[0]),
-                       'region': 'fov' if 'fov' in volume else 'fov_slices',
+                       'region': 'fov' if 'fov' in volume else 'fov_levels',
                        'valid_voxels': int(valid.sum()), 'mask_voxels': int(mask.sum()), **vol})
     per_slice.extend({'patient_id': pid, **row} for row in slices)
     if figure_dir is not None:

@@ -138,7 +138,7 @@ def run(config: ml_collections.ConfigDict, data_dir: str, output: str, folds: in
         'source': data_dir, 'data_dir': data_dir, 'output_dir': eval_dir, 'split': split,
         'folds': assignment, 'unet_steps': unet_steps, 'num_classes': num_classes,
         'label_table': config.seg.get('label_table'),
-        'data_fingerprint': fingerprint.fingerprint(meta, split, sorted(volumes))}
+        'fingerprint': fingerprint.fingerprint(meta, split, sorted(volumes))}
     notes = [f'Single-modality baseline: {k}-fold cross-validation by patient of the '
              f'{split!r} split; each fold\'s 1-channel U-Net is trained on the real MR of the '
              'other folds and tests its own patients (every labeled MR once).',

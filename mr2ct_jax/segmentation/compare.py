@@ -14,7 +14,6 @@ patients of the same data (their recorded data fingerprints must be equal) and r
 same structures. Outputs: OUTPUT/compare.md and compare.json (OUTPUT: default B).
 """
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -22,8 +21,8 @@ from typing import Any
 
 from absl import flags
 
-from mr2ct_jax import atomic
 from mr2ct_jax.cli import commands
+from mr2ct_jax.evaluation import compare as eval_compare
 from mr2ct_jax.evaluation import fingerprint
 from mr2ct_jax.evaluation import reports
 
@@ -31,19 +30,7 @@ COMMAND = 'mr2ct_jax.segmentation.compare'
 KIND = 'segmentation'  # = segmentation.evaluate.KIND (that module imports JAX)
 
 
-def read_summary(eval_dir: str) -> dict[str, Any]:
-  """summary.json of an evaluation directory ({} if it has none)."""
-  path = os.path.join(eval_dir, 'summary.json')
-  if not os.path.isfile(path):
-    return {}
-  try:
-    with open(path, encoding='utf-8') as f:
-      summary = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise reports.ReportError(f'{path}: cannot read JSON: {e}') from e
-  if not isinstance(summary, dict):
-    raise reports.ReportError(f'{path}: expected a JSON object')
-  return summary
+read_summary = eval_compare.read_summary
 
 
 def is_segmentation_output(eval_dir: str) -> bool:
@@ -60,16 +47,18 @@ def _structures(summary: dict[str, Any], where: str) -> list[str]:
 
 
 def compare(dir_a: str, dir_b: str, output: str | None = None, *,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, allow_different_data: bool = False) -> dict[str, Any]:
   """Paired t-tests of Dice per structure (and of dice_mean) of B against A.
 
   Args:
     dir_a, dir_b: segmentation evaluation directories (A: baseline, B: new).
     output: directory for compare.md / compare.json (created if missing); None: dir_b.
     overwrite: replace existing compare.md / compare.json.
+    allow_different_data: compare even if the data fingerprints differ or one is missing
+      (compare.json then records same_data false / null).
 
   Returns:
-    {'a', 'b', 'patients', 'structures', 'test', 'results': [{metric, n, n_excluded, mean_a,
+    {'a', 'b', 'patients', 'structures', 'same_data', 'test', 'results': [{metric, n, n_excluded, mean_a,
     sd_a, mean_b, sd_b, diff, t, p}], 'markdown'}; the table is also printed.
 
   Raises:
@@ -80,8 +69,7 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
   summary_a, summary_b = read_summary(dir_a), read_summary(dir_b)
   names_a = _structures(summary_a, dir_a)
   names_b = _structures(summary_b, dir_b)
-  fingerprint.check_same_data(summary_a.get('data_fingerprint'),
-                              summary_b.get('data_fingerprint'), dir_a, dir_b)
+  same = eval_compare.same_data(dir_a, dir_b, allow_different_data)
   if names_a != names_b:
     raise reports.ReportError(f'{dir_a} vs {dir_b}: they report different structures '
                               f'({names_a} vs {names_b}); were they made with different '
@@ -93,22 +81,14 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
   markdown = reports.ttest_markdown(results, dir_a, dir_b).replace(
       'Pairs with a non-finite value (inf PSNR) are excluded',
       'Pairs where a ground truth lacks the structure (Dice NaN) are excluded')
-  output = dir_b if output is None else output
-  atomic.check_writable(output, folder=True, error=reports.ReportError)
-  paths = [os.path.join(output, name) for name in ('compare.md', 'compare.json')]
-  for path in paths:
-    if os.path.exists(path) and not overwrite:
-      raise reports.ReportError(f'{path}: already exists (pass --overwrite to replace it)')
-  os.makedirs(output, exist_ok=True)
   out = {'a': dir_a, 'b': dir_b, 'patients': sorted(str(r['patient_id']) for r in rows_a),
-         'structures': names_a,
+         'structures': names_a, 'same_data': same,
          'test': 'scipy.stats.ttest_rel(B, A), two-sided, per structure, matched by patient; '
                  'diff = mean(B - A)',
          'results': [{k: reports.json_number(v) for k, v in r.items()} for r in results],
          'markdown': markdown}
-  reports.write_json(paths[1], out)
-  atomic.write_text(paths[0], markdown)
-  print(markdown, flush=True)
+  eval_compare.write_comparison(dir_b if output is None else output, out, overwrite)
+  print(out['markdown'], flush=True)
   return out
 
 
@@ -117,6 +97,9 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_string('output', None, 'Where compare.md/json go (default: the second '
                       'directory).', flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'Replace existing compare.md/json.', flag_values=fv)
+  flags.DEFINE_bool('allow_different_data', False, 'Compare even if the two were scored on '
+                    'different data (their fingerprints differ or one has none).',
+                    flag_values=fv)
   return fv
 
 
@@ -127,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   def body(args: list[str]) -> None:
     if len(args) != 2:
       raise SystemExit('error: give exactly two segmentation evaluation directories: A B')
-    compare(args[0], args[1], fv.output, overwrite=fv.overwrite)
+    compare(args[0], args[1], fv.output, overwrite=fv.overwrite,
+            allow_different_data=fv.allow_different_data)
 
   return commands.run(fv, argv, COMMAND, body, positional=True, doc=__doc__,
                       errors=(reports.ReportError, fingerprint.FingerprintError))

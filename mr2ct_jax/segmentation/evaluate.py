@@ -176,7 +176,7 @@ def write_outputs(out_dir: str, rows: list[dict[str, Any]], names: Mapping[int, 
   Args:
     out_dir: the (temporary) evaluation directory; figures/ must exist.
     rows, names: `evaluate_volumes`'s rows and reported structures.
-    meta: facts recorded in summary.json (source, steps, data_dir, split, data_fingerprint,
+    meta: facts recorded in summary.json (source, steps, data_dir, split, fingerprint,
       num_classes, ...).
     title: the summary's heading.
     notes: how the numbers were made (listed under the tables, after the Dice definition).

@@ -182,7 +182,7 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
             'unet_step': unet_step, 'data_dir': data_dir, 'output_dir': eval_dir,
             'split': split, 'num_classes': num_classes,
             'label_table': config.seg.get('label_table'),
-            'data_fingerprint': fingerprint.fingerprint(data_meta, split,
+            'fingerprint': fingerprint.fingerprint(data_meta, split,
                                                         [r['patient_id'] for r in rows])}
     notes = [f'Input channels (CT-like, MR-like): trained on (CT, sMR = G_mr(CT)) of the '
              f'labeled split, tested on (sCT = G_ct(MR), MR) of the {split!r} split.',

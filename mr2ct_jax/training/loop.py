@@ -3,6 +3,8 @@
 `train_and_evaluate(config, workdir)` is what `python -m mr2ct_jax.main` calls. Running it again
 on the same workdir resumes from the latest checkpoint (parameters, optimiser states, image
 pools, rng, step and the input iterator), so an interrupted run continues the same run.
+Every config.eval.every steps the `val` split is scored (`validation`), without touching the
+train state, the rng or the input iterator.
 """
 
 import math
@@ -24,6 +26,7 @@ from mr2ct_jax.data import resolve
 from mr2ct_jax.evaluation import paired
 from mr2ct_jax.training import state as state_lib
 from mr2ct_jax.training import step as step_lib
+from mr2ct_jax.training import validation
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -98,6 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
     step_fn = step_lib.make_train_step(gan, config, mesh)
     sample_fn = step_lib.make_sample_fn(gan)
+    validator = validation.Validator(config, data_dir, gan.generator)
     writer = tb_logging.MetricWriter(os.path.join(workdir, 'tb'))
     num_steps = config.train.num_steps
     progress = tb_logging.Progress(start_step, num_steps)
@@ -132,6 +136,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           _check_finite(step, values)
           checkpointing.save(manager, step, state, data_iter.get_state())
           last_saved = step
+        if validator.due(step) and not stopping:  # a signal: exit first, the rerun validates
+          validator.run(step, state.params, writer)
         if stopping:  # also at the last step: evaluation is skipped, the rerun does it
           raise preemption.Preempted(step)  # `finally` waits for the checkpoint to be written
     except NonFiniteLossError:
@@ -149,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
-  """Trains, then (config.eval.after_training) translates and evaluates the paired test split.
+  """Trains, then (config.eval.after_training) translates and evaluates the test splits.
 
   Returns:
     The evaluation summary, or None when there is no test split or evaluation is off.
@@ -157,8 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _, data_dir = train(config, workdir)
   if not config.eval.after_training or jax.process_index() != 0:
     return None
-  if not dataset.has_split(data_dir, 'test'):
-    tb_logging.log_line(f'{data_dir}: no paired test split; skipping evaluation.')
+  if not any(dataset.has_split(data_dir, s) for s in ('test', 'test_mr', 'test_ct')):
+    tb_logging.log_line(f'{data_dir}: no test split (paired or unpaired); skipping '
+                        'evaluation.')
     return None
   output = os.path.join(workdir, 'eval')
   return paired.evaluate(workdir, data_dir, output, overwrite=True)
