@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   fv = _define_flags()
 
   def body() -> None:
+    # Imported here: --help and flag errors must not wait for JAX and the models.
     from mr2ct_jax.experiments import study  # pylint: disable=g-import-not-at-top
     study.run(fv.preset, fv.workdir, fv.data, fv.cells, fv.report_only)
 
