@@ -10,11 +10,15 @@ CONV_IMPLS = ('auto', 'winograd', 'matmul', 'xla')
 DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
 
 
-def resolve_conv_impl(conv_impl: str, backend: str) -> str:
+# 'auto' on CPUs per compute dtype.
+AUTO_CPU = {'float32': 'winograd', 'bfloat16': 'winograd', 'float16': 'winograd'}
+
+
+def resolve_conv_impl(conv_impl: str, backend: str, dtype: str = 'float32') -> str:
   """The concrete conv code path for `conv_impl` on `backend` ('cpu', 'gpu', 'tpu', ...).
 
-  'auto' is the path that measured fastest on the backend (README, Benchmarks): 'winograd' on
-  CPUs, 'matmul' elsewhere.
+  'auto' is the path that measured fastest on the backend for the compute `dtype` (one of
+  DTYPE_NAMES): AUTO_CPU on CPUs, 'matmul' elsewhere.
 
   Raises:
     ValueError: `conv_impl` is not one of CONV_IMPLS.
@@ -23,4 +27,6 @@ def resolve_conv_impl(conv_impl: str, backend: str) -> str:
     raise ValueError(f'conv_impl={conv_impl!r}: must be one of {CONV_IMPLS}')
   if conv_impl != 'auto':
     return conv_impl
-  return 'winograd' if backend == 'cpu' else 'matmul'
+  if backend != 'cpu':
+    return 'matmul'
+  return AUTO_CPU.get(dtype, 'winograd')
