@@ -42,7 +42,7 @@ def cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> dict[str, bool | None]:
   """
   try:
     with open(cpuinfo, encoding='utf-8') as f:
-      line = next((l for l in f if l.startswith('flags')), None)
+      line = next((row for row in f if row.startswith('flags')), None)
   except OSError:
     line = None
   if line is None:

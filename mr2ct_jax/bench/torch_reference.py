@@ -174,6 +174,7 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
   real_a = torch.randn(1, 1, size, size).clamp(-1, 1).to(device)
   real_b = torch.randn(1, 1, size, size).clamp(-1, 1).to(device)
   discriminators = list(itertools.chain(d_a.parameters(), d_b.parameters()))
+  seen = {}  # the generators' output dtype: torch.bfloat16 under autocast
 
   def step() -> float:
     for p in discriminators:
@@ -198,6 +199,7 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
           gan(d_b(real_a), 1.0) + gan(d_b(fake_a.detach()), 0.0))
     loss_d.backward()
     opt_d.step()
+    seen['activation_dtype'] = str(fake_b.dtype)
     # .item() waits for the device, so a CUDA step is timed to its end.
     return loss_g.item() + loss_d.item()
 
@@ -209,7 +211,7 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
     step()
     times.append(time.perf_counter() - start)
   return {'step_time_s': statistics.median(times), 'step_times_s': times,
-          **_about(torch, device, bf16, cudnn_benchmark),
+          **_about(torch, device, bf16, cudnn_benchmark), **seen,
           'generator_params': count(g_a), 'discriminator_params': count(d_a)}
 
 
@@ -226,6 +228,7 @@ def run_inference(size: int, batch: int, slices: int, repeats: int, warmup: int,
   g = generator().to(device).eval()
   volume = torch.randn(slices, 1, size, size).clamp(-1, 1)
   batch = max(1, min(batch, slices))
+  seen = {}  # G's output dtype: torch.bfloat16 under autocast
 
   def translate() -> None:
     with torch.inference_mode(), _autocast(torch, device, bf16):
@@ -233,7 +236,9 @@ def run_inference(size: int, batch: int, slices: int, repeats: int, warmup: int,
         chunk = volume[start:start + batch]
         if chunk.shape[0] < batch:
           chunk = torch.cat([chunk, torch.full((batch - chunk.shape[0], 1, size, size), -1.0)])
-        out = g(chunk.to(device)).float().cpu().numpy()
+        out = g(chunk.to(device))
+        seen['activation_dtype'] = str(out.dtype)
+        out = out.float().cpu().numpy()
         assert out.shape == (batch, 1, size, size)
 
   for _ in range(warmup):
@@ -245,7 +250,7 @@ def run_inference(size: int, batch: int, slices: int, repeats: int, warmup: int,
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
   return {'slices_per_s': slices / median, 'run_time_s': median, 'run_times_s': times,
-          'slices': slices, 'batch': batch, **_about(torch, device, bf16, cudnn_benchmark),
+          'slices': slices, 'batch': batch, **_about(torch, device, bf16, cudnn_benchmark), **seen,
           'generator_params': sum(p.numel() for p in g.parameters())}
 
 
