@@ -1,5 +1,7 @@
-"""`python -m mr2ct_jax.bench train` at a tiny size: the JSON report and bad arguments."""
+"""`python -m mr2ct_jax.bench train|translate` at a tiny size: the JSON reports, bad arguments,
+the PyTorch reference's modes and the CPU's ISA flags."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -8,13 +10,14 @@ import sys
 
 import pytest
 
+from mr2ct_jax.bench import common
 from mr2ct_jax.cli import hugepages
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _bench(*args):
-  return subprocess.run([sys.executable, '-m', 'mr2ct_jax.bench', 'train', *args], cwd=REPO,
+def _bench(*args, command='train'):
+  return subprocess.run([sys.executable, '-m', 'mr2ct_jax.bench', command, *args], cwd=REPO,
                         capture_output=True, encoding='utf-8', timeout=600,
                         env={**os.environ, 'PYTHONPATH': str(REPO)})
 
@@ -48,7 +51,10 @@ def test_bench_train_writes_its_report(tmp_path):
   assert report['generator_params'] == 482_945 and report['discriminator_params'] == 11389
   assert report['pytorch_measured'] == {'skipped': '--nopytorch'}
   assert report['speedup_vs_pytorch_measured'] is None
-  assert 'train step at 32^2 (gc=True, cpu)' in result.stdout
+  assert 'train step at 32^2 (gc=True, float32, cpu)' in result.stdout
+  assert report['dtype'] == 'float32' and report['pytorch_precision'] == 'float32'
+  assert report['machine']['cpu_flags'] == common.cpu_flags()
+  assert set(report['machine']['cpu_flags']) == {'avx2', 'avx512', 'avx512_bf16', 'amx'}
   # The bench CLI re-executes itself with glibc's huge-page tunable where that is available.
   huge = hugepages.wanted() or 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')
   assert ('glibc.malloc.hugetlb=1' in report['machine']['glibc_tunables']) is huge
@@ -81,7 +87,6 @@ def test_pytorch_reference_step_has_our_parameter_counts():
   assert result['step_time_s'] > 0 and len(result['step_times_s']) == 1
 
 
-
 class _Analysed:
   """Stands in for a jax Lowered/Compiled stage with a fixed cost analysis."""
 
@@ -109,3 +114,93 @@ def test_pytorch_reference_on_cuda_without_a_gpu_fails_clearly():
   from mr2ct_jax.bench import torch_reference
   with pytest.raises(SystemExit, match='--device=cuda but this PyTorch sees no CUDA device'):
     torch_reference.run(32, False, 4, 4, 1, 3, steps=1, warmup=0, device='cuda')
+
+
+def test_cpu_flags_come_from_the_first_flags_line(tmp_path):
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text('processor\t: 0\nmodel name\t: Some CPU\n'
+                     'flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n'
+                     'flags\t\t: amx_bf16\n', encoding='utf-8')
+  # amx_tile is not AMX-BF16; the second line (another core) is not read.
+  assert common.cpu_flags(str(cpuinfo)) == {'avx2': True, 'avx512': True, 'avx512_bf16': True,
+                                            'amx': False}
+  cpuinfo.write_text('flags\t: fpu sse2\n', encoding='utf-8')
+  assert common.cpu_flags(str(cpuinfo)) == dict.fromkeys(common.CPU_FLAGS, False)
+  assert common.cpu_flags(str(tmp_path / 'missing')) == dict.fromkeys(common.CPU_FLAGS, None)
+
+
+def test_bench_translate_writes_its_report(tmp_path):
+  """bfloat16 through the inference path; with PyTorch (when installed) timed the same way."""
+  output = tmp_path / 'bench_translate.json'
+  pytorch = importlib.util.find_spec('torch') is not None
+  result = _bench('--size=32', '--batch=4', '--slices=6', '--repeats=2', '--warmup=0',
+                  '--dtype=bfloat16', '--config=configs/gc.py:test', f'--output={output}',
+                  '--pytorch' if pytorch else '--nopytorch', command='translate')
+  assert result.returncode == 0, result.stderr
+  report = json.loads(output.read_text(encoding='utf-8'))
+  assert report['benchmark'] == 'translate' and report['size'] == 32
+  assert report['batch_size'] == 4 and report['slices'] == 6 and report['repeats'] == 2
+  assert report['dtype'] == report['config']['model']['dtype'] == 'bfloat16'
+  assert report['conv_impl'] == 'auto' and report['conv_impl_resolved'] == 'winograd'
+  assert len(report['run_times_s']) == 2
+  assert report['slices_per_s'] == pytest.approx(6 / report['run_time_s'])
+  assert report['generator_params'] == 7953  # the test config's generator (ngf=4, 1 block)
+  assert report['pytorch_precision'] == 'autocast_bfloat16'
+  assert report['machine']['cpu_flags'] == common.cpu_flags()
+  assert 'translate at 32^2, batch 4 (bfloat16, cpu)' in result.stdout
+  theirs = report['pytorch_measured']
+  if pytorch:
+    assert theirs['precision'] == 'autocast_bfloat16' and theirs['generator_params'] == 7953
+    assert (theirs['slices'], theirs['batch'], len(theirs['run_times_s'])) == (6, 4, 2)
+    assert report['speedup_vs_pytorch_measured'] == pytest.approx(
+        report['slices_per_s'] / theirs['slices_per_s'])
+  else:
+    assert theirs == {'skipped': '--nopytorch'} and report['speedup_vs_pytorch_measured'] is None
+
+
+def test_bench_translate_rejects_bad_arguments(tmp_path):
+  result = _bench('--size=32', '--batch=0', f'--output={tmp_path / "x.json"}',
+                  command='translate')
+  assert result.returncode != 0
+  assert 'error: --batch, --slices and --repeats must be >= 1' in result.stderr
+  assert not (tmp_path / 'x.json').exists()
+
+
+def test_bench_train_passes_bf16_to_the_pytorch_child(monkeypatch, test_config):
+  from mr2ct_jax.bench import train as bench_train
+  calls = []
+
+  class Done:
+    returncode, stdout, stderr = 1, '', 'stopped here'
+
+  monkeypatch.setattr(bench_train.importlib.util, 'find_spec', lambda name: object())
+  monkeypatch.setattr(bench_train.subprocess, 'run', lambda command, **_: calls.append(command)
+                      or Done())
+  for dtype, flag in (('bfloat16', '--bf16=True'), ('float32', '--bf16=False')):
+    config = bench_train.bench_config(test_config, 32, gc=False, dtype=dtype)
+    assert config.model.dtype == dtype
+    assert bench_train.time_pytorch_reference(config, 1, 0) == {
+        'skipped': 'the PyTorch reference failed: stopped here'}
+    assert flag in calls[-1]
+
+
+def test_pytorch_reference_parses_bf16_and_inference_mode():
+  """The child's flags: --bf16 runs under autocast, --mode=inference times G alone."""
+  pytest.importorskip('torch')
+  from mr2ct_jax.bench import torch_reference
+  fv = torch_reference._define_flags()
+  fv(['torch_reference', '--bf16', '--mode=inference', '--batch=3'])
+  assert fv.bf16 is True and fv.mode == 'inference' and fv.batch == 3
+  fv = torch_reference._define_flags()
+  fv(['torch_reference'])
+  assert fv.bf16 is False and fv.mode == 'train'
+  result = torch_reference.run_inference(32, batch=4, slices=6, repeats=1, warmup=0, ngf=4,
+                                         res_blocks=1, bf16=True)
+  assert result['precision'] == 'autocast_bfloat16' and result['generator_params'] == 7953
+  assert result['activation_dtype'] == 'torch.bfloat16'
+  assert result['slices'] == 6 and result['batch'] == 4 and result['slices_per_s'] > 0
+  step = torch_reference.run(32, False, 4, 4, 1, 3, steps=1, warmup=0, bf16=True)
+  assert step['precision'] == 'autocast_bfloat16' and step['step_time_s'] > 0
+  assert step['activation_dtype'] == 'torch.bfloat16'
+  assert torch_reference.run(32, False, 4, 4, 1, 3, steps=1, warmup=0)[
+      'activation_dtype'] == 'torch.float32'

@@ -1,7 +1,8 @@
-"""Benchmarks: `python -m mr2ct_jax.bench pipeline|train|torch_reference [flags]`.
+"""Benchmarks: `python -m mr2ct_jax.bench pipeline|train|translate|torch_reference [flags]`.
 
-`pipeline` and `train` write a JSON report; `torch_reference` (the PyTorch step that `train`
-compares against when PyTorch is installed) prints one JSON line.
+`pipeline`, `train` and `translate` write a JSON report; `torch_reference` (the PyTorch step
+or generator inference that `train` and `translate` compare against when PyTorch is
+installed) prints one JSON line.
 """
 
-COMMANDS = ('pipeline', 'train', 'torch_reference')
+COMMANDS = ('pipeline', 'train', 'translate', 'torch_reference')

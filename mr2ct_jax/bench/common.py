@@ -1,5 +1,6 @@
-"""What the benchmarks share: the --config flag, the machine's CPU name, the JSON report."""
+"""What the benchmarks share: the --config flag, the machine's CPU and its ISA, the report."""
 
+import os
 import platform
 from typing import Any
 
@@ -25,6 +26,47 @@ def cpu_name() -> str:
   except OSError:
     pass
   return cpu
+
+
+# Report name -> the /proc/cpuinfo flag that says the CPU has it. 'avx512' is AVX-512
+# Foundation; 'avx512_bf16' the AVX-512 bfloat16 dot products; 'amx' the AMX bfloat16 tiles
+# (what XLA:CPU's and PyTorch's bfloat16 matmuls use when present).
+CPU_FLAGS = {'avx2': 'avx2', 'avx512': 'avx512f', 'avx512_bf16': 'avx512_bf16',
+             'amx': 'amx_bf16'}
+
+
+def cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> dict[str, bool | None]:
+  """{'avx2', 'avx512', 'avx512_bf16', 'amx'}: whether the CPU has each (`CPU_FLAGS`).
+
+  From the first 'flags' line of `cpuinfo` (Linux); None for each where it cannot be read.
+  """
+  try:
+    with open(cpuinfo, encoding='utf-8') as f:
+      line = next((row for row in f if row.startswith('flags')), None)
+  except OSError:
+    line = None
+  if line is None:
+    return {name: None for name in CPU_FLAGS}
+  have = set(line.split(':', 1)[1].split())
+  return {name: flag in have for name, flag in CPU_FLAGS.items()}
+
+
+def jax_machine_info() -> dict[str, Any]:
+  """Devices, CPU (model, ISA flags, cores, load) and library versions, for JAX benchmarks."""
+  # Imported here: the pipeline benchmark reports its machine without importing JAX.
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    load = os.getloadavg()
+  except OSError:
+    load = None
+  return {'jax': jax.__version__, 'flax': flax.__version__, 'backend': jax.default_backend(),
+          'devices': [str(d) for d in jax.devices()], 'cpu': cpu_name(),
+          'cpu_flags': cpu_flags(), 'cpu_count': os.cpu_count(),
+          'load_average': load, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          # mr2ct_jax/cli/hugepages.py: set by the bench CLI (the PyTorch child runs without it).
+          'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+          'platform': platform.platform(), 'python': platform.python_version()}
 
 
 def write_report(path: str, report: dict[str, Any]) -> None:

@@ -73,7 +73,8 @@ def bench_config(config: ml_collections.ConfigDict, size: int,
 
 def machine_info() -> dict[str, Any]:
   """CPU, OS and library versions of this machine."""
-  return {'cpu': common.cpu_name(), 'cpu_count': os.cpu_count(),
+  return {'cpu': common.cpu_name(), 'cpu_flags': common.cpu_flags(),
+          'cpu_count': os.cpu_count(),
           'affinity_cpus': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
           else None,
           'platform': platform.platform(), 'python': platform.python_version(),

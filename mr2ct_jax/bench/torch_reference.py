@@ -1,9 +1,17 @@
-r"""The PyTorch CycleGAN(+GC) training step, timed on this machine, for `bench train`.
+r"""The PyTorch CycleGAN(+GC) step or generator inference, timed here, for `bench`.
 
   python -m mr2ct_jax.bench.torch_reference --size=128 [--gc] [--ngf=64 --ndf=64 \
-      --res_blocks=9 --disc_layers=3 --steps=5 --warmup=1 --threads=0 --device=cpu]
+      --res_blocks=9 --disc_layers=3 --steps=5 --warmup=1 --threads=0 --device=cpu] [--bf16]
+  python -m mr2ct_jax.bench.torch_reference --mode=inference --size=256 --batch=8 \
+      [--slices=32 --repeats=5 --warmup=1 --bf16 ...]
 
-Prints one JSON line: {"step_time_s": median, "step_times_s": [...], "torch": version, ...}.
+Prints one JSON line: {"step_time_s": median, "step_times_s": [...], "torch": version, ...}
+(--mode=train, for `bench train`), or {"slices_per_s": ..., "run_times_s": [...], ...}
+(--mode=inference, for `bench translate`: G alone over a volume of --slices slices in
+batches of --batch, the last batch padded with -1 as mr2ct_jax.inference.slices pads it,
+under `torch.inference_mode`). --bf16 runs the forward passes under
+`torch.autocast(device, dtype=torch.bfloat16)` (PyTorch's mixed precision: parameters and
+optimiser in float32, the backward pass outside autocast as PyTorch recommends).
 
 The networks and the step restate junyanz/pytorch-CycleGAN-and-pix2pix, the implementation
 the paper builds on: `ResnetGenerator` (reflection padding, `InstanceNorm2d` without affine,
@@ -16,6 +24,7 @@ against ours (11,365,633 and 2,762,689 at 64 filters). PyTorch is not a dependen
 mr2ct_jax: this module is only run when it is installed (`pip install torch`).
 """
 
+import contextlib
 import itertools
 import json
 import statistics
@@ -43,6 +52,15 @@ def _define_flags() -> flags.FlagValues:
                        flag_values=fv)
   flags.DEFINE_enum('device', 'cpu', ['cpu', 'cuda'], 'Where the step runs (eager, as the '
                     'reference runs).', flag_values=fv)
+  flags.DEFINE_enum('mode', 'train', ['train', 'inference'], 'Time the training step or '
+                    'the generator\'s inference over a volume.', flag_values=fv)
+  flags.DEFINE_integer('batch', 8, 'Inference batch (--mode=inference).', flag_values=fv)
+  flags.DEFINE_integer('slices', 32, 'Slices of the volume translated (--mode=inference).',
+                       flag_values=fv)
+  flags.DEFINE_integer('repeats', 5, 'Timed translations of the volume (--mode=inference).',
+                       flag_values=fv)
+  flags.DEFINE_bool('bf16', False, 'Forward passes under torch.autocast(dtype=bfloat16).',
+                    flag_values=fv)
   flags.DEFINE_bool('cudnn_benchmark', False, 'Set torch.backends.cudnn.benchmark (off by '
                     'default: cuDNN picks conv algorithms without timing them).', flag_values=fv)
   return fv
@@ -108,10 +126,8 @@ def _gradient_correlation(torch: Any, a: Any, b: Any, eps: float = 1e-8) -> Any:
   return 0.5 * (ncc(ax, bx) + ncc(ay, by))
 
 
-def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: int,
-        steps: int, warmup: int, threads: int = 0, device: str = 'cpu',
-        cudnn_benchmark: bool = False) -> dict[str, Any]:
-  """Times the reference training step at batch 1; returns the measurements."""
+def _setup(threads: int, device: str, cudnn_benchmark: bool) -> Any:
+  """Imports and configures PyTorch; returns the module."""
   import torch  # pylint: disable=g-import-not-at-top  (optional: only this benchmark needs it)
   if threads:
     torch.set_num_threads(threads)
@@ -119,6 +135,32 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
   if device == 'cuda' and not torch.cuda.is_available():
     raise SystemExit('error: --device=cuda but this PyTorch sees no CUDA device')
   torch.manual_seed(0)
+  return torch
+
+
+def _autocast(torch: Any, device: str, bf16: bool) -> Any:
+  """`torch.autocast` to bfloat16 on `device` when `bf16`, else a no-op context."""
+  if not bf16:
+    return contextlib.nullcontext()
+  return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def _about(torch: Any, device: str, bf16: bool, cudnn_benchmark: bool) -> dict[str, Any]:
+  return {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'device': device,
+          'device_name': (torch.cuda.get_device_name() if device == 'cuda' else 'cpu'),
+          'cudnn_benchmark': cudnn_benchmark,
+          'precision': 'autocast_bfloat16' if bf16 else 'float32'}
+
+
+def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: int,
+        steps: int, warmup: int, threads: int = 0, device: str = 'cpu',
+        cudnn_benchmark: bool = False, bf16: bool = False) -> dict[str, Any]:
+  """Times the reference training step at batch 1; returns the measurements.
+
+  With `bf16` the forward passes and losses run under bfloat16 autocast.
+  """
+  torch = _setup(threads, device, cudnn_benchmark)
+  autocast = lambda: _autocast(torch, device, bf16)
   generator, discriminator = build_networks(torch, ngf, ndf, res_blocks, disc_layers)
   g_a, g_b, d_a, d_b = (net().to(device) for net in
                         (generator, generator, discriminator, discriminator))
@@ -132,28 +174,32 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
   real_a = torch.randn(1, 1, size, size).clamp(-1, 1).to(device)
   real_b = torch.randn(1, 1, size, size).clamp(-1, 1).to(device)
   discriminators = list(itertools.chain(d_a.parameters(), d_b.parameters()))
+  seen = {}  # the generators' output dtype: torch.bfloat16 under autocast
 
   def step() -> float:
-    fake_b, fake_a = g_a(real_a), g_b(real_b)
-    rec_a, rec_b = g_b(fake_b), g_a(fake_a)
     for p in discriminators:
       p.requires_grad_(False)
     opt_g.zero_grad()
-    loss_g = (gan(d_a(fake_b), 1.0) + gan(d_b(fake_a), 1.0)
-              + 3.0 * (l1(rec_a, real_a) + l1(rec_b, real_b)))
-    if gc:
-      loss_g = loss_g + 0.3 * 0.5 * (
-          (1 - _gradient_correlation(torch, real_a, fake_b)).mean()
-          + (1 - _gradient_correlation(torch, real_b, fake_a)).mean())
+    with autocast():
+      fake_b, fake_a = g_a(real_a), g_b(real_b)
+      rec_a, rec_b = g_b(fake_b), g_a(fake_a)
+      loss_g = (gan(d_a(fake_b), 1.0) + gan(d_b(fake_a), 1.0)
+                + 3.0 * (l1(rec_a, real_a) + l1(rec_b, real_b)))
+      if gc:
+        loss_g = loss_g + 0.3 * 0.5 * (
+            (1 - _gradient_correlation(torch, real_a, fake_b)).mean()
+            + (1 - _gradient_correlation(torch, real_b, fake_a)).mean())
     loss_g.backward()
     opt_g.step()
     for p in discriminators:
       p.requires_grad_(True)
     opt_d.zero_grad()
-    loss_d = 0.5 * (gan(d_a(real_b), 1.0) + gan(d_a(fake_b.detach()), 0.0)) + 0.5 * (
-        gan(d_b(real_a), 1.0) + gan(d_b(fake_a.detach()), 0.0))
+    with autocast():
+      loss_d = 0.5 * (gan(d_a(real_b), 1.0) + gan(d_a(fake_b.detach()), 0.0)) + 0.5 * (
+          gan(d_b(real_a), 1.0) + gan(d_b(fake_a.detach()), 0.0))
     loss_d.backward()
     opt_d.step()
+    seen['activation_dtype'] = str(fake_b.dtype)
     # .item() waits for the device, so a CUDA step is timed to its end.
     return loss_g.item() + loss_d.item()
 
@@ -165,10 +211,47 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
     step()
     times.append(time.perf_counter() - start)
   return {'step_time_s': statistics.median(times), 'step_times_s': times,
-          'torch': torch.__version__, 'threads': torch.get_num_threads(), 'device': device,
-          'device_name': (torch.cuda.get_device_name() if device == 'cuda' else 'cpu'),
-          'cudnn_benchmark': cudnn_benchmark,
+          **_about(torch, device, bf16, cudnn_benchmark), **seen,
           'generator_params': count(g_a), 'discriminator_params': count(d_a)}
+
+
+def run_inference(size: int, batch: int, slices: int, repeats: int, warmup: int, ngf: int,
+                  res_blocks: int, threads: int = 0, device: str = 'cpu',
+                  cudnn_benchmark: bool = False, bf16: bool = False) -> dict[str, Any]:
+  """Times G over a volume of `slices` slices in batches of `batch`; returns slices/s.
+
+  Each run translates the whole volume: every batch (the last padded with -1) through G and
+  back to a float32 NumPy array, as `mr2ct_jax.inference.slices.translate_slices` does.
+  """
+  torch = _setup(threads, device, cudnn_benchmark)
+  generator, _ = build_networks(torch, ngf, 1, res_blocks, 1)
+  g = generator().to(device).eval()
+  volume = torch.randn(slices, 1, size, size).clamp(-1, 1)
+  batch = max(1, min(batch, slices))
+  seen = {}  # G's output dtype: torch.bfloat16 under autocast
+
+  def translate() -> None:
+    with torch.inference_mode(), _autocast(torch, device, bf16):
+      for start in range(0, slices, batch):
+        chunk = volume[start:start + batch]
+        if chunk.shape[0] < batch:
+          chunk = torch.cat([chunk, torch.full((batch - chunk.shape[0], 1, size, size), -1.0)])
+        out = g(chunk.to(device))
+        seen['activation_dtype'] = str(out.dtype)
+        out = out.float().cpu().numpy()
+        assert out.shape == (batch, 1, size, size)
+
+  for _ in range(warmup):
+    translate()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    translate()
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  return {'slices_per_s': slices / median, 'run_time_s': median, 'run_times_s': times,
+          'slices': slices, 'batch': batch, **_about(torch, device, bf16, cudnn_benchmark), **seen,
+          'generator_params': sum(p.numel() for p in g.parameters())}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,8 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ImportError:
     raise SystemExit('error: PyTorch is not installed (pip install torch) - it is only '
                      'needed to time the reference step') from None
-  print(json.dumps(run(fv.size, fv.gc, fv.ngf, fv.ndf, fv.res_blocks, fv.disc_layers,
-                       fv.steps, fv.warmup, fv.threads, fv.device, fv.cudnn_benchmark)))
+  if fv.mode == 'inference':
+    if fv.batch < 1 or fv.slices < 1 or fv.repeats < 1:
+      raise SystemExit('error: --batch, --slices and --repeats must be >= 1')
+    result = run_inference(fv.size, fv.batch, fv.slices, fv.repeats, fv.warmup, fv.ngf,
+                           fv.res_blocks, fv.threads, fv.device, fv.cudnn_benchmark, fv.bf16)
+  else:
+    result = run(fv.size, fv.gc, fv.ngf, fv.ndf, fv.res_blocks, fv.disc_layers, fv.steps,
+                 fv.warmup, fv.threads, fv.device, fv.cudnn_benchmark, fv.bf16)
+  print(json.dumps(result))
   return 0
 
 

@@ -1,11 +1,12 @@
 r"""Time of one CycleGAN (+GC) training step against a matmul ceiling, written as JSON.
 
   python -m mr2ct_jax.bench train --size 128|256 [--gc] [--output=bench_train.json] \
-      [--config=configs/gc.py] [--steps=5] [--warmup=1]
+      [--config=configs/gc.py] [--steps=5] [--warmup=1] [--dtype=float32|bfloat16]
 
 The step is the real one (`training.step.make_train_step` of `configs/gc.py`'s default, i.e.
 ResNet-9 generators, 70x70 PatchGANs, pools, both Adam updates) at batch 1 on one device,
-with `loss.gc_weight` = the config's lambda_GC (`--gc`) or 0 (`--nogc`, the default).
+with `loss.gc_weight` = the config's lambda_GC (`--gc`) or 0 (`--nogc`, the default), in
+the compute dtype `--dtype` (`model.dtype`; default: the config's).
 It reports the median step time after compilation, the step's FLOPs from XLA's cost
 analysis, the achieved GFLOP/s, and their ratio to a float32 matmul timed in the same process
 (2048^3 on a CPU, 8192^3 on a GPU: the best the machine does on dense arithmetic right now).
@@ -14,13 +15,12 @@ than its direct convolutions would, so the report also gives the effective GFLOP
 the direct-conv FLOPs (the same step lowered with 'matmul') over the same time.
 When PyTorch is installed it then times the reference step on this machine too
 (`torch_reference`: same sizes, batch 1, in a child process, on the GPU when JAX uses one) and
-reports the speedup. On a GPU, time more steps (`--steps=50`).
+reports the speedup, in the same precision: with `--dtype=bfloat16` the reference runs under
+`torch.autocast(dtype=torch.bfloat16)` (`--bf16`). On a GPU, time more steps (`--steps=50`).
 """
 
 import importlib.util
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,7 +28,6 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import flags
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,6 +38,7 @@ from mr2ct_jax.bench import common
 from mr2ct_jax.cli import commands
 from mr2ct_jax.cli import hugepages
 from mr2ct_jax.models import layers
+from mr2ct_jax.models import options
 from mr2ct_jax.training import state as state_lib
 from mr2ct_jax.training import step as step_lib
 
@@ -58,17 +58,22 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_integer('steps', 5, 'Steps timed (after warmup).', flag_values=fv)
   flags.DEFINE_integer('warmup', 1, 'Steps run after compilation before timing.',
                        flag_values=fv)
+  flags.DEFINE_enum('dtype', None, list(options.DTYPE_NAMES), 'Compute dtype (model.dtype; '
+                    'default: the config\'s).', flag_values=fv)
   flags.DEFINE_bool('pytorch', True, 'Also time the PyTorch reference step on this machine '
                     '(mr2ct_jax.bench.torch_reference, same sizes) when PyTorch is installed.',
                     flag_values=fv)
   return fv
 
 
-def bench_config(config: ml_collections.ConfigDict, size: int,
-                 gc: bool) -> ml_collections.ConfigDict:
-  """`config` at image size `size`, batch 1, with or without the GC term."""
+def bench_config(config: ml_collections.ConfigDict, size: int, gc: bool,
+                 dtype: str | None = None) -> ml_collections.ConfigDict:
+  """`config` at image size `size`, batch 1, with or without the GC term, in `dtype`
+  (None: the config's `model.dtype`)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.image_size = int(size)
+  if dtype is not None:
+    config.model.dtype = dtype
   config.train.batch_size = 1
   if gc:
     if config.loss.gc_weight <= 0:
@@ -170,7 +175,7 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
   compile_s = time.perf_counter() - start
   flops, flops_source = _flops(lowered, compiled)
   requested_impl = config.model.conv_impl
-  conv_impl = layers.check_conv_impl(requested_impl)
+  conv_impl = layers.check_conv_impl(requested_impl, dtype=config.model.dtype)
   direct_flops, direct_source = _direct_conv_flops(config, conv_impl, (flops, flops_source),
                                                    lower)
 
@@ -200,6 +205,7 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
       'steps_timed': steps,
       'warmup_steps': warmup,
       'compile_s': compile_s,
+      'dtype': config.model.dtype,
       'conv_impl': requested_impl,
       'conv_impl_resolved': conv_impl,
       # What the timed program computes (with Winograd, fewer FLOPs than direct convs).
@@ -223,7 +229,8 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
 
   A child process, after the JAX timing is done, so the two never share the cores, with the
   environment the user started the benchmark in (PyTorch's default allocator behaviour). When
-  JAX runs on a GPU, so does the reference (`--device=cuda`).
+  JAX runs on a GPU, so does the reference (`--device=cuda`); when `config.model.dtype` is
+  bfloat16, it runs under bfloat16 autocast (`--bf16`).
   """
   if importlib.util.find_spec('torch') is None:
     return {'skipped': 'PyTorch is not installed (pip install torch to compare)'}
@@ -232,7 +239,8 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
              f'--size={config.data.image_size}', f'--gc={bool(config.loss.gc_weight)}',
              f'--ngf={model.ngf}', f'--ndf={model.ndf}', f'--res_blocks={model.num_res_blocks}',
              f'--disc_layers={model.num_disc_layers}', f'--steps={steps}', f'--warmup={warmup}',
-             f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}']
+             f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}',
+             f'--bf16={pytorch_bf16(config.model.dtype)}']
   # PyTorch runs as its users run it: without the allocator tunable our CLI added.
   env = hugepages.environ_without_reexec()
   result = subprocess.run(command, capture_output=True, encoding='utf-8', check=False, env=env)
@@ -243,19 +251,10 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
           'glibc_tunables': env.get('GLIBC_TUNABLES', '')}
 
 
-def machine_info() -> dict[str, Any]:
-  """Devices, CPU and library versions."""
-  try:
-    load = os.getloadavg()
-  except OSError:
-    load = None
-  return {'jax': jax.__version__, 'flax': flax.__version__, 'backend': jax.default_backend(),
-          'devices': [str(d) for d in jax.devices()], 'cpu': common.cpu_name(),
-          'cpu_count': os.cpu_count(),
-          'load_average': load, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          # mr2ct_jax/cli/hugepages.py: set by the bench CLI (the PyTorch child runs without it).
-          'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-          'platform': platform.platform(), 'python': platform.python_version()}
+def pytorch_bf16(dtype: str) -> bool:
+  """Whether the PyTorch reference runs under bfloat16 autocast for our compute `dtype`
+  (float16 has no matching reference precision here: that one runs in float32)."""
+  return dtype == 'bfloat16'
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit(f'error: --size={fv.size}: must be >= 16 and divisible by 4')
   if fv.steps < 1 or fv.warmup < 0:
     raise SystemExit('error: --steps must be >= 1 and --warmup >= 0')
-  config = bench_config(fv.config, fv.size, fv.gc)
+  config = bench_config(fv.config, fv.size, fv.gc, fv.dtype)
   result = run(config, fv.steps, fv.warmup)
   pytorch = (time_pytorch_reference(config, fv.steps, fv.warmup) if fv.pytorch
              else {'skipped': '--nopytorch'})
@@ -277,9 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f'({pytorch["generator_params"]}, {pytorch["discriminator_params"]}) than '
                      f'ours ({result["generator_params"]}, {result["discriminator_params"]})')
   report = {'benchmark': 'train', 'size': fv.size, 'gc': fv.gc, 'batch_size': 1, **result,
+            'pytorch_precision': ('autocast_bfloat16' if pytorch_bf16(config.model.dtype)
+                                  else 'float32'),
             'pytorch_measured': pytorch,
             'speedup_vs_pytorch_measured': measured / result['step_time_s'] if measured else None,
-            'config': config.to_dict(), 'machine': machine_info()}
+            'config': config.to_dict(), 'machine': common.jax_machine_info()}
   common.write_report(fv.output, report)
   here = (f'PyTorch here {measured:.4f} s, {measured / result["step_time_s"]:.2f}x'
           if measured else f'PyTorch here: {pytorch["skipped"]}')
@@ -288,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if result['conv_impl_resolved'] == 'winograd' and result['effective_gflops']:
     rate = (f'{result["effective_gflops"]:.1f} effective GFLOP/s (direct-conv FLOPs) = '
             f'{100 * result["effective_ratio"]:.0f}%, {rate}')
-  print(f'train step at {fv.size}^2 (gc={fv.gc}, {jax.default_backend()}): '
+  print(f'train step at {fv.size}^2 (gc={fv.gc}, {config.model.dtype}, '
+        f'{jax.default_backend()}): '
         f'{result["step_time_s"]:.4f} s ({here}), {rate}the matmul ceiling '
         f'{result["matmul_ceiling_gflops"]:.1f} GFLOP/s -> {fv.output}')
   return 0

@@ -22,6 +22,13 @@ col2im (an overlap-add), and its backward is im2col of the output gradient plus 
 Every pixel costs exactly kh*kw taps and the matmuls are wide (N = kh*kw*Cout), where XLA
 lowers a strided `conv_transpose` to a conv over a zero-dilated input (stride^2 times the
 arithmetic) whose gradients take XLA:CPU's slow conv paths.
+
+In a 16-bit compute dtype (bfloat16, float16) every conv here is matmuls, the forward too:
+XLA:CPU's bfloat16 convolution runs at a fraction of its bfloat16 matmul speed (on a Xeon with
+AMX-BF16, ~220 against ~1,450 GFLOP/s, issue 16), so the forward is im2col + one matmul. Every
+matmul takes 16-bit inputs and accumulates in float32 (`preferred_element_type`); col2im sums
+and the result stay float32 until one final rounding to the compute dtype. In float32 the
+programs are unchanged (XLA's forward conv, float32 matmuls).
 """
 
 import functools
@@ -66,9 +73,26 @@ def col2im(d_cols: Array, xp_shape: tuple[int, ...], kh: int, kw: int, stride: i
   return total
 
 
+def low_precision(dtype: jnp.dtype) -> bool:
+  """Whether `dtype` is a 16-bit float whose matmuls accumulate in float32 here."""
+  return jnp.dtype(dtype).itemsize < 4
+
+
+def accumulation(*arrays: Array) -> jnp.dtype | None:
+  """`preferred_element_type` for a dot of `arrays`: float32 if any is 16-bit, else None.
+
+  None keeps the float32 programs exactly as they were (XLA's default result type).
+  """
+  return jnp.float32 if any(low_precision(a.dtype) for a in arrays) else None
+
+
 def _matmul(a: Array, b: Array, contract: tuple[int, int]) -> Array:
-  """2-D dot contracting a's axis contract[0] with b's axis contract[1] (no transposes)."""
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())))
+  """2-D dot contracting a's axis contract[0] with b's axis contract[1] (no transposes).
+
+  16-bit inputs give a float32 result (float32 accumulation).
+  """
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                         preferred_element_type=accumulation(a, b))
 
 
 Pad = int | tuple[tuple[int, int], tuple[int, int]]
@@ -85,6 +109,14 @@ def _zero_pad(x: Array, pad: Pad) -> Array:
 
 
 def _forward(x: Array, kernel: Array, stride: int, pad: Pad) -> Array:
+  if low_precision(x.dtype):
+    # im2col + one matmul: XLA:CPU's 16-bit convs are far slower than its 16-bit matmuls.
+    kh, kw, cin, cout = kernel.shape
+    xp = _zero_pad(x, pad)
+    b, hp, wp, _ = xp.shape
+    y = _matmul(im2col(xp, kh, kw, stride), kernel.reshape(kh * kw * cin, cout), (1, 0))
+    shape = (b, _out_size(hp, kh, stride), _out_size(wp, kw, stride), cout)
+    return y.reshape(shape).astype(x.dtype)
   if _pairs(pad) == ((0, 0), (0, 0)) and stride == 1:
     # XLA:CPU runs an unpadded conv much slower than a padded one: pad one zero row at
     # the bottom and drop its output row (the same numbers).
@@ -99,8 +131,9 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, pad: Pad = 0) -> Array:
   """Conv of NHWC `x` with HWIO `kernel`, `stride` and zero padding `pad`.
 
   `pad` is an int (every side) or ((top, bottom), (left, right)), hashable as it is a static
-  argument. Returns [B, (H + top + bottom - kh) // stride + 1, ..., Cout]. Forward: XLA's conv. Backward:
-  the im2col matmuls + col2im of the module docstring.
+  argument. Returns [B, (H + top + bottom - kh) // stride + 1, ..., Cout]. Forward: XLA's
+  conv in float32, im2col + a float32-accumulating matmul in 16-bit dtypes. Backward: the
+  im2col matmuls + col2im of the module docstring.
   """
   return _forward(x, kernel, stride, pad)
 
@@ -165,7 +198,7 @@ def conv_transpose2d(x: Array, kernel: Array, stride: int, pad: int,
                                                      output_padding)
   taps = _matmul(x.reshape(b * h * w, cin), _taps_by_input(kernel), (1, 1))
   full = col2im(taps, (b, full_h, full_w, cout), kh, kw, stride)
-  return _crop_or_pad(full, pad, out_h, out_w)
+  return _crop_or_pad(full, pad, out_h, out_w).astype(x.dtype)
 
 
 def _conv_transpose2d_fwd(x, kernel, stride, pad, output_padding):
@@ -182,7 +215,7 @@ def _conv_transpose2d_bwd(stride, pad, output_padding, residuals, dy):
   d_full = jnp.pad(dy, ((0, 0), (pad, 0), (pad, 0), (0, 0)))
   d_full = _crop_or_pad(d_full, 0, full_h, full_w)
   cols = im2col(d_full, kh, kw, stride)                       # [B*H*W, kh*kw*Cout]
-  dx = (cols @ _taps_by_input(kernel)).reshape(x.shape)
+  dx = _matmul(cols, _taps_by_input(kernel), (1, 0)).reshape(x.shape)
   d_taps = _matmul(cols, x.reshape(b * h * w, cin), (0, 0))   # [kh*kw*Cout, Cin]
   d_kernel = d_taps.reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
   return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)

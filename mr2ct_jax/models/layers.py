@@ -11,8 +11,14 @@ between them. Which path is fastest where is measured in the README's Benchmarks
   run as Winograd F(2x2, 3x3) (`winograd.py`): 2.25x fewer multiplications in the forward
   pass and in both gradients, agreeing with the direct conv to float32 rounding.
 - 'xla': XLA's own convolutions and their autodiff gradients (cuDNN on GPUs).
-- 'auto' (the default): the path measured fastest on JAX's default backend
-  (`options.resolve_conv_impl`).
+- 'auto' (the default): the path measured fastest on JAX's default backend for the compute
+  dtype (`options.resolve_conv_impl`).
+
+In a 16-bit compute dtype (`model.dtype='bfloat16'`) 'matmul' and 'winograd' compute every
+conv, forward and both gradients, as matmuls with 16-bit inputs and float32 accumulation
+(`conv_ops`, `winograd`): XLA:CPU's 16-bit convolutions are slow, its 16-bit matmuls use the
+matrix units (AMX, AVX512-BF16). The res-block convs `conv_valid` would run as XLA convs go
+through `conv_ops.conv2d` (im2col) instead. Parameters stay float32 (cast per layer).
 
 The 'matmul' forms:
 
@@ -60,17 +66,20 @@ WINOGRAD_TILE = 2
 WINOGRAD_MIN_CHANNELS = 64
 
 
-def check_conv_impl(conv_impl: str, backend: str | None = None) -> str:
-  """The concrete code path for `conv_impl` ('auto' resolved for `backend`).
+def check_conv_impl(conv_impl: str, backend: str | None = None,
+                    dtype: Any = jnp.float32) -> str:
+  """The concrete code path for `conv_impl` ('auto' resolved for `backend` and `dtype`).
 
   Args:
     conv_impl: one of `options.CONV_IMPLS`; anything else is a ValueError naming it.
     backend: 'cpu', 'gpu', 'tpu'...; None: JAX's default backend.
+    dtype: the compute dtype (a dtype or one of `options.DTYPE_NAMES`).
 
   Returns:
     'winograd', 'matmul' or 'xla'.
   """
-  return options.resolve_conv_impl(conv_impl, backend or jax.default_backend())
+  return options.resolve_conv_impl(conv_impl, backend or jax.default_backend(),
+                                   jnp.dtype(dtype).name)
 
 
 _DTYPES = {name: jnp.dtype(name) for name in options.DTYPE_NAMES}
@@ -160,10 +169,12 @@ def _one_channel(xp: Array, taps: Array) -> Array:
   kh, kw, c = taps.shape
   b, hp, wp, _ = xp.shape
   h, w = hp - kh + 1, wp - kw + 1
-  # planes[b, i, j] = xp . taps[i, j]: one matmul; the conv is the sum of shifted planes.
-  planes = jnp.einsum('bhwc,ijc->bijhw', xp, taps)
+  # planes[b, i, j] = xp . taps[i, j]: one matmul; the conv is the sum of shifted planes
+  # (both float32 for 16-bit inputs, rounded once at the end).
+  planes = jnp.einsum('bhwc,ijc->bijhw', xp, taps,
+                      preferred_element_type=conv_ops.accumulation(xp, taps))
   rows = sum(planes[:, :, j, :, j:j + w] for j in range(kw))   # [B, kh, H', W]
-  return sum(rows[:, i, i:i + h] for i in range(kh))
+  return sum(rows[:, i, i:i + h] for i in range(kh)).astype(xp.dtype)
 
 
 def _one_channel_fwd(xp, taps):
@@ -177,9 +188,10 @@ def _one_channel_bwd(residuals, dy):
   shifted = jnp.stack([
       jnp.stack([jnp.pad(dy, ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j))) for j in range(kw)],
                 axis=1) for i in range(kh)], axis=1)
-  d_xp = jnp.einsum('bijhw,ijc->bhwc', shifted, taps)
-  d_taps = jnp.einsum('bijhw,bhwc->ijc', shifted, xp)
-  return d_xp, d_taps
+  acc = conv_ops.accumulation(shifted, taps)
+  d_xp = jnp.einsum('bijhw,ijc->bhwc', shifted, taps, preferred_element_type=acc)
+  d_taps = jnp.einsum('bijhw,bhwc->ijc', shifted, xp, preferred_element_type=acc)
+  return d_xp.astype(xp.dtype), d_taps.astype(taps.dtype)
 
 
 _one_channel.defvjp(_one_channel_fwd, _one_channel_bwd)
@@ -188,6 +200,12 @@ _one_channel.defvjp(_one_channel_fwd, _one_channel_bwd)
 def conv_to_one_channel(x: Array, kernel: Array) -> Array:
   """`conv_valid` for a kernel [kh, kw, C, 1]: returns [B, H-kh+1, W-kw+1, 1]."""
   return _one_channel(x, kernel[..., 0])[..., None]
+
+
+def add_bias(y: Array, bias: Array) -> Array:
+  """`y + bias` in float32, rounded to y's dtype: the bias gradient (a sum over every pixel)
+  is then summed in float32, where a 16-bit sum of thousands of terms loses most digits."""
+  return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
 
 
 class ReflectConv(nn.Module):
@@ -211,7 +229,7 @@ class ReflectConv(nn.Module):
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x = reflect_pad(x.astype(self.dtype), self.pad)
     kernel = kernel.astype(self.dtype)
-    impl = check_conv_impl(self.conv_impl)
+    impl = check_conv_impl(self.conv_impl, dtype=self.dtype)
     if impl == 'xla':
       y = xla_conv(x, kernel)
     elif self.features == 1:
@@ -223,9 +241,12 @@ class ReflectConv(nn.Module):
       y = conv_ops.conv2d(x, kernel, 1, 0)
     elif impl == 'winograd' and k == 3 and x.shape[-1] >= WINOGRAD_MIN_CHANNELS:
       y = winograd.conv3x3_valid(x, kernel, WINOGRAD_TILE)
+    elif conv_ops.low_precision(self.dtype):
+      # `conv_valid` is an XLA conv forward and backward; in 16 bits that is the slow path.
+      y = conv_ops.conv2d(x, kernel, 1, 0)
     else:
       y = conv_valid(x, kernel)
-    return y + bias.astype(self.dtype)
+    return add_bias(y, bias)
 
 
 class Conv(nn.Module):
@@ -250,11 +271,11 @@ class Conv(nn.Module):
                         self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if check_conv_impl(self.conv_impl) == 'xla':
+    if check_conv_impl(self.conv_impl, dtype=self.dtype) == 'xla':
       y = xla_conv(x, kernel, self.stride, self.pad)
     else:
       y = conv_ops.conv2d(x, kernel, self.stride, self.pad)
-    return y + bias.astype(self.dtype)
+    return add_bias(y, bias)
 
 
 def xla_upconv2x(x: Array, kernel: Array) -> Array:
@@ -300,5 +321,6 @@ class UpConv2x(nn.Module):
                         (3, 3, x.shape[-1], self.features), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    up = xla_upconv2x if check_conv_impl(self.conv_impl) == 'xla' else upconv2x
-    return up(x, kernel) + bias.astype(self.dtype)
+    impl = check_conv_impl(self.conv_impl, dtype=self.dtype)
+    up = xla_upconv2x if impl == 'xla' else upconv2x
+    return add_bias(up(x, kernel), bias)

@@ -16,6 +16,11 @@ small-K matmul with the Kronecker product of the 1-D transform matrices; the (m 
 batched matmuls carry the arithmetic.
 Results agree with the direct conv to float32 rounding (relative ~1e-6 for m = 2, ~1e-5
 for m = 4: the m = 4 transforms have entries up to 8).
+
+In bfloat16 (m = 2 only) the transformed tiles and kernel are rounded to bfloat16 and the
+batched matmuls, forward and backward, accumulate in float32 (`preferred_element_type`):
+the matrix units' fast path. Their float32 results go through the output transforms and the
+overlap-add in float32 and are rounded to bfloat16 once.
 """
 
 import functools
@@ -24,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
+
+from mr2ct_jax.models import conv_ops
 
 Array = jax.Array
 
@@ -58,6 +65,15 @@ def _transform(mat: np.ndarray, stacked: Array) -> Array:
   out = jnp.dot(jnp.asarray(mat, jnp.float32), stacked.reshape(k, -1),
                 precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   return out.astype(stacked.dtype).reshape(mat.shape[0], *stacked.shape[1:])
+
+
+def _batched_matmul(a: Array, b: Array, contract: tuple[int, int]) -> Array:
+  """The (m + 2)^2 matmuls a[k] . b[k] contracting a's axis contract[0] with b's contract[1].
+
+  16-bit inputs give a float32 result (float32 accumulation).
+  """
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0,), (0,))),
+                         preferred_element_type=conv_ops.accumulation(a, b))
 
 
 def _check(xp: Array, kernel: Array, tile: int) -> None:
@@ -100,10 +116,10 @@ def _forward(xp: Array, kernel: Array, tile: int) -> tuple[Array, Array]:
   rows, cols = _grid(h, w, tile)
   v = _input_transform(xp, tile)
   u = _transform(gg, kernel.reshape(9, cin, cout))
-  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))              # [a^2, tiles, Cout]
+  m = _batched_matmul(v, u, (2, 1))                                    # [a^2, tiles, Cout]
   # y[b, m r + i, m c + j] = (A^T M A)[(i, j)] of tile (r, c).
   y = _transform(aa, m).reshape(tile, tile, b, rows, cols, cout).transpose(2, 3, 0, 4, 1, 5)
-  return y.reshape(b, rows * tile, cols * tile, cout)[:, :h, :w], u
+  return y.reshape(b, rows * tile, cols * tile, cout)[:, :h, :w].astype(xp.dtype), u
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -144,9 +160,8 @@ def _conv3x3_bwd(tile, residuals, dy):
   # dy_tiles[(i, j), b, r, c] = dy[b, m r + i, m c + j].
   dy_tiles = dy.reshape(b, rows, tile, cols, tile, cout).transpose(2, 4, 0, 1, 3, 5)
   dm = _transform(aa.T, dy_tiles.reshape(tile * tile, -1, cout))      # [a^2, tiles, Cout]
-  dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))             # [a^2, tiles, Cin]
-  du = lax.dot_general(_input_transform(xp, tile), dm,
-                       (((1,), (1,)), ((0,), (0,))))                   # [a^2, Cin, Cout]
+  dv = _batched_matmul(dm, u, (2, 2))                                  # [a^2, tiles, Cin]
+  du = _batched_matmul(_input_transform(xp, tile), dm, (1, 1))         # [a^2, Cin, Cout]
   d_kernel = _transform(gg.T, du).reshape(3, 3, cin, cout)
   d_tiles = _transform(bb.T, dv).reshape(alpha, alpha, b, rows, cols, cin)
   # Overlap-add, the adjoint of cutting the tiles: tile pixel (p, q) of tile (r, c) came
