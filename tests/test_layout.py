@@ -20,7 +20,7 @@ COMMANDS = {
     'mr2ct_jax.segmentation.__main__', 'mr2ct_jax.bench.__main__', 'mr2ct_jax.bench.train',
     'mr2ct_jax.bench.pipeline', 'mr2ct_jax.bench.torch_reference',
     'mr2ct_jax.segmentation.baseline',
-    'mr2ct_jax.experiments.paper',
+    'mr2ct_jax.experiments.paper', 'mr2ct_jax.bench.translate',
 }
 # The study runs whole jobs (train, evaluate, segment) the way the commands do: it sits beside
 # the commands, above the jobs, and no job or block imports it.

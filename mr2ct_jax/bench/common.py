@@ -72,3 +72,9 @@ def jax_machine_info() -> dict[str, Any]:
 def write_report(path: str, report: dict[str, Any]) -> None:
   """Writes the JSON report to a temporary name, then renames it."""
   atomic.write_json(path, report, indent=1, default=str)
+
+
+def pytorch_bf16(dtype: str) -> bool:
+  """Whether the PyTorch reference runs under bfloat16 autocast for our compute `dtype`
+  (float16 has no matching reference precision here: that one runs in float32)."""
+  return dtype == 'bfloat16'

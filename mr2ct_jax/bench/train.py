@@ -240,7 +240,7 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
              f'--ngf={model.ngf}', f'--ndf={model.ndf}', f'--res_blocks={model.num_res_blocks}',
              f'--disc_layers={model.num_disc_layers}', f'--steps={steps}', f'--warmup={warmup}',
              f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}',
-             f'--bf16={pytorch_bf16(config.model.dtype)}']
+             f'--bf16={common.pytorch_bf16(config.model.dtype)}']
   # PyTorch runs as its users run it: without the allocator tunable our CLI added.
   env = hugepages.environ_without_reexec()
   result = subprocess.run(command, capture_output=True, encoding='utf-8', check=False, env=env)
@@ -249,12 +249,6 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
     return {'skipped': f'the PyTorch reference failed: {last}'}
   return {**json.loads(result.stdout.strip().splitlines()[-1]),
           'glibc_tunables': env.get('GLIBC_TUNABLES', '')}
-
-
-def pytorch_bf16(dtype: str) -> bool:
-  """Whether the PyTorch reference runs under bfloat16 autocast for our compute `dtype`
-  (float16 has no matching reference precision here: that one runs in float32)."""
-  return dtype == 'bfloat16'
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f'({pytorch["generator_params"]}, {pytorch["discriminator_params"]}) than '
                      f'ours ({result["generator_params"]}, {result["discriminator_params"]})')
   report = {'benchmark': 'train', 'size': fv.size, 'gc': fv.gc, 'batch_size': 1, **result,
-            'pytorch_precision': ('autocast_bfloat16' if pytorch_bf16(config.model.dtype)
+            'pytorch_precision': ('autocast_bfloat16' if common.pytorch_bf16(config.model.dtype)
                                   else 'float32'),
             'pytorch_measured': pytorch,
             'speedup_vs_pytorch_measured': measured / result['step_time_s'] if measured else None,

@@ -32,7 +32,6 @@ import ml_collections
 import numpy as np
 
 from mr2ct_jax.bench import common
-from mr2ct_jax.bench import train as bench_train
 from mr2ct_jax.cli import commands
 from mr2ct_jax.cli import hugepages
 from mr2ct_jax.inference import generators
@@ -128,7 +127,7 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, batch: int, num_sl
              f'--repeats={repeats}', f'--warmup={warmup}', f'--ngf={model.ngf}',
              f'--res_blocks={model.num_res_blocks}',
              f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}',
-             f'--bf16={bench_train.pytorch_bf16(model.dtype)}']
+             f'--bf16={common.pytorch_bf16(model.dtype)}']
   env = hugepages.environ_without_reexec()
   result = subprocess.run(command, capture_output=True, encoding='utf-8', check=False, env=env)
   if result.returncode != 0:
@@ -156,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit(f'error: the PyTorch reference generator has {pytorch["generator_params"]} '
                      f'parameters, ours {result["generator_params"]}')
   report = {'benchmark': 'translate', 'size': fv.size, 'batch_size': batch, **result,
-            'pytorch_precision': ('autocast_bfloat16' if bench_train.pytorch_bf16(
+            'pytorch_precision': ('autocast_bfloat16' if common.pytorch_bf16(
                 config.model.dtype) else 'float32'),
             'pytorch_measured': pytorch,
             'speedup_vs_pytorch_measured': result['slices_per_s'] / theirs if theirs else None,
