@@ -101,6 +101,8 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
     reports.ReportError: a missing per_volume.json, differing patient sets, existing outputs,
       an `output` that cannot be created.
   """
+  output = dir_b if output is None else output
+  atomic.check_writable(output, folder=True, error=reports.ReportError)  # before any work
   same = same_data(dir_a, dir_b, allow_different_data)
   rows_a = reports.read_rows_json(os.path.join(dir_a, 'per_volume.json'))
   rows_b = reports.read_rows_json(os.path.join(dir_b, 'per_volume.json'))
@@ -119,7 +121,7 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
          'test': 'scipy.stats.ttest_rel(B, A), two-sided; diff = mean(B - A)',
          'results': [{k: reports.json_number(v) for k, v in r.items()} for r in results],
          'markdown': markdown}
-  write_comparison(dir_b if output is None else output, out, overwrite)
+  write_comparison(output, out, overwrite)
   print(out['markdown'], flush=True)
   return out
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from absl import flags
 
+from mr2ct_jax import atomic
 from mr2ct_jax.cli import commands
 from mr2ct_jax.evaluation import compare as eval_compare
 from mr2ct_jax.evaluation import fingerprint
@@ -69,6 +70,8 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
   summary_a, summary_b = read_summary(dir_a), read_summary(dir_b)
   names_a = _structures(summary_a, dir_a)
   names_b = _structures(summary_b, dir_b)
+  output = dir_b if output is None else output
+  atomic.check_writable(output, folder=True, error=reports.ReportError)  # before any work
   same = eval_compare.same_data(dir_a, dir_b, allow_different_data)
   if names_a != names_b:
     raise reports.ReportError(f'{dir_a} vs {dir_b}: they report different structures '
@@ -87,7 +90,7 @@ def compare(dir_a: str, dir_b: str, output: str | None = None, *,
                  'diff = mean(B - A)',
          'results': [{k: reports.json_number(v) for k, v in r.items()} for r in results],
          'markdown': markdown}
-  eval_compare.write_comparison(dir_b if output is None else output, out, overwrite)
+  eval_compare.write_comparison(output, out, overwrite)
   print(out['markdown'], flush=True)
   return out
 
