@@ -26,6 +26,7 @@ def test_bench_train_writes_its_report(tmp_path):
   output = tmp_path / 'bench_train.json'
   # ngf=32: res blocks of 128 channels, wide enough for the CPU's Winograd path to save FLOPs.
   result = _bench('--size=32', '--gc', '--config=configs/gc.py:test', '--config.model.ngf=32',
+                  '--config.model.conv_impl=auto',
                   '--steps=2', '--warmup=1', '--nopytorch', f'--output={output}')
   assert result.returncode == 0, result.stderr
   report = json.loads(output.read_text(encoding='utf-8'))
@@ -134,7 +135,8 @@ def test_bench_translate_writes_its_report(tmp_path):
   output = tmp_path / 'bench_translate.json'
   pytorch = importlib.util.find_spec('torch') is not None
   result = _bench('--size=32', '--batch=4', '--slices=6', '--repeats=2', '--warmup=0',
-                  '--dtype=bfloat16', '--config=configs/gc.py:test', f'--output={output}',
+                  '--dtype=bfloat16', '--config=configs/gc.py:test',
+                  '--config.model.conv_impl=auto', f'--output={output}',
                   '--pytorch' if pytorch else '--nopytorch', command='translate')
   assert result.returncode == 0, result.stderr
   report = json.loads(output.read_text(encoding='utf-8'))

@@ -99,6 +99,7 @@ def test_bf16_training_agrees_with_float32(test_config):
     config.train.batch_size, config.train.num_steps = 2, 1000
     # ngf=8: res blocks wide enough for Winograd (the fixture); one stride-2 D layer.
     config.model.dtype, config.model.ngf, config.model.num_disc_layers = dtype, 8, 1
+    config.model.conv_impl = 'auto'  # the matmul/Winograd paths (the test variant: 'xla')
     runs[dtype] = _train(config, batches)
   init, state32, losses32, text32 = runs['float32']
   init16, state16, losses16, text16 = runs['bfloat16']

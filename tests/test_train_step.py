@@ -25,6 +25,7 @@ def _config(test_config, **loss_overrides):
   config.unlock()
   config.train.batch_size = BATCH
   config.train.num_steps = 1000  # the test variant's 4 steps would decay the lr to 0 at once
+  config.model.conv_impl = 'auto'  # the product's default conv path (the test variant: 'xla')
   for key, value in loss_overrides.items():
     config.loss[key] = value
   return config
