@@ -70,7 +70,7 @@ def test_bench_train_rejects_bad_size(tmp_path):
 
 def test_pytorch_reference_is_skipped_with_a_reason_without_torch(monkeypatch, test_config):
   from mr2ct_jax.bench import train as bench_train
-  monkeypatch.setattr(bench_train.importlib.util, 'find_spec', lambda name: None)
+  monkeypatch.setattr(common.importlib.util, 'find_spec', lambda name: None)
   config = bench_train.bench_config(test_config, 32, gc=True)
   assert bench_train.time_pytorch_reference(config, 1, 0) == {
       'skipped': 'PyTorch is not installed (pip install torch to compare)'}
@@ -175,8 +175,8 @@ def test_bench_train_passes_bf16_to_the_pytorch_child(monkeypatch, test_config):
   class Done:
     returncode, stdout, stderr = 1, '', 'stopped here'
 
-  monkeypatch.setattr(bench_train.importlib.util, 'find_spec', lambda name: object())
-  monkeypatch.setattr(bench_train.subprocess, 'run', lambda command, **_: calls.append(command)
+  monkeypatch.setattr(common.importlib.util, 'find_spec', lambda name: object())
+  monkeypatch.setattr(common.subprocess, 'run', lambda command, **_: calls.append(command)
                       or Done())
   for dtype, flag in (('bfloat16', '--bf16=True'), ('float32', '--bf16=False')):
     config = bench_train.bench_config(test_config, 32, gc=False, dtype=dtype)

@@ -1,7 +1,11 @@
 """What the benchmarks share: the --config flag, the machine's CPU and its ISA, the report."""
 
+import importlib.util
+import json
 import os
 import platform
+import subprocess
+import sys
 from typing import Any
 
 from absl import flags
@@ -9,6 +13,7 @@ from ml_collections import config_flags
 
 from mr2ct_jax import atomic
 from mr2ct_jax.cli import commands
+from mr2ct_jax.cli import hugepages
 
 
 def define_config_flag(fv: flags.FlagValues) -> None:
@@ -78,3 +83,24 @@ def pytorch_bf16(dtype: str) -> bool:
   """Whether the PyTorch reference runs under bfloat16 autocast for our compute `dtype`
   (float16 has no matching reference precision here: that one runs in float32)."""
   return dtype == 'bfloat16'
+
+
+def run_pytorch_child(args: list[str]) -> dict[str, Any]:
+  """Runs `python -m mr2ct_jax.bench.torch_reference ARGS` in a child process.
+
+  The child runs as PyTorch's users run it: without the allocator tunable our bench CLI adds.
+
+  Returns:
+    Its JSON report (plus the child's GLIBC_TUNABLES), or {'skipped': why} when PyTorch is not
+    installed or the child failed.
+  """
+  if importlib.util.find_spec('torch') is None:
+    return {'skipped': 'PyTorch is not installed (pip install torch to compare)'}
+  env = hugepages.environ_without_reexec()
+  result = subprocess.run([sys.executable, '-m', 'mr2ct_jax.bench.torch_reference', *args],
+                          capture_output=True, encoding='utf-8', check=False, env=env)
+  if result.returncode != 0:
+    last = (result.stderr.strip().splitlines() or ['no output'])[-1]
+    return {'skipped': f'the PyTorch reference failed: {last}'}
+  return {**json.loads(result.stdout.strip().splitlines()[-1]),
+          'glibc_tunables': env.get('GLIBC_TUNABLES', '')}

@@ -19,10 +19,7 @@ reports the speedup, in the same precision: with `--dtype=bfloat16` the referenc
 `torch.autocast(dtype=torch.bfloat16)` (`--bf16`). On a GPU, time more steps (`--steps=50`).
 """
 
-import importlib.util
-import json
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -36,7 +33,6 @@ import numpy as np
 from mr2ct_jax import parallel
 from mr2ct_jax.bench import common
 from mr2ct_jax.cli import commands
-from mr2ct_jax.cli import hugepages
 from mr2ct_jax.models import layers
 from mr2ct_jax.models import options
 from mr2ct_jax.training import state as state_lib
@@ -232,23 +228,13 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
   JAX runs on a GPU, so does the reference (`--device=cuda`); when `config.model.dtype` is
   bfloat16, it runs under bfloat16 autocast (`--bf16`).
   """
-  if importlib.util.find_spec('torch') is None:
-    return {'skipped': 'PyTorch is not installed (pip install torch to compare)'}
   model = config.model
-  command = [sys.executable, '-m', 'mr2ct_jax.bench.torch_reference',
-             f'--size={config.data.image_size}', f'--gc={bool(config.loss.gc_weight)}',
-             f'--ngf={model.ngf}', f'--ndf={model.ndf}', f'--res_blocks={model.num_res_blocks}',
-             f'--disc_layers={model.num_disc_layers}', f'--steps={steps}', f'--warmup={warmup}',
-             f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}',
-             f'--bf16={common.pytorch_bf16(config.model.dtype)}']
-  # PyTorch runs as its users run it: without the allocator tunable our CLI added.
-  env = hugepages.environ_without_reexec()
-  result = subprocess.run(command, capture_output=True, encoding='utf-8', check=False, env=env)
-  if result.returncode != 0:
-    last = (result.stderr.strip().splitlines() or ['no output'])[-1]
-    return {'skipped': f'the PyTorch reference failed: {last}'}
-  return {**json.loads(result.stdout.strip().splitlines()[-1]),
-          'glibc_tunables': env.get('GLIBC_TUNABLES', '')}
+  return common.run_pytorch_child([
+      f'--size={config.data.image_size}', f'--gc={bool(config.loss.gc_weight)}',
+      f'--ngf={model.ngf}', f'--ndf={model.ndf}', f'--res_blocks={model.num_res_blocks}',
+      f'--disc_layers={model.num_disc_layers}', f'--steps={steps}', f'--warmup={warmup}',
+      f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}',
+      f'--bf16={common.pytorch_bf16(config.model.dtype)}'])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,10 +17,7 @@ size, batch and repeats, under `torch.autocast(dtype=torch.bfloat16)` when --dty
 the report gives our speedup over it.
 """
 
-import importlib.util
-import json
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Sequence
@@ -33,7 +30,6 @@ import numpy as np
 
 from mr2ct_jax.bench import common
 from mr2ct_jax.cli import commands
-from mr2ct_jax.cli import hugepages
 from mr2ct_jax.inference import generators
 from mr2ct_jax.inference import slices as slices_lib
 from mr2ct_jax.models import layers
@@ -119,22 +115,13 @@ def run(config: ml_collections.ConfigDict, batch: int, num_slices: int, repeats:
 def time_pytorch_reference(config: ml_collections.ConfigDict, batch: int, num_slices: int,
                            repeats: int, warmup: int) -> dict[str, Any]:
   """Runs `torch_reference --mode=inference` in a child process; its JSON, or why not."""
-  if importlib.util.find_spec('torch') is None:
-    return {'skipped': 'PyTorch is not installed (pip install torch to compare)'}
   model = config.model
-  command = [sys.executable, '-m', 'mr2ct_jax.bench.torch_reference', '--mode=inference',
-             f'--size={config.data.image_size}', f'--batch={batch}', f'--slices={num_slices}',
-             f'--repeats={repeats}', f'--warmup={warmup}', f'--ngf={model.ngf}',
-             f'--res_blocks={model.num_res_blocks}',
-             f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}',
-             f'--bf16={common.pytorch_bf16(model.dtype)}']
-  env = hugepages.environ_without_reexec()
-  result = subprocess.run(command, capture_output=True, encoding='utf-8', check=False, env=env)
-  if result.returncode != 0:
-    last = (result.stderr.strip().splitlines() or ['no output'])[-1]
-    return {'skipped': f'the PyTorch reference failed: {last}'}
-  return {**json.loads(result.stdout.strip().splitlines()[-1]),
-          'glibc_tunables': env.get('GLIBC_TUNABLES', '')}
+  return common.run_pytorch_child([
+      '--mode=inference', f'--size={config.data.image_size}', f'--batch={batch}',
+      f'--slices={num_slices}', f'--repeats={repeats}', f'--warmup={warmup}',
+      f'--ngf={model.ngf}', f'--res_blocks={model.num_res_blocks}',
+      f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}',
+      f'--bf16={common.pytorch_bf16(model.dtype)}'])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
