@@ -258,10 +258,11 @@ def test_conv_impl_comes_from_the_config_and_bad_values_fail():
   with pytest.raises(ValueError, match="conv_impl='cudnn'"):
     layers.check_conv_impl('cudnn')
   config = gc.get_config('test')
-  assert cyclegan.build(config.model)[0].conv_impl == 'auto'
-  config.model.conv_impl = 'xla'
+  assert cyclegan.build(config.model)[0].conv_impl == 'xla'  # the test variant's
+  config.model.conv_impl = 'matmul'
   generator, discriminator = cyclegan.build(config.model)
-  assert generator.conv_impl == discriminator.conv_impl == 'xla'
+  assert generator.conv_impl == discriminator.conv_impl == 'matmul'
+  assert cyclegan.build(gc.get_config('quick').model)[0].conv_impl == 'auto'
   config.model.conv_impl = 'cudnn'
   with pytest.raises(ValueError, match='model.conv_impl'):
     cyclegan.build(config.model)
