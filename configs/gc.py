@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.ndf = 64                  # discriminator base filters
   model.num_res_blocks = 9
   model.num_disc_layers = 3       # 3 stride-2 layers: the 70x70 PatchGAN
+  model.disc_norm = 'instance'    # discriminator norm: 'instance' (the paper) or 'none'
   model.dtype = 'float32'         # compute dtype ('bfloat16' for mixed precision, params fp32)
   # Conv code path, not the function (mr2ct_jax/models/layers.py): 'auto' (the fastest
   # measured on the backend: 'winograd' on CPUs, 'matmul' elsewhere), 'winograd' (res-block

@@ -54,7 +54,8 @@ def _restore_tuples(config_dict: dict[str, Any],
 _CODE_PATH_FIELDS = {'model': ('conv_impl',), 'data': ('prepare_defaults',)}
 # Fields added after runs were written, with the value those runs effectively used.
 _LEGACY_FIELDS = {'data': {'plane': 'axial', 'num_train_mr': 0, 'num_train_ct': 0,
-                           'subset_seed': 0}}
+                           'subset_seed': 0},
+                  'model': {'disc_norm': 'instance'}}
 # Phantom sets that only evaluation reads: adding them leaves the training data unchanged.
 _EVAL_ONLY_PHANTOM = ('num_val', 'num_test_mr', 'num_test_ct', 'num_labeled_mr')
 

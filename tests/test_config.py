@@ -35,6 +35,7 @@ def test_paper_defaults():
   assert tuple(config.data.ct_window) == (-150.0, 350.0)
   assert tuple(config.data.mr_window) == (0.0, 100.0)
   assert config.model.num_res_blocks == 9 and config.model.num_disc_layers == 3
+  assert config.model.disc_norm == 'instance'
   assert gc.get_config('nogc').loss.gc_weight == 0.0
 
 
@@ -53,6 +54,7 @@ def test_unknown_variant():
     ('train.num_steps', 0, 'config.train.num_steps'),
     ('model.dtype', 'float64', 'config.model.dtype'),
     ('model.conv_impl', 'cudnn', 'config.model.conv_impl'),
+    ('model.disc_norm', 'batch', "config.model.disc_norm='batch': must be one of"),
 ])
 def test_bad_values_name_the_key(key, value, message):
   config = gc.get_config('test')

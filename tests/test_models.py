@@ -121,6 +121,26 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   assert logits.dtype == jnp.float32
 
 
+def test_discriminator_norm_none_keeps_the_parameters_and_the_input_scale():
+  x = jnp.cos(jnp.arange(2 * 32 * 32, dtype=jnp.float32)).reshape(2, 32, 32, 1)
+  variables = _random_variables(PatchDiscriminator(ndf=4), x, 1, 0.2)
+  # Zero biases make every layer but the norm positively homogeneous (convs, LeakyReLU).
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.zeros_like(v) if path[-1].key == 'bias' else v, variables)
+  plain = PatchDiscriminator(ndf=4, norm='none')
+  assert jax.tree.map(jnp.shape, jax.eval_shape(plain.init, jax.random.key(0), x)) == (
+      jax.tree.map(jnp.shape, variables))
+  # Instance norm forgets the input's scale; without a norm the logits scale with it.
+  normed = PatchDiscriminator(ndf=4).apply
+  np.testing.assert_allclose(normed(variables, 3 * x), normed(variables, x), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(plain.apply(variables, 3 * x), 3 * plain.apply(variables, x),
+                             rtol=1e-5, atol=1e-6)
+  assert not np.allclose(plain.apply(variables, x), normed(variables, x), atol=1e-3)
+  with pytest.raises(ValueError, match="disc_norm='batch'"):
+    PatchDiscriminator(ndf=4, norm='batch').apply(variables, x)
+
+
 def test_build_uses_config_fields(test_config):
   generator, discriminator = cyclegan.build(test_config.model)
   assert (generator.ngf, generator.num_res_blocks, generator.dtype) == (4, 1, jnp.float32)

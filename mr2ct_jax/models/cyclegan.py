@@ -23,5 +23,6 @@ def build(model_config: ml_collections.ConfigDict) -> tuple[ResnetGenerator, Pat
                               out_channels=1, dtype=dtype, conv_impl=model_config.conv_impl)
   discriminator = PatchDiscriminator(ndf=model_config.ndf,
                                      num_layers=model_config.num_disc_layers, dtype=dtype,
-                                     conv_impl=model_config.conv_impl)
+                                     conv_impl=model_config.conv_impl,
+                                     norm=model_config.get('disc_norm', 'instance'))
   return generator, discriminator
