@@ -20,7 +20,9 @@ from mr2ct_jax.data import dataset
 from mr2ct_jax.data import writer
 from mr2ct_jax.training import loop
 
-from fake_bucket import bucket  # noqa: F401  (the fixture)
+import fake_bucket
+
+bucket = fake_bucket.bucket  # the fixture
 
 MISSING_GCSFS = ('gs://bucket/run: gs:// paths need gcsfs; pip install gcsfs '
                  '(or pip install "mr2ct_jax[gcs]")')
@@ -63,7 +65,7 @@ def test_local_paths_are_not_urls(tmp_path):
   storage.check_backend(str(tmp_path))  # no filesystem package needed
 
 
-def test_an_atomic_write_to_a_url_appears_only_when_complete(bucket):  # noqa: F811
+def test_an_atomic_write_to_a_url_appears_only_when_complete(bucket):
   target = os.path.join(bucket, 'bucket', 'dir', 'x.json')
   with atomic.writing('gs://bucket/dir/x.json') as f:
     f.write('{"a": 1}\n')
@@ -80,7 +82,7 @@ def test_an_atomic_write_to_a_url_appears_only_when_complete(bucket):  # noqa: F
     assert json.load(f) == {'b': 2}
 
 
-def test_a_built_dir_is_uploaded_with_its_marker_last(bucket, monkeypatch):  # noqa: F811
+def test_a_built_dir_is_uploaded_with_its_marker_last(bucket, monkeypatch):
   uploads = []
   upload = storage.upload_file
   monkeypatch.setattr(storage, 'upload_file',
@@ -107,7 +109,7 @@ def test_a_built_dir_is_uploaded_with_its_marker_last(bucket, monkeypatch):  # n
     atomic.check_replaceable('gs://bucket/out', True, 'other.json', 'an output')
 
 
-def test_prepare_train_resume_and_evaluate_in_the_bucket(bucket, test_config, tmp_path,  # noqa
+def test_prepare_train_resume_and_evaluate_in_the_bucket(bucket, test_config, tmp_path,
                                                          capsys):
   # The phantom's volumes (local inputs), prepared into the bucket.
   local = writer.prepare_phantom(str(tmp_path / 'ph'), test_config)
