@@ -82,20 +82,24 @@ def as_path(path: PathLike) -> epath.Path:
 
 
 def exists(path: PathLike) -> bool:
+  """Whether `path` exists (a local dangling link counts, as os.path.lexists)."""
   if not is_remote(path):
     return os.path.lexists(path)
   return as_path(path).exists()
 
 
 def isdir(path: PathLike) -> bool:
+  """`os.path.isdir`; for a URL, whether objects lie under the prefix `path/`."""
   return os.path.isdir(path) if not is_remote(path) else as_path(path).is_dir()
 
 
 def isfile(path: PathLike) -> bool:
+  """`os.path.isfile`; for a URL, whether the object `path` exists."""
   return os.path.isfile(path) if not is_remote(path) else as_path(path).is_file()
 
 
 def listdir(path: PathLike) -> list[str]:
+  """The names in folder `path` (`os.listdir`; for a URL, the next level of its prefix)."""
   if not is_remote(path):
     return os.listdir(path)
   return [p.name for p in as_path(path).iterdir()]
@@ -119,6 +123,7 @@ def open_file(path: PathLike, mode: str = 'r', **kwargs: Any) -> IO[Any]:
 
 
 def rmtree(path: PathLike) -> None:
+  """Deletes folder `path` and everything in it (for a URL, every object under it)."""
   if is_remote(path):
     as_path(path).rmtree()
   else:

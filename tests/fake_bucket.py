@@ -15,15 +15,14 @@ package's real code paths run with `gs://` strings:
 
 import os
 import re
-import sys
 import threading
 import types
 import urllib.parse
 from http import server
 from typing import Any, Iterator
 
-import fsspec  # noqa: F401  (loads fsspec.registry)
 import pytest
+from fsspec import registry as fsspec_registry
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
@@ -93,7 +92,7 @@ def bucket(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
   monkeypatch.setattr(_RootedGcs, 'root', root)
   for protocol in ('gs', 'gcs'):
     # Restored (gcsfs's entry, or none) after the test.
-    monkeypatch.setitem(sys.modules['fsspec.registry']._registry, protocol, _RootedGcs)
+    monkeypatch.setitem(fsspec_registry._registry, protocol, _RootedGcs)
   # epath caches one filesystem per protocol: bypass that cache while the root is ours.
   backend_type = type(backend.fsspec_backend)
   monkeypatch.setattr(backend_type, '_get_filesystem',
