@@ -13,6 +13,7 @@ package's real code paths run with `gs://` strings:
     GETs, all that reading needs).
 """
 
+import importlib
 import os
 import re
 import threading
@@ -22,9 +23,12 @@ from http import server
 from typing import Any, Iterator
 
 import pytest
-from fsspec import registry as fsspec_registry
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
+
+
+# The module (the package's `fsspec.registry` attribute is its read-only mapping instead).
+_FSSPEC_REGISTRY = importlib.import_module('fsspec.registry')
 
 
 class _RootedGcs(DirFileSystem):
@@ -92,7 +96,7 @@ def bucket(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
   monkeypatch.setattr(_RootedGcs, 'root', root)
   for protocol in ('gs', 'gcs'):
     # Restored (gcsfs's entry, or none) after the test.
-    monkeypatch.setitem(fsspec_registry._registry, protocol, _RootedGcs)
+    monkeypatch.setitem(_FSSPEC_REGISTRY._registry, protocol, _RootedGcs)
   # epath caches one filesystem per protocol: bypass that cache while the root is ours.
   backend_type = type(backend.fsspec_backend)
   monkeypatch.setattr(backend_type, '_get_filesystem',
