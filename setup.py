@@ -30,6 +30,7 @@ setuptools.setup(
         'matplotlib>=3.9',
         'tqdm>=4.66',
     ],
-    extras_require={'test': ['pytest>=9.2']},
+    # gs:// workdirs and data dirs (etils epath's fsspec backend).
+    extras_require={'test': ['pytest>=9.2'], 'gcs': ['gcsfs>=2024.2']},
     license='Apache-2.0',
 )

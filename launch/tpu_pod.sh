@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU pod slice: every host runs the same command; JAX discovers the pod.
 #
-#   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=/mnt/shared/runs/gc DATA=/mnt/shared/hip_tfds \
+#   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=gs://my-bucket/runs/gc DATA=gs://my-bucket/hip \
 #     bash launch/tpu_pod.sh [--dry-run] [extra --config.* overrides]
 #
-# WORKDIR and DATA must be paths every worker sees (e.g. a Filestore or GCS Fuse mount);
-# gs:// URLs are not read directly yet. --dry-run prints the two gcloud commands.
+# WORKDIR and DATA must be paths every worker sees: gs:// URLs (through gcsfs, which the
+# install step adds when either is one; DATA written by `prepare --out=gs://...`) or a
+# shared mount (Filestore, GCS Fuse). --dry-run prints the two gcloud commands.
 #
 # The global batch (config.train.batch_size) is split over all TPU cores, so it must be a
 # multiple of the core count (e.g. --config.train.batch_size=32 on a v4-32). Each host reads
@@ -21,6 +22,8 @@ EXTRA_ARGS="$*"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JAX_VERSION="$(sed -n 's/^jax==//p' "$here/constraints.txt")"
 GCLOUD="${GCLOUD:-gcloud}"
+package=.
+case "$WORKDIR $DATA" in *gs://*) package='.[gcs]' ;; esac
 run() {
   if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
@@ -30,7 +33,7 @@ run "$GCLOUD" compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --
   set -e
   [ -d mr2ct_jax ] || git clone '$REPO_URL' mr2ct_jax
   cd mr2ct_jax && git pull --ff-only
-  python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e . 'jax[tpu]==$JAX_VERSION'
+  python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '$package' 'jax[tpu]==$JAX_VERSION'
 "
 
 # Step 2: launch on all hosts at once; jax.distributed.initialize() finds the pod topology.

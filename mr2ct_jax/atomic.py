@@ -6,6 +6,10 @@ The `check_*` functions let a command refuse a bad output location at start (bef
 model or reading data): one it cannot create, one that overlaps its inputs, or an existing
 folder that `--overwrite` would wrongly delete. Failures of the writes themselves are reported
 as `OutputError`s naming the output, not the temporary sibling.
+
+An output on object storage (gs://...) has no rename: it is written to a local temporary
+file or folder and uploaded when complete (`storage.upload_file`, `storage.upload_tree`), an
+object appearing whole when its upload ends. Local outputs take the rename path unchanged.
 """
 
 import contextlib
@@ -17,6 +21,8 @@ import uuid
 from collections.abc import Mapping
 from typing import IO, Any, Iterator
 
+from mr2ct_jax import storage
+
 Path = str | os.PathLike
 
 
@@ -26,12 +32,27 @@ class OutputError(ValueError):
 
 def _failed(path: str, e: OSError) -> OutputError:
   # The user named `path`; the temporary sibling that actually failed means nothing to them.
+  if isinstance(e, storage.StorageError):  # names the URL and the package to install
+    return OutputError(str(e))
   return OutputError(f'{path}: cannot write it ({e.strerror or e})')
 
 
 def _within(path: str, folder: str) -> bool:
   """Whether `path` lies strictly inside `folder` (both absolute, normalised)."""
+  if storage.is_remote(path) or storage.is_remote(folder):
+    return path.startswith(folder.rstrip('/') + '/')
   return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _check_writable_remote(path: str, folder: bool, error: type[Exception]) -> None:
+  """The checks a URL allows before any work: its filesystem is installed and it is not an
+  object where a folder is needed (access rights show at the first upload)."""
+  try:
+    storage.check_backend(path)
+  except storage.StorageError as e:
+    raise error(str(e)) from e
+  if folder and storage.isfile(path):
+    raise error(f'{path}: exists and is not a folder')
 
 
 def check_writable(path: Path, *, folder: bool = False,
@@ -49,6 +70,9 @@ def check_writable(path: Path, *, folder: bool = False,
       itself (or a temporary sibling of it) is created in its parent.
     error: exception type to raise (a command's own error type).
   """
+  if storage.is_remote(path):
+    _check_writable_remote(storage.absolute(path), folder, error)
+    return
   path = os.path.abspath(os.fspath(path))
   ancestor = path if folder else os.path.dirname(path)
   while not os.path.lexists(ancestor):
@@ -76,11 +100,11 @@ def check_apart(output: Path, inputs: Mapping[str, Path | None], *, inside_ok: b
     inside_ok: allow `output` inside an input (e.g. evaluate's default WORKDIR/eval).
     error: exception type to raise.
   """
-  out = os.path.realpath(os.fspath(output))
+  out = _resolved(output)
   for name, given in inputs.items():
     if not given:
       continue
-    src = os.path.realpath(os.fspath(given))
+    src = _resolved(given)
     if out == src:
       relation = 'is'
     elif _within(src, out):
@@ -91,6 +115,11 @@ def check_apart(output: Path, inputs: Mapping[str, Path | None], *, inside_ok: b
       continue
     raise error(f'{os.fspath(output)}: the output {relation} the input {name}={os.fspath(given)};'
                 ' choose an output location apart from the inputs')
+
+
+def _resolved(path: Path) -> str:
+  """Links resolved for a local path; a URL (which has no links) normalised."""
+  return storage.absolute(path) if storage.is_remote(path) else os.path.realpath(path)
 
 
 def check_replaceable(path: Path, overwrite: bool, own_file: str, what: str, *,
@@ -109,13 +138,13 @@ def check_replaceable(path: Path, overwrite: bool, own_file: str, what: str, *,
     error: exception type to raise.
   """
   path = os.fspath(path)
-  if not os.path.lexists(path):
+  if not storage.exists(path):
     return
   if not overwrite:
     raise error(f'{path}: already exists (pass --overwrite to replace it)')
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise error(f'{path}: exists and is not a folder; --overwrite replaces only {what}')
-  if os.listdir(path) and not os.path.isfile(os.path.join(path, own_file)):
+  if storage.listdir(path) and not storage.isfile(storage.join(path, own_file)):
     raise error(f'{path}: not {what} (no {own_file}); refusing to replace it even with '
                 '--overwrite')
 
@@ -131,6 +160,10 @@ def writing(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
   Raises:
     OutputError: a write fails (full disk, no permission...); the message names `path`.
   """
+  if storage.is_remote(path):
+    with _uploading(path, mode) as f:
+      yield f
+    return
   # Hidden and unique: a folder listing skips it, and two writers never share one.
   tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                      f'.{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
@@ -145,6 +178,24 @@ def writing(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _uploading(url: str, mode: str) -> Iterator[IO[Any]]:
+  """`writing` for a URL: a local temporary file, uploaded in one go when the block succeeds."""
+  storage.check_backend(url)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(url)}.', suffix='.tmp')
+  os.close(fd)
+  text = {'encoding': 'utf-8', 'newline': ''} if 'b' not in mode else {}
+  try:
+    try:
+      with open(tmp, mode, **text) as f:
+        yield f
+      storage.upload_file(tmp, url)
+    except OSError as e:
+      raise _failed(url, e) from e
+  finally:
+    os.remove(tmp)
 
 
 def write_text(path: str, text: str) -> None:
@@ -162,8 +213,13 @@ def replace_dir(completed: str, target: str) -> None:
   """Moves the finished directory `completed` to `target`, replacing what is there.
 
   An existing `target` is first moved aside (one rename), so `target` is never missing its
-  old or its new contents for longer than two renames.
+  old or its new contents for longer than two renames. A URL `target` is uploaded instead
+  (`storage.upload_tree`: what was there is deleted first, the top folder's files go last).
   """
+  if storage.is_remote(target):
+    storage.upload_tree(completed, target)
+    shutil.rmtree(completed, ignore_errors=True)
+    return
   if os.path.exists(target):
     parent = os.path.dirname(os.path.abspath(target))
     old = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.old-', dir=parent)
@@ -185,11 +241,16 @@ def building_dir(target: str) -> Iterator[str]:
     OutputError: the temporary directory cannot be created or renamed (errors inside the
       block, which may come from reading inputs, pass through unchanged).
   """
-  target = os.path.abspath(target)
+  remote = storage.is_remote(target)
+  target = storage.absolute(target)
   parent = os.path.dirname(target)
   try:
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.tmp-', dir=parent)
+    if remote:  # built in the local temporary folder, then uploaded (`replace_dir`)
+      storage.check_backend(target)
+      tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.tmp-')
+    else:
+      os.makedirs(parent, exist_ok=True)
+      tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.tmp-', dir=parent)
   except OSError as e:
     raise _failed(target, e) from e
   try:

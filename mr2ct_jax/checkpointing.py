@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mr2ct_jax import atomic
+from mr2ct_jax import storage
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -86,11 +87,11 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   Raises:
     CheckpointError: the workdir already holds a run whose model/data/loss differ.
   """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
+  storage.makedirs(workdir)
+  path = storage.join(workdir, CONFIG_FILE)
   new = json.loads(config_to_json(config))
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
+  if storage.exists(path):
+    with storage.open_file(path, encoding='utf-8') as f:
       old = json.load(f)
     for section in ('model', 'data', 'loss', 'optim'):
       compared_old, compared_new = _compared(old, section), _compared(new, section)
@@ -107,13 +108,13 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """Loads the config a run in `workdir` was trained with."""
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise CheckpointError(f'{workdir}: workdir does not exist')
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, CONFIG_FILE)
+  if not storage.exists(path):
     raise CheckpointError(f'{path}: missing; {workdir} is not a mr2ct_jax training workdir')
   try:
-    with open(path, encoding='utf-8') as f:
+    with storage.open_file(path, encoding='utf-8') as f:
       config_dict = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f'{path}: unreadable config ({e})') from e
@@ -123,7 +124,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def make_manager(workdir: str, max_to_keep: int = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """The Orbax CheckpointManager for WORKDIR/checkpoints (items 'state' and 'data_iter')."""
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  # A gs:// directory goes to Orbax as is (epath for folders, tensorstore for the arrays).
+  directory = storage.absolute(storage.join(workdir, CHECKPOINT_DIR))
   if read_only:
     # Orbax warns that read-only options override max_to_keep etc.: expected, not news.
     options = ocp.CheckpointManagerOptions(read_only=True, create=False,

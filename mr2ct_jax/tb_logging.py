@@ -1,11 +1,16 @@
 """TensorBoard event files (tensorboardX, no TensorFlow) and the training progress line."""
 
+import os
+import shutil
+import tempfile
 import time
 from typing import Mapping
 
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from mr2ct_jax import storage
 
 
 def image_grid(rows: list[list[np.ndarray]]) -> np.ndarray:
@@ -25,12 +30,36 @@ def image_grid(rows: list[list[np.ndarray]]) -> np.ndarray:
 
 
 class MetricWriter:
-  """Writes scalars and images to WORKDIR/tb on JAX process 0 only (no-op elsewhere)."""
+  """Writes scalars and images to WORKDIR/tb on JAX process 0 only (no-op elsewhere).
+
+  A gs:// logdir: tensorboardX's own gs:// writer needs google-cloud-storage, so the events
+  are written to a local temporary folder and each event file is uploaded whole (an object
+  cannot be appended to) at every `flush`, `sync` and at `close`. TensorBoard reads the
+  bucket.
+  """
 
   def __init__(self, logdir: str):
     self._writer = None
+    self._remote, self._local = None, None
     if jax.process_index() == 0:
+      if storage.is_remote(logdir):
+        storage.check_backend(logdir)
+        self._remote, self._local = logdir, tempfile.mkdtemp(prefix='mr2ct_jax_tb_')
+        logdir = self._local
       self._writer = SummaryWriter(logdir=logdir)
+
+  def _upload(self) -> None:
+    if self._remote is None:
+      return
+    for name in sorted(os.listdir(self._local)):
+      path = os.path.join(self._local, name)
+      if os.path.isfile(path):
+        storage.upload_file(path, storage.join(self._remote, name))
+
+  def sync(self) -> None:
+    """A gs:// logdir: flushes and uploads the events so far (local logdir: nothing to do)."""
+    if self._remote is not None:
+      self.flush()
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """Writes one scalar per key at `step`."""
@@ -47,10 +76,15 @@ class MetricWriter:
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()
+      self._upload()
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+      self._upload()
+      if self._local is not None:
+        shutil.rmtree(self._local, ignore_errors=True)
+        self._local = self._remote = None
 
 
 def _format_duration(seconds: float) -> str:

@@ -89,3 +89,15 @@ def test_tpu_pod_dry_run_pins_jax_and_launches_on_every_worker():
   assert ('mr2ct_jax.main --jax_distributed' in launch and '--workdir=/mnt/runs/gc' in launch
           and '--config.train.batch_size=32' in launch)
   assert result.stdout.count('gcloud compute tpus tpu-vm ssh') == 2
+
+
+def test_tpu_pod_installs_gcsfs_only_for_gs_urls():
+  env = {'TPU_NAME': 'pod', 'ZONE': 'z', 'REPO_URL': 'https://example.invalid/r'}
+  mounted = _run('tpu_pod.sh', {**env, 'WORKDIR': '/mnt/runs/gc', 'DATA': '/mnt/data'},
+                 '--dry-run')
+  bucket = _run('tpu_pod.sh', {**env, 'WORKDIR': 'gs://b/runs/gc', 'DATA': '/mnt/data'},
+                '--dry-run')
+  assert mounted.returncode == 0 and bucket.returncode == 0, mounted.stderr + bucket.stderr
+  # The dry run prints the remote command through printf %q: its quotes come escaped.
+  assert r"-e \'.\' " in mounted.stdout and '[gcs]' not in mounted.stdout
+  assert r"-e \'.[gcs]\' " in bucket.stdout and '--workdir=gs://b/runs/gc' in bucket.stdout

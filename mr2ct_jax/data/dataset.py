@@ -21,6 +21,7 @@ import zlib
 import ml_collections
 import numpy as np
 
+from mr2ct_jax import storage
 from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import tfds_builder
 
@@ -63,15 +64,15 @@ def load_meta(data_dir: str) -> dict[str, Any]:
     DatasetError: the dir is missing or was not written by `prepare`.
   """
   data_dir = os.fspath(data_dir)
-  if not os.path.isdir(data_dir):
+  if not storage.isdir(data_dir):
     raise DatasetError(f'{data_dir}: data dir does not exist (run python -m '
                        'mr2ct_jax.data.prepare, or leave config.data.dir empty for the phantom)')
-  path = os.path.join(data_dir, META_FILE)
-  if not os.path.isfile(path):
+  path = storage.join(data_dir, META_FILE)
+  if not storage.isfile(path):
     raise DatasetError(f'{data_dir}: not a prepared data dir (no {META_FILE}; run python -m '
                        'mr2ct_jax.data.prepare)')
   try:
-    with open(path, encoding='utf-8') as f:
+    with storage.open_file(path, encoding='utf-8') as f:
       meta = json.load(f)
   except (OSError, ValueError) as e:
     raise DatasetError(f'{path}: unreadable ({e})') from e
@@ -94,12 +95,12 @@ def load_geometry(data_dir: str, patient_id: str, split: str) -> preprocess.Slic
   id was then unique across splits); that file is read when the per-split one is missing.
   """
   path = geometry_path(data_dir, patient_id, split)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     legacy = os.path.join(os.fspath(data_dir), GEOMETRY_DIR, f'{patient_id}.json')
-    if not os.path.isfile(legacy):
+    if not storage.isfile(legacy):
       raise DatasetError(f'{path}: no geometry for patient {patient_id!r} of split {split!r}')
     path = legacy
-  with open(path, encoding='utf-8') as f:
+  with storage.open_file(path, encoding='utf-8') as f:
     return preprocess.SliceGeometry.from_dict(json.load(f))
 
 

@@ -92,7 +92,8 @@ def _define_flags() -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_string('labeled_mr_dir', None, 'Optional folder of <id>_mr + <id>_label volumes '
                       '(segmentation test set).', flag_values=fv)
-  flags.DEFINE_string('out', None, 'Data dir to create (config.data.dir for training).',
+  flags.DEFINE_string('out', None, 'Data dir to create (config.data.dir for training); a '
+                      'gs:// URL is built locally, then uploaded (needs gcsfs).',
                       flag_values=fv)
   flags.DEFINE_bool('n4', None, 'N4 bias correction of MR (default: config.data.n4).',
                     flag_values=fv)

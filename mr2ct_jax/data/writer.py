@@ -3,8 +3,9 @@
 `prepare` preprocesses every volume once (the per-patient steps are in
 `mr2ct_jax.data.prepare_volumes`) and writes the TFDS slice dataset, the per-patient
 geometry and the meta that `mr2ct_jax.data.dataset` reads back, building it in a temporary
-sibling directory that is renamed when complete. `prepare_phantom` generates and prepares the
-phantom (`mr2ct_jax.data.resolve` decides when a run needs it).
+sibling directory that is renamed when complete (a gs:// output: in a local temporary folder,
+then uploaded, dataset_meta.json last). `prepare_phantom` generates and prepares the phantom
+(`mr2ct_jax.data.resolve` decides when a run needs it).
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from typing import Any, Callable
 
 from absl import logging
@@ -19,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from mr2ct_jax import atomic
+from mr2ct_jax import storage
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import prepare_volumes
 from mr2ct_jax.data import preprocess
@@ -109,7 +112,8 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
   Args:
     mr_dir: unpaired MR volumes (train_mr).
     ct_dir: unpaired CT volumes in HU (train_ct).
-    out_dir: the data dir to create (config.data.dir for training).
+    out_dir: the data dir to create (config.data.dir for training); a gs:// URL is built
+      locally and uploaded.
     labeled_dir: optional `<id>_ct` + `<id>_label` volumes (labeled split).
     paired_dir: optional `<id>_mr`, `<id>_ct` [, `<id>_mask`, `<id>_label`] (test split).
     spacing_mm: in-plane pixel size of the slices.
@@ -136,7 +140,7 @@ def prepare(mr_dir: str, ct_dir: str, out_dir: str, labeled_dir: str | None = No
   dirs = {'train_mr': mr_dir, 'train_ct': ct_dir, 'labeled': labeled_dir, 'test': paired_dir,
           'val': val_dir, 'test_mr': test_mr_dir, 'test_ct': test_ct_dir,
           'labeled_mr': labeled_mr_dir}
-  out_dir = os.path.abspath(os.fspath(out_dir))
+  out_dir = storage.absolute(out_dir)
   # Before reading any volume: --overwrite replaces out_dir wholesale, so it must not be (or
   # hold, or lie in) an input folder, nor anything but an earlier dataset.
   atomic.check_apart(out_dir, {f'--{prepare_volumes.SPLIT_FLAG[k]}': v
@@ -202,9 +206,15 @@ def prepare_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
   dataset), `directory/phantom.json` (the parameters both were made with). A complete build
   with the same parameters is reused; anything else is rebuilt.
 
+  A gs:// `directory` is built in a local temporary folder and uploaded (phantom.json last);
+  its meta then names raw files of that deleted folder, so evaluation skips the metrics
+  on the original volumes (`evaluation.native`) for it.
+
   Returns:
     The data dir (`directory/data`).
   """
+  if storage.is_remote(directory):
+    return _prepare_remote_phantom(storage.absolute(directory), config)
   directory = os.path.abspath(os.fspath(directory))
   raw, data_dir = os.path.join(directory, 'raw'), os.path.join(directory, 'data')
   stamp = os.path.join(directory, PHANTOM_STAMP)
@@ -240,4 +250,21 @@ def prepare_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
           mr_percentile=params['mr_percentile'], n4=params['n4'], plane=params['plane'],
           overwrite=True)
   _write_json(stamp, params)
+  return data_dir
+
+
+def _prepare_remote_phantom(directory: str, config: ml_collections.ConfigDict) -> str:
+  """`prepare_phantom` for a URL: reuses a complete upload with the same parameters."""
+  data_dir, stamp = storage.join(directory, 'data'), storage.join(directory, PHANTOM_STAMP)
+  if storage.isfile(stamp) and storage.isfile(storage.join(data_dir, dataset.META_FILE)):
+    with storage.open_file(stamp, encoding='utf-8') as f:
+      try:
+        if json.load(f) == _phantom_params(config):
+          return data_dir
+      except ValueError:
+        pass
+  with tempfile.TemporaryDirectory(prefix='mr2ct_jax_phantom_') as local:
+    built = os.path.join(local, 'phantom')
+    prepare_phantom(built, config)
+    storage.upload_tree(built, directory)  # top-level phantom.json last: the stamp
   return data_dir

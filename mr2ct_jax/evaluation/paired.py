@@ -16,6 +16,7 @@ from absl import logging
 import ml_collections
 
 from mr2ct_jax import atomic
+from mr2ct_jax import storage
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import resolve
 from mr2ct_jax.evaluation import figures as report_figures
@@ -113,7 +114,7 @@ def _check_data_matches(data_dir: str, config: ml_collections.ConfigDict) -> Non
 
 def _check_apart(output_dir: str, source: str, data_dir: str | None) -> None:
   """The output must not be, nor contain, the workdir / export or the data dir it reads."""
-  atomic.check_apart(output_dir, {'--workdir' if os.path.isdir(source) else '--npz': source,
+  atomic.check_apart(output_dir, {'--workdir' if storage.isdir(source) else '--npz': source,
                                   '--data': data_dir}, inside_ok=True, error=EvaluateError)
 
 
@@ -203,7 +204,7 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
   Raises:
     EvaluateError / reports.ReportError / generators.SourceError / data errors: one line.
   """
-  output_dir = os.path.abspath(output_dir)
+  output_dir = storage.absolute(output_dir)
   # Fail before loading anything; the output may lie inside the workdir (WORKDIR/eval).
   _check_apart(output_dir, source, data_dir)
   reports.check_output_dir(output_dir, overwrite, OWN_FILE)

@@ -15,7 +15,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 from mr2ct_jax import atomic
+from mr2ct_jax import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def atomic_output_dir(output_dir: str, overwrite: bool = False,
   Raises:
     ReportError: see `check_output_dir`.
   """
-  output_dir = os.path.abspath(output_dir)
+  output_dir = storage.absolute(output_dir)
   check_output_dir(output_dir, overwrite, own_file)
   with atomic.building_dir(output_dir) as tmp:
     yield tmp
@@ -96,9 +96,9 @@ def check_output_dir(output_dir: str, overwrite: bool, own_file: str | None = No
   if own_file is not None:
     atomic.check_replaceable(output_dir, overwrite, own_file, 'an earlier evaluation output',
                              error=ReportError)
-  elif os.path.exists(output_dir) and not overwrite:
+  elif storage.exists(output_dir) and not overwrite:
     raise ReportError(f'{output_dir}: already exists (pass --overwrite to replace it)')
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+  if storage.exists(output_dir) and not storage.isdir(output_dir):
     raise ReportError(f'{output_dir}: exists and is not a directory')
   atomic.check_writable(output_dir, error=ReportError)
 

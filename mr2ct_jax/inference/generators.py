@@ -18,6 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from mr2ct_jax import checkpointing
+from mr2ct_jax import storage
 from mr2ct_jax.inference import numpy_generator
 from mr2ct_jax.inference import slices
 from mr2ct_jax.models import cyclegan
@@ -63,9 +64,9 @@ def network_for(direction: str) -> str:
 
 def source_kind(source: str) -> str:
   """Returns 'npz' for an exported file, 'workdir' for a run directory (SourceError if neither)."""
-  if os.path.isdir(source):
+  if storage.isdir(source):
     return 'workdir'
-  if os.path.isfile(source):
+  if storage.isfile(source):
     if source.endswith('.npz'):
       return 'npz'
     raise SourceError(f'{source}: not a workdir (directory) or an exported .npz file')
@@ -153,15 +154,16 @@ def restore_generators(workdir: str, networks: tuple[str, ...], step: int | None
     SourceError: missing workdir/config, no checkpoint, unknown step, or weights that do not
       fit the workdir's config (one line naming the path and the parameter).
   """
-  if os.path.isfile(workdir):
+  if storage.isfile(workdir):
     raise SourceError(f'{workdir}: is a file, not a training workdir (an export .npz goes to '
                       f'--npz)')
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise SourceError(f'{workdir}: workdir does not exist')
-  if not os.path.isfile(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+  if not storage.isfile(storage.join(workdir, checkpointing.CONFIG_FILE)):
     raise SourceError(f'{workdir}: no {checkpointing.CONFIG_FILE}; not a training workdir')
-  ckpt_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
-  if not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir)):
+  ckpt_dir = storage.join(workdir, checkpointing.CHECKPOINT_DIR)
+  if not storage.isdir(ckpt_dir) or not any(name.isdigit()
+                                            for name in storage.listdir(ckpt_dir)):
     raise SourceError(f'{workdir}: no checkpoint in {ckpt_dir} (train first)')
   try:
     config = checkpointing.load_config(workdir)

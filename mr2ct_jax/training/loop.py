@@ -8,7 +8,6 @@ train state, the rng or the input iterator.
 """
 
 import math
-import os
 from typing import Any
 
 import jax
@@ -19,6 +18,7 @@ from mr2ct_jax import checkpointing
 from mr2ct_jax import config_checks
 from mr2ct_jax import parallel
 from mr2ct_jax import preemption
+from mr2ct_jax import storage
 from mr2ct_jax import tb_logging
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import pipeline
@@ -73,7 +73,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   with preemption.StopSignals() as stop:  # from the start: setup can take minutes
     mesh = parallel.make_mesh()
     config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)  # a gs:// workdir: checks that gcsfs is installed
     data_dir = resolve.resolve_data_dir(config, workdir)
     # Preprocessing fields left None are the dataset's: the run records (and resumes with)
     # the filled config, which translate and evaluate apply to new volumes.
@@ -102,7 +102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     step_fn = step_lib.make_train_step(gan, config, mesh)
     sample_fn = step_lib.make_sample_fn(gan)
     validator = validation.Validator(config, data_dir, gan.generator)
-    writer = tb_logging.MetricWriter(os.path.join(workdir, 'tb'))
+    writer = tb_logging.MetricWriter(storage.join(workdir, 'tb'))
     num_steps = config.train.num_steps
     progress = tb_logging.Progress(start_step, num_steps)
     if start_step >= num_steps:
@@ -136,6 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           _check_finite(step, values)
           checkpointing.save(manager, step, state, data_iter.get_state())
           last_saved = step
+          writer.sync()  # a gs:// logdir gets its events with each checkpoint
         if validator.due(step) and not stopping:  # a signal: exit first, the rerun validates
           validator.run(step, state.params, writer)
         if stopping:  # also at the last step: evaluation is skipped, the rerun does it
@@ -167,5 +168,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tb_logging.log_line(f'{data_dir}: no test split (paired or unpaired); skipping '
                         'evaluation.')
     return None
-  output = os.path.join(workdir, 'eval')
+  output = storage.join(workdir, 'eval')
   return paired.evaluate(workdir, data_dir, output, overwrite=True)

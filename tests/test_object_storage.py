@@ -1,0 +1,148 @@
+"""gs:// workdirs and data dirs end to end, against the local stand-in of tests/fake_bucket.py.
+
+`gs://bucket/KEY` is the file BUCKET_ROOT/bucket/KEY in these tests; the package's code runs
+unchanged (epath/fsspec, Orbax's tensorstore, array_record's GCS reader).
+"""
+
+import json
+import os
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mr2ct_jax import atomic
+from mr2ct_jax import checkpointing
+from mr2ct_jax import storage
+from mr2ct_jax.cli import commands
+from mr2ct_jax.data import dataset
+from mr2ct_jax.data import writer
+from mr2ct_jax.training import loop
+
+import fake_bucket
+
+bucket = fake_bucket.bucket  # the fixture
+
+MISSING_GCSFS = ('gs://bucket/run: gs:// paths need gcsfs; pip install gcsfs '
+                 '(or pip install "mr2ct_jax[gcs]")')
+
+
+def _files(root):
+  """Every file under `root`, as sorted paths relative to it."""
+  return sorted(os.path.relpath(os.path.join(folder, name), root)
+                for folder, _, names in os.walk(root) for name in names)
+
+
+@pytest.fixture
+def no_gcsfs(monkeypatch):
+  """gs:// as on a machine without gcsfs: nothing registered, the import fails."""
+  registry = sys.modules['fsspec.registry']._registry  # pylint: disable=protected-access
+  for protocol in ('gs', 'gcs'):
+    monkeypatch.delitem(registry, protocol, raising=False)
+  monkeypatch.setitem(sys.modules, 'gcsfs', None)
+
+
+def test_a_url_without_gcsfs_is_one_line(no_gcsfs):
+  with pytest.raises(storage.StorageError) as e:
+    storage.makedirs('gs://bucket/run')
+  assert str(e.value) == MISSING_GCSFS
+  with pytest.raises(SystemExit) as e:
+    with commands.one_line_errors(()):
+      checkpointing.load_config('gs://bucket/run')
+  assert str(e.value) == f'error: {MISSING_GCSFS}'
+  # Checked before any work by the commands' output checks, in the command's error type.
+  with pytest.raises(dataset.DatasetError) as e:
+    atomic.check_writable('gs://bucket/run', error=dataset.DatasetError)
+  assert str(e.value) == MISSING_GCSFS
+
+
+def test_local_paths_are_not_urls(tmp_path):
+  assert not storage.is_remote(str(tmp_path / 'a'))
+  assert storage.is_remote('gs://bucket/a')
+  assert storage.absolute('gs://bucket/a/') == 'gs://bucket/a'
+  assert storage.absolute('rel') == os.path.abspath('rel')
+  storage.check_backend(str(tmp_path))  # no filesystem package needed
+
+
+def test_an_atomic_write_to_a_url_appears_only_when_complete(bucket):
+  target = os.path.join(bucket, 'bucket', 'dir', 'x.json')
+  with atomic.writing('gs://bucket/dir/x.json') as f:
+    f.write('{"a": 1}\n')
+    assert not os.path.exists(target)  # written locally, not uploaded yet
+  with open(target, encoding='utf-8') as f:
+    assert f.read() == '{"a": 1}\n'
+  with pytest.raises(KeyError):
+    with atomic.writing('gs://bucket/dir/y.json') as f:
+      f.write('half')
+      raise KeyError('interrupted')
+  assert _files(bucket) == ['bucket/dir/x.json']  # nothing of the failed write, no temp file
+  atomic.write_json('gs://bucket/dir/x.json', {'b': 2})
+  with storage.open_file('gs://bucket/dir/x.json') as f:
+    assert json.load(f) == {'b': 2}
+
+
+def test_a_built_dir_is_uploaded_with_its_marker_last(bucket, monkeypatch):
+  uploads = []
+  upload = storage.upload_file
+  monkeypatch.setattr(storage, 'upload_file',
+                      lambda local, remote: (uploads.append(remote), upload(local, remote)))
+  old = os.path.join(bucket, 'bucket', 'out')
+  os.makedirs(os.path.join(old, 'stale'))
+  with open(os.path.join(old, 'stale', 'f'), 'w', encoding='utf-8') as f:
+    f.write('old')
+  with atomic.building_dir('gs://bucket/out') as tmp:
+    assert not tmp.startswith(bucket)
+    os.makedirs(os.path.join(tmp, 'sub'))
+    for name in ('sub/b.txt', 'sub/a.txt', 'meta.json'):
+      with open(os.path.join(tmp, name), 'w', encoding='utf-8') as f:
+        f.write(name)
+  assert uploads == ['gs://bucket/out/sub/a.txt', 'gs://bucket/out/sub/b.txt',
+                     'gs://bucket/out/meta.json']
+  assert _files(bucket) == ['bucket/out/meta.json', 'bucket/out/sub/a.txt',
+                            'bucket/out/sub/b.txt']  # the old contents replaced
+  assert not os.path.exists(tmp)
+  with pytest.raises(atomic.OutputError, match='^gs://bucket/out: already exists'):
+    atomic.check_replaceable('gs://bucket/out', False, 'meta.json', 'an output')
+  atomic.check_replaceable('gs://bucket/out', True, 'meta.json', 'an output')
+  with pytest.raises(atomic.OutputError, match='not an output .no other.json.'):
+    atomic.check_replaceable('gs://bucket/out', True, 'other.json', 'an output')
+
+
+def test_prepare_train_resume_and_evaluate_in_the_bucket(bucket, test_config, tmp_path,
+                                                         capsys):
+  # The phantom's volumes (local inputs), prepared into the bucket.
+  local = writer.prepare_phantom(str(tmp_path / 'ph'), test_config)
+  raw = str(tmp_path / 'ph' / 'raw')
+  data = writer.prepare(os.path.join(raw, 'mr'), os.path.join(raw, 'ct'), 'gs://bucket/data',
+                        labeled_dir=os.path.join(raw, 'labeled'),
+                        paired_dir=os.path.join(raw, 'paired'),
+                        **writer.preparation_settings(test_config))
+  assert data == 'gs://bucket/data'
+  uploaded = os.path.join(bucket, 'bucket', 'data')
+  assert _files(uploaded) == _files(local)
+  assert dataset.load_meta(data)['splits'] == dataset.load_meta(local)['splits']
+  # The records are read through array_record's GCS reader: the same slices.
+  remote_volumes = list(dataset.iterate_volumes(data, 'test'))
+  local_volumes = list(dataset.iterate_volumes(local, 'test'))
+  assert [v['patient_id'] for v in remote_volumes] == [v['patient_id'] for v in local_volumes]
+  np.testing.assert_array_equal(remote_volumes[0]['image'], local_volumes[0]['image'])
+
+  config = ml_collections.ConfigDict(test_config.to_dict())
+  config.data.dir = data
+  run = 'gs://bucket/run'
+  loop.train(config, run, stop_after=2)  # as a pre-empted job
+  run_root = os.path.join(bucket, 'bucket', 'run')
+  assert sorted(os.listdir(os.path.join(run_root, 'checkpoints'))) == ['2']
+  assert checkpointing.load_config(run).data.dir == data
+  capsys.readouterr()
+  summary = loop.train_and_evaluate(config, run)  # the rerun resumes from the bucket
+  assert f'Resumed from {run} at step 2.' in capsys.readouterr().out
+  assert sorted(os.listdir(os.path.join(run_root, 'checkpoints'))) == ['2', '4']
+  events = [n for n in os.listdir(os.path.join(run_root, 'tb')) if 'tfevents' in n]
+  assert len(events) == 2  # one per run: the first and the resumed one
+  assert summary['step'] == 4 and summary['output_dir'] == 'gs://bucket/run/eval'
+  assert os.path.isfile(os.path.join(run_root, 'eval', 'summary.md'))
+  with open(os.path.join(run_root, 'config.json'), encoding='utf-8') as f:
+    assert json.load(f)['data']['image_size'] == 32
+  assert not [p for p in _files(bucket) if p.endswith('.tmp')]
