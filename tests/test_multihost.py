@@ -86,7 +86,8 @@ def _free_port() -> int:
 def _run_two(trainer, workdir, data_dir, tmp_path):
   address = f'localhost:{_free_port()}'
   env = {**os.environ, 'PYTHONPATH': str(REPO),
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+         'XLA_FLAGS': os.environ.get('MR2CT_JAX_TEST_XLA_FLAGS', '') +
+         ' --xla_force_host_platform_device_count=2'}
   script = _PROCESS.format(repo=str(REPO))
   reports = [tmp_path / f'report{i}.json' for i in range(2)]
   procs = [subprocess.Popen([sys.executable, '-c', script, address, str(i), trainer,

@@ -22,7 +22,8 @@ FIRST = 'gc_small,mr_baseline'
 
 def _driver(workdir, *args):
   # One CPU device (not the 8 fake ones of conftest): the study compiles each program once.
-  env = {**os.environ, 'XLA_FLAGS': '', 'PYTHONPATH': str(REPO)}
+  env = {**os.environ, 'XLA_FLAGS': os.environ.get('MR2CT_JAX_TEST_XLA_FLAGS', ''),
+         'PYTHONPATH': str(REPO)}
   return subprocess.run([sys.executable, '-m', 'mr2ct_jax.experiments.paper', '--preset=tiny',
                          f'--workdir={workdir}', *args], cwd=REPO, capture_output=True,
                         encoding='utf-8', timeout=900, env=env)
