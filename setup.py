@@ -31,6 +31,6 @@ setuptools.setup(
         'tqdm>=4.66',
     ],
     # gs:// workdirs and data dirs (etils epath's fsspec backend).
-    extras_require={'test': ['pytest>=9.2'], 'gcs': ['gcsfs>=2024.2']},
+    extras_require={'test': ['pytest>=9.2', 'pytest-xdist>=3.8'], 'gcs': ['gcsfs>=2024.2']},
     license='Apache-2.0',
 )
