@@ -161,41 +161,27 @@ def writing(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
     OutputError: a write fails (full disk, no permission...); the message names `path`.
   """
   if storage.is_remote(path):
-    with _uploading(path, mode) as f:
-      yield f
-    return
-  # Hidden and unique: a folder listing skips it, and two writers never share one.
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                     f'.{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
+    # No rename on object storage: a local temporary file, uploaded whole when complete.
+    storage.check_backend(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    os.close(fd)
+    finish = lambda: storage.upload_file(tmp, path)
+  else:
+    # Hidden and unique: a folder listing skips it, and two writers never share one.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f'.{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
+    finish = lambda: os.replace(tmp, path)
   text = {'encoding': 'utf-8', 'newline': ''} if 'b' not in mode else {}
   try:
     try:
       with open(tmp, mode, **text) as f:
         yield f
-      os.replace(tmp, path)
+      finish()
     except OSError as e:
       raise _failed(path, e) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-
-
-@contextlib.contextmanager
-def _uploading(url: str, mode: str) -> Iterator[IO[Any]]:
-  """`writing` for a URL: a local temporary file, uploaded in one go when the block succeeds."""
-  storage.check_backend(url)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(url)}.', suffix='.tmp')
-  os.close(fd)
-  text = {'encoding': 'utf-8', 'newline': ''} if 'b' not in mode else {}
-  try:
-    try:
-      with open(tmp, mode, **text) as f:
-        yield f
-      storage.upload_file(tmp, url)
-    except OSError as e:
-      raise _failed(url, e) from e
-  finally:
-    os.remove(tmp)
 
 
 def write_text(path: str, text: str) -> None:
