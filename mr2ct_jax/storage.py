@@ -10,7 +10,6 @@ import os
 import shutil
 from typing import IO, Any
 
-from etils import epath
 
 PathLike = str | os.PathLike
 
@@ -31,7 +30,7 @@ def absolute(path: PathLike) -> str:
   """The absolute form of a local path; a URL unchanged (without a trailing slash)."""
   path = os.fspath(path)
   if is_remote(path):
-    return os.fspath(epath.Path(path))
+    return os.fspath(as_path(path))
   return os.path.abspath(path)
 
 
@@ -71,13 +70,15 @@ def check_backend(path: PathLike) -> None:
                        f'{hint}{extra}')
 
 
-def as_path(path: PathLike) -> epath.Path:
+def as_path(path: PathLike) -> Any:
   """An epath.Path: os operations for a local path, fsspec for a URL.
 
   Raises:
     StorageError: the URL's filesystem package (gcsfs for gs://) is not installed.
   """
   check_backend(path)
+  # Imported here: etils pulls in jax, which the light commands (translate...) never load.
+  from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(os.fspath(path))
 
 
