@@ -5,7 +5,6 @@ from typing import Any
 import ml_collections
 
 # JAX-free (prepare checks configs and must start fast).
-from mr2ct_jax.models import discriminator
 from mr2ct_jax.models import options as model_options
 
 # The slice planes (mr2ct_jax.data.preprocess.PLANE_AXES; not imported: SciPy, SimpleITK).
@@ -93,8 +92,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _require(model.num_res_blocks >= 0, 'model.num_res_blocks', model.num_res_blocks, 'must be >= 0')
   _check_dtype(model.dtype, 'model.dtype')
   if 'disc_norm' in model:  # a run's config.json from before it existed has none
-    _require(model.disc_norm in discriminator.DISC_NORMS, 'model.disc_norm', model.disc_norm,
-             f'must be one of {discriminator.DISC_NORMS}')
+    _require(model.disc_norm in model_options.DISC_NORMS, 'model.disc_norm', model.disc_norm,
+             f'must be one of {model_options.DISC_NORMS}')
   try:
     model_options.resolve_conv_impl(model.conv_impl, 'cpu')
   except ValueError:

@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 
 from mr2ct_jax.models import layers
+from mr2ct_jax.models import options
 from mr2ct_jax.models.generator import KERNEL_INIT
 
 Array = jax.Array
 
-DISC_NORMS = ('instance', 'none')
+DISC_NORMS = options.DISC_NORMS
 
 
 class PatchDiscriminator(nn.Module):

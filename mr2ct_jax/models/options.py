@@ -5,6 +5,8 @@ start fast); the layers resolve the conv code path with `resolve_conv_impl`.
 """
 
 # The conv code path: how a conv is computed, never what (see `mr2ct_jax.models.layers`).
+# Discriminator norms (config.model.disc_norm): the reference's instance norm, or none.
+DISC_NORMS = ('instance', 'none')
 CONV_IMPLS = ('auto', 'winograd', 'matmul', 'xla')
 # Compute dtypes of the networks (parameters stay float32).
 DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
