@@ -27,10 +27,14 @@ def is_remote(path: PathLike) -> bool:
 
 
 def absolute(path: PathLike) -> str:
-  """The absolute form of a local path; a URL unchanged (without a trailing slash)."""
+  """The absolute form of a local path; a URL unchanged (without a trailing slash).
+
+  Needs no filesystem package: commands name their outputs before checking the backend.
+  """
   path = os.fspath(path)
   if is_remote(path):
-    return os.fspath(as_path(path))
+    scheme, rest = path.split('://', 1)
+    return f'{scheme}://{rest.rstrip("/")}'
   return os.path.abspath(path)
 
 
