@@ -17,8 +17,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent compilation cache for the session, shared with the commands the tests start
 # as subprocesses: the same tiny programs are compiled once instead of in every process.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
   import tempfile  # noqa: E402
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='mr2ct_jax_test_xla_')
+  # Made once, by the process that first imports this file (pytest-xdist's workers inherit
+  # it): that process removes it when the session ends.
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 

@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 
 import ml_collections
 import numpy as np
@@ -96,8 +97,12 @@ def test_paired_test_split(data_dir):
   assert dataset.has_split(data_dir, 'test')
 
 
-def test_optional_splits_are_only_written_with_data(raw, tmp_path):
+def test_optional_splits_are_only_written_with_data(raw, tmp_path, monkeypatch):
+  scratch = tmp_path / 'scratch'  # the system temp folder, watched for leftovers
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
   out = writer.prepare(raw[0], raw[1], str(tmp_path / 'd'), **KW)
+  assert not os.listdir(scratch)  # TFDS's empty metadata folder is not left behind
   assert sorted(dataset.load_meta(out)['splits']) == ['train_ct', 'train_mr']
   assert sorted(tfds_builder.split_sizes(out)) == ['train_ct', 'train_mr']
   assert not dataset.has_split(out, 'test')

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import tempfile
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -129,14 +130,20 @@ def builder_dir(data_dir: str) -> str:
 def build(data_dir: str, image_size: int,
           patients: Mapping[str, Sequence[PreparedPatient]]) -> str:
   """Writes the array_record dataset under `data_dir`; returns its builder directory."""
-  builder = Mr2ctSlices(image_size=image_size, patients=patients, data_dir=data_dir)
+  downloads = os.path.join(data_dir, 'downloads')  # removed by the caller afterwards
+  os.makedirs(downloads, exist_ok=True)
+  # A new builder makes an empty temporary folder for metadata it would fetch from TFDS's
+  # bucket (DatasetInfo.initialize_from_bucket) and never removes it: one stray /tmp/tmp*tfds
+  # per prepare. Making it inside `downloads` cleans it up with the rest.
+  saved, tempfile.tempdir = tempfile.tempdir, downloads
+  try:
+    builder = Mr2ctSlices(image_size=image_size, patients=patients, data_dir=data_dir)
+  finally:
+    tempfile.tempdir = saved
   tfds.display_progress_bar(False)
   # TFDS prints "Downloading and preparing dataset ..." lines; prepare prints its own summary.
   with contextlib.redirect_stdout(io.StringIO()):
-    builder.download_and_prepare(
-        file_format='array_record',
-        download_dir=os.path.join(data_dir, 'downloads'),
-    )
+    builder.download_and_prepare(file_format='array_record', download_dir=downloads)
   return builder_dir(data_dir)
 
 
