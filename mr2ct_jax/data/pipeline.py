@@ -89,17 +89,31 @@ class Augment(grain.transforms.RandomMap):
     return intensity.mr_to_model(image, self.window)
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
-    image = self.window_image(element['image'])
-    if image.shape != (self.size, self.size):
-      raise DatasetError(f'slice of shape {image.shape} in a dataset of size {self.size}')
-    if self.pad:
-      # -1 is the model-range background of both modalities (air in CT, no signal in MR).
-      image = np.pad(image, self.pad, mode='constant', constant_values=-1.0)
-      x, y = rng.integers(0, 2 * self.pad + 1, size=2)
-      image = image[x:x + self.size, y:y + self.size]
-    if self.flip_lr and rng.random() < 0.5:
-      image = image[::-1]
-    return np.ascontiguousarray(image, np.float32)[..., None]
+    image, = crop_and_flip([self.window_image(element['image'])], self.size, self.pad,
+                           self.flip_lr, rng)
+    return image
+
+
+def crop_and_flip(images: Sequence[np.ndarray], size: int, pad: int, flip_lr: bool,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+  """The training augmentation, one random draw applied alike to every image of `images`.
+
+  Each image is [size, size] in the model range; it is padded by `pad` pixels of -1 (the
+  model-range background of both modalities: air in CT, no signal in MR), cropped back to a
+  random size x size window and, with `flip_lr`, reversed along axis 0 with probability 1/2.
+  Registered images (a paired MR and CT) stay registered. Returns float32 [size, size, 1].
+  """
+  for image in images:
+    if image.shape != (size, size):
+      raise DatasetError(f'slice of shape {image.shape} in a dataset of size {size}')
+  images = list(images)
+  if pad:
+    x, y = rng.integers(0, 2 * pad + 1, size=2)
+    images = [np.pad(im, pad, mode='constant', constant_values=-1.0)[x:x + size, y:y + size]
+              for im in images]
+  if flip_lr and rng.random() < 0.5:
+    images = [im[::-1] for im in images]
+  return [np.ascontiguousarray(im, np.float32)[..., None] for im in images]
 
 
 def make_stream(source: Sequence[Any], augment: Augment, *, seed: int, batch_size: int,

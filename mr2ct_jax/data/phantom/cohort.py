@@ -86,7 +86,7 @@ def _check_args(counts: dict[str, int], num_slices: int, seed: int) -> None:
     raise ValueError(f'phantom: num_slices must be >= 2, got {num_slices}')
 
 
-def _write_subject(folder: str, split: str, s: anatomy.Subject, seed: int,
+def write_subject(folder: str, split: str, s: anatomy.Subject, seed: int,
                    num_slices: int) -> None:
   """Renders and writes one subject's files for `split` into `folder`."""
   sid = subject_id(s.index)
@@ -194,7 +194,7 @@ def generate(out_dir: str, num_train_mr: int, num_train_ct: int, num_labeled: in
     # Subjects are independent (own generators), so threads keep the output deterministic;
     # numpy and zlib release the GIL for the heavy parts.
     with futures.ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
-      jobs = [pool.submit(_write_subject, tmp, name, subject(seed, index), seed, num_slices)
+      jobs = [pool.submit(write_subject, tmp, name, subject(seed, index), seed, num_slices)
               for name, indices in splits.items() for index in indices]
       for job in jobs:
         job.result()
