@@ -21,6 +21,7 @@ from flax import traverse_util
 
 from mr2ct_jax import atomic
 from mr2ct_jax import checkpointing
+from mr2ct_jax import storage
 from mr2ct_jax.cli import commands
 from mr2ct_jax.inference import generators
 from mr2ct_jax.inference import numpy_generator
@@ -50,7 +51,7 @@ def make_meta(config: ml_collections.ConfigDict, networks: Sequence[str], step: 
       'directions': {name: direction for direction, name in generators.DIRECTIONS.items()
                      if name in networks},
       'step': step,
-      'workdir': os.path.abspath(workdir),
+      'workdir': storage.absolute(workdir),
       'ct_window': [float(v) for v in data.ct_window],
       'mr_window': [float(v) for v in data.mr_window],
       'mr_percentile': float(data.mr_percentile),
@@ -76,7 +77,7 @@ def write_export(path: str, params: dict[str, Any], config: ml_collections.Confi
   """
   if not path.endswith('.npz'):
     raise ValueError(f'{path}: the export file name must end in .npz')
-  if os.path.exists(path) and not overwrite:
+  if storage.exists(path) and not overwrite:
     raise FileExistsError(f'{path}: already exists (pass --overwrite to replace it)')
   arrays: dict[str, np.ndarray] = {}
   for network, tree in params.items():
@@ -85,8 +86,10 @@ def write_export(path: str, params: dict[str, Any], config: ml_collections.Confi
   arrays[numpy_generator.CONFIG_KEY] = np.array(checkpointing.config_to_json(config))
   arrays[numpy_generator.META_KEY] = np.array(json.dumps(meta, sort_keys=True))
   atomic.check_writable(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # A file object, so NumPy does not append a second '.npz' to the temporary name.
+  if not storage.is_remote(path):  # an object store has no folders to make
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # A file object, so NumPy does not append a second '.npz' to the temporary name; a gs://
+  # `path` is written locally and uploaded whole (`atomic.writing`).
   with atomic.writing(path, 'wb') as f:
     np.savez(f, **arrays)
 
@@ -114,9 +117,9 @@ def export(workdir: str, output: str, *, direction: str = 'mr2ct', step: int | N
   if not output.endswith('.npz'):
     raise ValueError(f'{output}: the export file name must end in .npz')
   # Check the destination before the (slow) restore, so a mistake fails at once.
-  if os.path.exists(output) and not overwrite:
+  if storage.exists(output) and not overwrite:
     raise FileExistsError(f'{output}: already exists (pass --overwrite to replace it)')
-  if os.path.isdir(output):
+  if storage.isdir(output):
     raise ValueError(f'{output}: is a folder; name the output file')
   atomic.check_writable(output)
   networks = networks_for(direction)

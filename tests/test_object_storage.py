@@ -11,13 +11,16 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from mr2ct_jax import atomic
 from mr2ct_jax import checkpointing
+from mr2ct_jax import export
 from mr2ct_jax import storage
 from mr2ct_jax.cli import commands
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import writer
+from mr2ct_jax.inference import generators
 from mr2ct_jax.training import loop
 
 import fake_bucket
@@ -145,4 +148,15 @@ def test_prepare_train_resume_and_evaluate_in_the_bucket(bucket, test_config, tm
   assert os.path.isfile(os.path.join(run_root, 'eval', 'summary.md'))
   with open(os.path.join(run_root, 'config.json'), encoding='utf-8') as f:
     assert json.load(f)['data']['image_size'] == 32
+  # The generator exported into the bucket, and read back from it for translation.
+  export.export(run, 'gs://bucket/g_ct.npz')
+  export.export(run, str(tmp_path / 'g_ct.npz'))
+  remote = generators.load_params('gs://bucket/g_ct.npz')[0]
+  local = generators.load_params(str(tmp_path / 'g_ct.npz'))[0]
+  assert remote['stem']['kernel'].shape == local['stem']['kernel'].shape
+  for (k, a), (_, b) in zip(sorted(traverse_util.flatten_dict(remote).items()),
+                            sorted(traverse_util.flatten_dict(local).items())):
+    np.testing.assert_array_equal(a, b, err_msg=str(k))
+  with pytest.raises(FileExistsError, match='gs://bucket/g_ct.npz: already exists'):
+    export.export(run, 'gs://bucket/g_ct.npz')
   assert not [p for p in _files(bucket) if p.endswith('.tmp')]

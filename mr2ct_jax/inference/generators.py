@@ -7,6 +7,7 @@ the model range [-1, 1], the config the generator was trained with, and where it
 
 import dataclasses
 import functools
+import io
 import json
 import os
 from typing import Any
@@ -215,7 +216,11 @@ def restore_all_params(workdir: str, step: int | None = None) -> tuple[dict[str,
 def _load_from_npz(path: str, network: str,
                    step: int | None) -> tuple[Any, ml_collections.ConfigDict, int | None]:
   try:
-    export = numpy_generator.read_export(path)
+    if storage.is_remote(path):  # read whole: the zip reader seeks
+      with storage.open_file(path, 'rb') as f:
+        export = numpy_generator.read_export(path, io.BytesIO(f.read()))
+    else:
+      export = numpy_generator.read_export(path)
   except numpy_generator.ExportError as e:
     raise SourceError(str(e)) from e
   if network not in export.params:

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import zipfile
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -54,15 +54,23 @@ class Export:
   meta: dict[str, Any]
 
 
-def read_export(path: str) -> Export:
-  """Reads an export .npz (no pickle); raises ExportError with a one-line message."""
-  if not os.path.isfile(path):
+def read_export(path: str, fileobj: IO[bytes] | None = None) -> Export:
+  """Reads an export .npz (no pickle); raises ExportError with a one-line message.
+
+  Args:
+    path: the file; with `fileobj`, only the name the messages give (e.g. a gs:// URL).
+    fileobj: an open, seekable binary file to read instead of opening `path`.
+  """
+  source: str | IO[bytes] = path if fileobj is None else fileobj
+  if fileobj is None and not os.path.isfile(path):
     raise ExportError(f'{path}: no such export file')
-  if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and say so
+  if not zipfile.is_zipfile(source):  # np.load would try it as a pickle and say so
     raise ExportError(f'{path}: not a .npz (zip) file; expected a file written by '
                       f'mr2ct_jax.export')
+  if fileobj is not None:
+    fileobj.seek(0)
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(source, allow_pickle=False) as data:
       arrays = {name: data[name] for name in data.files}
   except Exception as e:  # pylint: disable=broad-except
     raise ExportError(f'{path}: not a readable .npz ({type(e).__name__}: '
