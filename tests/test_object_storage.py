@@ -21,6 +21,7 @@ from mr2ct_jax.cli import commands
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import writer
 from mr2ct_jax.inference import generators
+from mr2ct_jax.segmentation import run as seg_run
 from mr2ct_jax.training import loop
 
 import fake_bucket
@@ -159,4 +160,16 @@ def test_prepare_train_resume_and_evaluate_in_the_bucket(bucket, test_config, tm
     np.testing.assert_array_equal(a, b, err_msg=str(k))
   with pytest.raises(FileExistsError, match='gs://bucket/g_ct.npz: already exists'):
     export.export(run, 'gs://bucket/g_ct.npz')
+  # The downstream U-Net on the bucket's run: checkpoints, cache and evaluation in the bucket.
+  seg_summary = seg_run.run(run, steps=2)
+  seg_root = os.path.join(run_root, 'seg')
+  assert seg_summary['output_dir'] == 'gs://bucket/run/seg/eval'
+  assert sorted(os.listdir(os.path.join(seg_root, 'checkpoints'))) == ['2']
+  assert os.path.isfile(os.path.join(seg_root, 'eval', 'summary.md'))
+  with open(os.path.join(seg_root, 'run.json'), encoding='utf-8') as f:
+    assert json.load(f)['workdir'] == run
+  capsys.readouterr()
+  again = seg_run.run(run, steps=2, overwrite=True)  # resumes: trained, cache read back
+  assert 'already trained to step 2' in capsys.readouterr().out
+  assert again['dice'] == seg_summary['dice']
   assert not [p for p in _files(bucket) if p.endswith('.tmp')]

@@ -12,6 +12,7 @@ exactly the batches of an uninterrupted one and the data iterator state is just 
 """
 
 import dataclasses
+import io
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from mr2ct_jax import atomic
+from mr2ct_jax import storage
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import intensity
 from mr2ct_jax.inference import slices
@@ -94,13 +96,19 @@ def check_data_dir(data_dir: str, config: ml_collections.ConfigDict, split: str)
     raise SegDataError(mismatch)
 
 
-def _cache_matches(path: str, key: dict[str, Any]) -> bool:
+def _read_cache(path: str, key: dict[str, Any]) -> LabeledSet | None:
+  """The cached labeled set at `path` if it was made with `key` (else, or unreadable: None)."""
   try:
-    with np.load(path) as npz:
+    with storage.open_file(path, 'rb') as f:  # whole: also a gs:// object
+      buffer = io.BytesIO(f.read())
+    with np.load(buffer) as npz:
       saved = {k[len('key_'):]: npz[k].item() for k in npz.files if k.startswith('key_')}
+      if saved != key:
+        return None
+      maxima = dict(zip(npz['sources'].tolist(), npz['maxima'].tolist()))
+      return LabeledSet(ct=npz['ct'], smr=npz['smr'], label=npz['label'], maxima=maxima)
   except (OSError, ValueError, KeyError):
-    return False
-  return saved == key
+    return None
 
 
 def load_labeled_set(data_dir: str, config: ml_collections.ConfigDict, smr_fn: ApplyFn, *,
@@ -120,13 +128,12 @@ def load_labeled_set(data_dir: str, config: ml_collections.ConfigDict, smr_fn: A
     SegDataError: no labeled split, or a split without any labeled voxel.
   """
   check_data_dir(data_dir, config, LABELED_SPLIT)
-  key = {'version': CACHE_VERSION, 'data_dir': os.path.abspath(data_dir),
+  key = {'version': CACHE_VERSION, 'data_dir': storage.absolute(data_dir),
          'generator_step': -1 if generator_step is None else int(generator_step),
          'ct_window': str(tuple(float(w) for w in config.data.ct_window))}
-  if cache_path and os.path.exists(cache_path) and _cache_matches(cache_path, key):
-    with np.load(cache_path) as npz:
-      maxima = dict(zip(npz['sources'].tolist(), npz['maxima'].tolist()))
-      return LabeledSet(ct=npz['ct'], smr=npz['smr'], label=npz['label'], maxima=maxima)
+  cached = _read_cache(cache_path, key) if cache_path and storage.exists(cache_path) else None
+  if cached is not None:
+    return cached
   meta = dataset.load_meta(data_dir)
   cts, labels, maxima = [], [], {}
   for volume in dataset.iterate_volumes(data_dir, LABELED_SPLIT):
@@ -141,7 +148,7 @@ def load_labeled_set(data_dir: str, config: ml_collections.ConfigDict, smr_fn: A
   labeled = LabeledSet(ct=ct.astype(np.float16), smr=smr.astype(np.float16),
                        label=np.concatenate(labels), maxima=maxima)
   if cache_path and write_cache:
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    storage.makedirs(os.path.dirname(cache_path))
     # A file object, so NumPy does not append a second '.npz' to the temporary name.
     with atomic.writing(cache_path, 'wb') as f:
       np.savez(f, ct=labeled.ct, smr=labeled.smr, label=labeled.label,

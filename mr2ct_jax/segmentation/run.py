@@ -26,6 +26,7 @@ import ml_collections
 
 from mr2ct_jax import atomic
 from mr2ct_jax import config_checks
+from mr2ct_jax import storage
 from mr2ct_jax import tb_logging
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import resolve
@@ -48,17 +49,17 @@ class SegmentationError(ValueError):
 
 
 def _read_run_file(path: str) -> dict[str, Any] | None:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   try:
-    with open(path, encoding='utf-8') as f:
+    with storage.open_file(path, encoding='utf-8') as f:
       return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise SegmentationError(f'{path}: unreadable ({e}); remove it to start a new run') from e
 
 
 def _write_run_file(path: str, info: dict[str, Any]) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  storage.makedirs(os.path.dirname(path))
   atomic.write_json(path, info, indent=2, sort_keys=True)
 
 
@@ -112,7 +113,7 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
     SegmentationError, seg_data.SegDataError, ConfigError, generators.SourceError,
     checkpointing.CheckpointError, reports.ReportError, DatasetError: one-line messages.
   """
-  output = os.path.abspath(output or os.path.join(workdir, 'seg'))
+  output = storage.absolute(output or storage.join(workdir, 'seg'))
   eval_dir = os.path.join(output, EVAL_DIR)
   # Fail before any work; --overwrite replaces only an earlier evaluation (per_volume.json).
   reports.check_output_dir(eval_dir, overwrite, EVAL_OWN_FILE)
@@ -131,7 +132,7 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
   config = segmentation_config(run_config, seg_config, steps, workdir)
   table = labels_lib.label_table(config.seg)
 
-  data_dir = os.path.abspath(resolve.resolve_data_dir(config, workdir, data_dir))
+  data_dir = storage.absolute(resolve.resolve_data_dir(config, workdir, data_dir))
   seg_data.check_data_dir(data_dir, config, seg_data.LABELED_SPLIT)
   split = seg_data.eval_split(data_dir)
   seg_data.check_data_dir(data_dir, config, split)
@@ -155,7 +156,7 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
             f'{run_path}: this segmentation run has seg.{key}={previous["seg"].get(key)!r}, '
             f'the config asks for {config.seg[key]!r}; use another --output')
   if is_main:
-    _write_run_file(run_path, {'workdir': os.path.abspath(workdir), 'data_dir': data_dir,
+    _write_run_file(run_path, {'workdir': storage.absolute(workdir), 'data_dir': data_dir,
                                'generator_step': info.step, 'seg': config.seg.to_dict()})
   tb_logging.log_line(f'Segmentation in {output}: generators of {workdir} at step {info.step}, '
                       f'data {data_dir}, tested on its {split!r} split.')
@@ -178,7 +179,7 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
     if not rows:
       raise SegmentationError(f'{data_dir}: the {split!r} split holds no volumes')
     meta = {'method': 'via synthesis (2-channel U-Net on labeled CT + sMR)',
-            'source': os.path.abspath(workdir), 'generator_step': info.step,
+            'source': storage.absolute(workdir), 'generator_step': info.step,
             'unet_step': unet_step, 'data_dir': data_dir, 'output_dir': eval_dir,
             'split': split, 'num_classes': num_classes,
             'label_table': config.seg.get('label_table'),

@@ -27,6 +27,7 @@ from mr2ct_jax import config_checks
 from mr2ct_jax import parallel
 from mr2ct_jax.parallel import Batch
 from mr2ct_jax import preemption
+from mr2ct_jax import storage
 from mr2ct_jax import tb_logging
 from mr2ct_jax.models import layers
 from mr2ct_jax.models import unet as unet_lib
@@ -269,7 +270,7 @@ def restore_params(seg_dir: str, config: ml_collections.ConfigDict,
     checkpointing.CheckpointError: no checkpoint, or one from another U-Net config.
   """
   ckpt_dir = os.path.join(seg_dir, checkpointing.CHECKPOINT_DIR)
-  if not os.path.isdir(ckpt_dir):
+  if not storage.isdir(ckpt_dir):
     raise checkpointing.CheckpointError(f'{ckpt_dir}: no segmentation checkpoint (train first)')
   manager = checkpointing.make_manager(seg_dir, read_only=True)
   try:
