@@ -76,8 +76,8 @@ def test_validation_scalars_and_panel_in_tensorboard(straight, test_config, data
   # windows are the paper's), for the one val subject.
   config = _config(test_config, data_dir)
   sct_fn, _, _ = generators.load_generator(str(workdir), 'mr2ct')
-  per_volume, _ = scoring.evaluate_volumes(dataset.iterate_volumes(data_dir, 'val'), sct_fn,
-                                           None, config)
+  volumes = dataset.with_extent(dataset.iterate_volumes(data_dir, 'val'), data_dir, 'val')
+  per_volume, _ = scoring.evaluate_volumes(volumes, sct_fn, None, config)
   assert len(per_volume) == 1 and per_volume[0]['mae_hu'] > 1.0
   for key in validation.KEYS:
     np.testing.assert_allclose(scalars[f'val/{key}'][4], per_volume[0][key], rtol=1e-4,

@@ -15,7 +15,7 @@ import collections.abc
 import contextlib
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 import zlib
 
 import ml_collections
@@ -242,6 +242,18 @@ def training_subset(meta: dict[str, Any], split: str, num: int, seed: int,
                        f'{len(ids)} {split} patients')
   order = np.random.default_rng([int(seed), zlib.crc32(split.encode())]).permutation(len(ids))
   return sorted(ids[i] for i in order[:num])
+
+
+def with_extent(volumes: Iterable[dict[str, Any]], data_dir: str,
+                split: str) -> Iterator[dict[str, Any]]:
+  """The records of `split` with 'inside': their network pixels inside the original volume.
+
+  Scoring leaves the other pixels (padding around a volume smaller than the network grid)
+  out; the evaluation and the validation while training score the same pixels.
+  """
+  for volume in volumes:
+    volume['inside'] = load_geometry(data_dir, volume['patient_id'], split).valid_mask()
+    yield volume
 
 
 def iterate_volumes(data_dir: str, split: str) -> Iterator[dict[str, Any]]:

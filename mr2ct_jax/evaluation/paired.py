@@ -9,7 +9,6 @@ summaries and figures are written into an output folder that appears complete or
 """
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
@@ -134,15 +133,6 @@ def _load_generators(source: str, step: int | None, backend: str
   return sct_fn, smr_fn, config, info
 
 
-def _with_extent(volumes: Iterator[dict[str, Any]], data_dir: str
-                 ) -> Iterator[dict[str, Any]]:
-  """The records with 'inside': their network pixels inside the original volume."""
-  for volume in volumes:
-    volume['inside'] = dataset.load_geometry(data_dir, volume['patient_id'],
-                                             'test').valid_mask()
-    yield volume
-
-
 def _write_without_pairs(out_dir: str, meta: dict[str, Any]) -> dict[str, Any]:
   """summary.md/json and an empty per_volume.json for a dataset without a paired test split
   (only unpaired test volumes: the paper's second experiment)."""
@@ -228,7 +218,7 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
     os.makedirs(figure_dir)
     if has_test:
       per_volume, per_slice = scoring.evaluate_volumes(
-          _with_extent(dataset.iterate_volumes(data_dir, 'test'), data_dir), sct_fn, smr_fn,
+          dataset.with_extent(dataset.iterate_volumes(data_dir, 'test'), data_dir, 'test'), sct_fn, smr_fn,
           config, figure_dir=figure_dir, progress=progress,
           plane=dataset.preprocessing(data_meta)['plane'])
       if not per_volume:

@@ -74,7 +74,8 @@ class Validator:
                           'while training skipped.')
       return
     # A few subjects: kept in memory so each validation reads nothing.
-    self._volumes = list(dataset.iterate_volumes(data_dir, SPLIT))
+    self._volumes = list(dataset.with_extent(dataset.iterate_volumes(data_dir, SPLIT),
+                                             data_dir, SPLIT))
     self._forward = jax.jit(lambda params, x: generator.apply({'params': params}, x))
 
   @property
