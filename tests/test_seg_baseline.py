@@ -76,7 +76,9 @@ def test_baseline_errors_are_one_line(data_dir, test_config, tmp_path):
       ([f'--data={data_dir}', out, config, '--folds=4'],
        r"^error: .* \('test' split\): 4 folds but only 3 labeled MR volume\(s\)"),
       ([f'--data={tmp_path / "nodata"}', out, config], 'nodata: data dir does not exist'),
-      ([out], r'^error: --data is required')]:
+      ([out], r'^error: --data is required'),
+      ([f'--data={data_dir}', out, config, '--num_processes=2'],
+       r'^error: --num_processes needs --jax_distributed$')]:
     with pytest.raises(SystemExit, match=message) as exc:
       baseline.main([PROG] + argv)
     assert '\n' not in str(exc.value)

@@ -3,6 +3,7 @@
 Usage:
   python -m mr2ct_jax.segmentation.baseline --data=DATA --output=OUT [--folds=5]
       [--config=configs/gc.py[:variant]] [--steps=N] [--overwrite]
+      [--jax_distributed [--coordinator_address=H:P --num_processes=N --process_id=I]]
 
 The paper set its modality-independent result (U-Net trained on labeled CT + sMR, tested on
 MR via sCT) beside a U-Net trained on labeled MR alone: "5-fold cross validation of MR
@@ -39,6 +40,7 @@ from ml_collections import config_flags
 import ml_collections
 
 from mr2ct_jax.cli import commands
+from mr2ct_jax.cli import distributed
 from mr2ct_jax.segmentation import folds as folds_lib
 
 COMMAND = 'mr2ct_jax.segmentation.baseline'
@@ -81,6 +83,7 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_integer('steps', None, 'Train each fold to this step (default '
                        'config.seg.num_steps).', flag_values=fv)
   flags.DEFINE_bool('overwrite', False, 'Replace an existing OUTPUT/eval.', flag_values=fv)
+  distributed.define_flags(fv)
   config_flags.DEFINE_config_file(
       'config', commands.default_config_path(), 'Config file (configs/gc.py[:variant]); '
       'fields overridable: --config.seg.lr=...', flag_values=fv, lock_config=True)
@@ -101,8 +104,11 @@ def _known_errors() -> tuple[type[Exception], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns 0 or raises SystemExit with a one-line 'error: ...'."""
   fv = _define_flags()
-  body = lambda: run(fv.config, fv.data, fv.output, fv.folds, steps=fv.steps,
-                     overwrite=fv.overwrite)
+
+  def body() -> None:
+    distributed.initialize(fv)  # several hosts: each trains its shard of every fold's batches
+    run(fv.config, fv.data, fv.output, fv.folds, steps=fv.steps, overwrite=fv.overwrite)
+
   return commands.run(fv, argv, COMMAND, body, errors=_known_errors,
                       required=('data', 'output'), doc=__doc__)
 
