@@ -58,6 +58,7 @@ def phantom_pairs(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   Returns the data dir whose `test` split holds them (WORKDIR/paired_train/data).
   """
+  # Imported here: --help and flag errors should not wait for JAX.
   from mr2ct_jax.data import writer  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data.phantom import cohort  # pylint: disable=g-import-not-at-top
   p = config.data.phantom
@@ -90,6 +91,7 @@ def paired_slices(data_dir: str, config: ml_collections.ConfigDict,
   Slices outside the CT's field of view (empty mask) are left out: their CT is fill, not
   anatomy. Raises SupervisedError if a patient is in `exclude` or no slice is left.
   """
+  # Imported here: --help and flag errors should not wait for JAX.
   from mr2ct_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import intensity  # pylint: disable=g-import-not-at-top
   if not dataset.has_split(data_dir, 'test'):
@@ -119,6 +121,7 @@ def train_generator(config: ml_collections.ConfigDict, mr: np.ndarray,
   batches are config.train.batch_size pairs drawn with config.seed, each augmented by one
   crop/flip draw applied to both images (`pipeline.crop_and_flip`).
   """
+  # Imported here: --help and flag errors should not wait for JAX.
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -163,6 +166,7 @@ def train_generator(config: ml_collections.ConfigDict, mr: np.ndarray,
 def run(config: ml_collections.ConfigDict, workdir: str,
         paired_data: str | None = None) -> dict[str, Any]:
   """Trains the supervised G_ct (unless WORKDIR/g_ct.npz exists), evaluates it; the summary."""
+  # Imported here: --help and flag errors should not wait for JAX.
   from mr2ct_jax import export  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import resolve  # pylint: disable=g-import-not-at-top
@@ -207,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   fv = _define_flags()
 
   def body() -> None:
+    # Imported here: --help and flag errors should not wait for JAX.
     from mr2ct_jax import config_checks  # pylint: disable=g-import-not-at-top
     config_checks.validate(fv.config, num_devices=1, num_processes=1)
     run(fv.config, fv.workdir, fv.paired_data)
