@@ -127,6 +127,12 @@ def open_file(path: PathLike, mode: str = 'r', **kwargs: Any) -> IO[Any]:
   return as_path(path).open(mode)
 
 
+def read_bytes(path: PathLike) -> bytes:
+  """The whole content of file or object `path` (e.g. for readers that seek, as zip's)."""
+  with open_file(path, 'rb') as f:
+    return f.read()
+
+
 def rmtree(path: PathLike) -> None:
   """Deletes folder `path` and everything in it (for a URL, every object under it)."""
   if is_remote(path):

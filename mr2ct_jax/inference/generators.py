@@ -217,8 +217,7 @@ def _load_from_npz(path: str, network: str,
                    step: int | None) -> tuple[Any, ml_collections.ConfigDict, int | None]:
   try:
     if storage.is_remote(path):  # read whole: the zip reader seeks
-      with storage.open_file(path, 'rb') as f:
-        export = numpy_generator.read_export(path, io.BytesIO(f.read()))
+      export = numpy_generator.read_export(path, io.BytesIO(storage.read_bytes(path)))
     else:
       export = numpy_generator.read_export(path)
   except numpy_generator.ExportError as e:

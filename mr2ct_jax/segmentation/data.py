@@ -99,9 +99,7 @@ def check_data_dir(data_dir: str, config: ml_collections.ConfigDict, split: str)
 def _read_cache(path: str, key: dict[str, Any]) -> LabeledSet | None:
   """The cached labeled set at `path` if it was made with `key` (else, or unreadable: None)."""
   try:
-    with storage.open_file(path, 'rb') as f:  # whole: also a gs:// object
-      buffer = io.BytesIO(f.read())
-    with np.load(buffer) as npz:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as npz:  # also a gs:// object
       saved = {k[len('key_'):]: npz[k].item() for k in npz.files if k.startswith('key_')}
       if saved != key:
         return None
