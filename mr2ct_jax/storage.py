@@ -6,9 +6,11 @@ folders and no rename: an object appears whole when its upload completes, so out
 built locally and uploaded (`upload_file`, `upload_tree`) instead of renamed into place.
 """
 
+import contextlib
 import os
 import shutil
-from typing import IO, Any
+import tempfile
+from typing import IO, Any, Iterator
 
 
 PathLike = str | os.PathLike
@@ -167,3 +169,47 @@ def upload_tree(local: PathLike, remote: PathLike) -> None:
         upload_file(os.path.join(folder, name), join(remote, relative, name))
   for name in top:
     upload_file(os.path.join(local, name), join(remote, name))
+
+
+def download(remote: PathLike, local: PathLike) -> None:
+  """Copies the URL `remote` to the local path `local`: one object, or every object under
+  the prefix `remote/` into the folder `local` (created, with its parents).
+
+  Raises:
+    FileNotFoundError: nothing lies at `remote`.
+  """
+  remote, local = os.fspath(remote), os.fspath(local)
+  if isfile(remote):
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    with as_path(remote).open('rb') as src, open(local, 'wb') as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)
+  elif isdir(remote):
+    os.makedirs(local, exist_ok=True)
+    for name in listdir(remote):
+      download(join(remote, name), os.path.join(local, name))
+  else:
+    raise FileNotFoundError(f'{remote}: no such object or prefix')
+
+
+@contextlib.contextmanager
+def local_copy(path: PathLike) -> Iterator[str]:
+  """Yields a local path holding what `path` holds: `path` itself when it is local, else a
+  download of the object or folder into a temporary folder (same base name), deleted after.
+
+  For readers that need local files (nibabel, SimpleITK's DICOM reader).
+
+  Raises:
+    FileNotFoundError: nothing lies at the URL `path`.
+  """
+  path = os.fspath(path)
+  if not is_remote(path):
+    yield path
+    return
+  url = absolute(path)
+  folder = tempfile.mkdtemp(prefix='mr2ct_jax-download-')
+  try:
+    local = os.path.join(folder, os.path.basename(url))
+    download(url, local)
+    yield local
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)

@@ -13,6 +13,11 @@ spacing, slice plane, MR percentile: recorded in the run's config.json), transla
 network grid and mapped back to its own voxels (`mr2ct_jax.inference.volumes`), and written
 with the input's shape and affine under a temporary name that is renamed when complete.
 
+`--input` and `--output` may be gs:// URLs (with gcsfs installed): a remote input is
+downloaded whole into a temporary folder first (nibabel and SimpleITK read local files;
+messages name the URL), and each output file or series folder is built locally and uploaded
+when complete, as an object store has no rename.
+
 `--output_format=dicom` (synthetic CT only) writes each volume as a CT DICOM series for
 treatment planning systems: `--output` is then always a folder, which receives one folder
 `<id>_sct/` per input volume (`<id>` = the input's name without suffix) holding one .dcm file
@@ -22,6 +27,7 @@ from a DICOM input, else PatientID = `<id>`). Each series folder is built under 
 and renamed when complete; `--overwrite` replaces only a folder of DICOM files (or an empty one).
 """
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -32,6 +38,7 @@ import numpy as np
 import tqdm
 
 from mr2ct_jax import atomic
+from mr2ct_jax import storage
 from mr2ct_jax.cli import commands
 from mr2ct_jax.data import dicom
 from mr2ct_jax.data import dicom_write
@@ -67,19 +74,23 @@ def is_single_volume(input_path: str, output_path: str) -> bool:
 
 def _dicom_jobs(input_path: str, output_path: str) -> list[Job]:
   """One '<output>/<id>_sct' series folder per input volume (a file, a series or a folder)."""
-  if os.path.isfile(output_path) or volume_lib.is_nifti_path(output_path):
+  if storage.isfile(output_path) or volume_lib.is_nifti_path(output_path):
     raise TranslateError(f'{output_path}: --output_format=dicom writes series folders; give an '
                          'output folder')
   inputs = [input_path] if os.path.isfile(input_path) else volume_lib.list_volumes(input_path)
-  return [Job(path, os.path.join(output_path, output_name(path, 'dicom'))) for path in inputs]
+  return [Job(path, storage.join(output_path, output_name(path, 'dicom'))) for path in inputs]
 
 
 def _check_replaceable_series(path: str) -> None:
   """--overwrite replaces a DICOM series folder (or an empty one), never anything else."""
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise TranslateError(f'{path}: exists and is not a folder; --overwrite replaces only a '
                          'DICOM series folder')
-  if os.listdir(path) and not dicom.is_dicom_dir(path):
+  if storage.is_remote(path):  # read no objects: a series this command wrote is all .dcm
+    is_series = all(name.lower().endswith(dicom.SUFFIXES) for name in storage.listdir(path))
+  else:
+    is_series = not os.listdir(path) or dicom.is_dicom_dir(path)
+  if not is_series:
     raise TranslateError(f'{path}: not a DICOM series folder; refusing to replace it even with '
                          '--overwrite')
 
@@ -114,14 +125,14 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
                            f'(not {output_path}) to translate them all')
     if not volume_lib.is_nifti_path(output_path):
       raise TranslateError(f'{output_path}: output for one volume must end in .nii or .nii.gz')
-    if os.path.isdir(output_path):
+    if storage.isdir(output_path):
       raise TranslateError(f'{output_path}: is a folder; name the output file')
     jobs = [Job(input_path, output_path)]
   else:
-    if os.path.isfile(output_path):
+    if storage.isfile(output_path):
       raise TranslateError(f'{output_path}: is a file; a folder input needs an output folder')
     inputs = volume_lib.list_volumes(input_path)
-    jobs = [Job(path, os.path.join(output_path, output_name(path))) for path in inputs]
+    jobs = [Job(path, storage.join(output_path, output_name(path))) for path in inputs]
     names = [job.output_path for job in jobs]
     if len(set(names)) != len(names):
       dup = sorted({n for n in names if names.count(n) > 1})[0]
@@ -129,15 +140,17 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
                            f'a.nii.gz); rename one')
   for job in jobs:
     # realpath: an output folder that is a link to the input folder is the input folder.
-    if os.path.realpath(job.output_path) == os.path.realpath(job.input_path):
+    if (not storage.is_remote(job.output_path)
+        and os.path.realpath(job.output_path) == os.path.realpath(job.input_path)):
       raise TranslateError(f'{job.output_path}: output would replace its own input')
+  exists = {job.output_path: storage.exists(job.output_path) for job in jobs}
   if skip_existing and not overwrite:
-    jobs = [job for job in jobs if not os.path.exists(job.output_path)]
+    jobs = [job for job in jobs if not exists[job.output_path]]
   for job in jobs:
-    if os.path.exists(job.output_path) and not overwrite:
+    if exists[job.output_path] and not overwrite:
       raise TranslateError(f'{job.output_path}: already exists (pass --overwrite to replace '
                            f'it, or --skip_existing to keep it)')
-    if os.path.lexists(job.output_path) and output_format == 'dicom':
+    if exists[job.output_path] and output_format == 'dicom':
       _check_replaceable_series(job.output_path)
   return jobs
 
@@ -181,8 +194,36 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
   if output_format == 'dicom' and direction != 'mr2ct':
     raise TranslateError(f'{output_path}: --output_format=dicom writes synthetic CT only; use '
                          'nifti for --direction=ct2mr')
-  # Fail fast, before loading the model.
-  jobs = plan(input_path, output_path, overwrite, skip_existing, output_format)
+  if not storage.is_remote(input_path):
+    return _translate(source, input_path, output_path, direction, step, overwrite,
+                      skip_existing, batch_size, backend, progress, allow_large, output_format)
+  # nibabel and SimpleITK read local files: a gs:// input (a volume, a series or a folder of
+  # them) is downloaded whole into a temporary folder first, and messages name the URL.
+  with contextlib.ExitStack() as stack:
+    try:
+      storage.check_backend(input_path)
+      local_input = stack.enter_context(storage.local_copy(input_path))
+    except FileNotFoundError as e:
+      raise TranslateError(f'{input_path}: no such input file or folder') from e
+    except storage.StorageError as e:
+      raise TranslateError(str(e)) from e
+    return _translate(source, local_input, output_path, direction, step, overwrite,
+                      skip_existing, batch_size, backend, progress, allow_large, output_format,
+                      shown_input=storage.absolute(input_path))
+
+
+def _translate(source: str, input_path: str, output_path: str, direction: str,
+               step: int | None, overwrite: bool, skip_existing: bool,
+               batch_size: int | None, backend: str, progress: bool, allow_large: bool,
+               output_format: str, shown_input: str | None = None) -> list[str]:
+  """`translate` of a local input; messages say `shown_input` (a URL) for `input_path`."""
+  from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
+  shown = (lambda text: text.replace(input_path, shown_input)) if shown_input else str
+  try:
+    # Fail fast, before loading the model.
+    jobs = plan(input_path, output_path, overwrite, skip_existing, output_format)
+  except (TranslateError, volume_lib.VolumeError) as e:
+    raise type(e)(shown(str(e))) from e
   if not jobs:  # --skip_existing and every output exists
     return []
   apply_fn, config, _ = generators.load_generator(source, direction, step, backend)
@@ -200,14 +241,14 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
       if output_format == 'dicom':  # before the translation's work: a sheared affine
         dicom_write.check_representable(job.input_path, vol.affine)
       if estimate is not None:
-        _announce(job.input_path, vol, config, estimate)
+        _announce(shown(job.input_path), vol, config, estimate)
       result = volumes.translate_volume(vol, apply_fn, config, direction, batch_size,
                                         progress=progress)
     except volume_lib.VolumeError as e:
       if not folder:
-        raise
+        raise volume_lib.VolumeError(shown(str(e))) from e
       # One bad file must not cost the rest of a folder run.
-      print(f'skipped: {e}', file=sys.stderr)
+      print(f'skipped: {shown(str(e))}', file=sys.stderr)
       skipped.append(job.input_path)
       continue
     if output_format == 'dicom':
@@ -218,8 +259,8 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
                              dtype=dtype, overwrite=overwrite)
     written.append(job.output_path)
   if skipped:
-    raise TranslateError(f'{input_path}: {len(skipped)} of {len(jobs)} volumes skipped (listed '
-                         f'above); {len(written)} written to {output_path}')
+    raise TranslateError(f'{shown(input_path)}: {len(skipped)} of {len(jobs)} volumes skipped '
+                         f'(listed above); {len(written)} written to {output_path}')
   return written
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 
 import ml_collections
+import nibabel as nib
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -17,14 +18,17 @@ from mr2ct_jax import atomic
 from mr2ct_jax import checkpointing
 from mr2ct_jax import export
 from mr2ct_jax import storage
+from mr2ct_jax import translate
 from mr2ct_jax.cli import commands
 from mr2ct_jax.data import dataset
+from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.data import writer
 from mr2ct_jax.inference import generators
 from mr2ct_jax.segmentation import run as seg_run
 from mr2ct_jax.training import loop
 
 import fake_bucket
+import tiny_run
 
 bucket = fake_bucket.bucket  # the fixture
 
@@ -172,4 +176,64 @@ def test_prepare_train_resume_and_evaluate_in_the_bucket(bucket, test_config, tm
   again = seg_run.run(run, steps=2, overwrite=True)  # resumes: trained, cache read back
   assert 'already trained to step 2' in capsys.readouterr().out
   assert again['dice'] == seg_summary['dice']
+  assert not [p for p in _files(bucket) if p.endswith('.tmp')]
+
+
+def _write_mr(path, seed):
+  """A small MR-like NIfTI volume (an ellipse with texture) at `path`."""
+  rng = np.random.default_rng(seed)
+  x, y = np.meshgrid(np.linspace(-1, 1, 40), np.linspace(-1, 1, 36), indexing='ij')
+  body = (x / 0.8) ** 2 + (y / 0.6) ** 2 < 1
+  array = np.where(body[..., None], 300 + 50 * rng.standard_normal((40, 36, 3)), 0)
+  affine = np.diag([8.0, 8.0, 6.0, 1.0])
+  volume_lib.write_nifti(str(path), array, affine, dtype=np.int16)
+  return array, affine
+
+
+def test_translate_reads_and_writes_the_bucket(bucket, test_config, tmp_path, capsys):
+  workdir = str(tmp_path / 'run')
+  tiny_run.make_workdir(workdir, test_config, step=2)
+  npz = str(tmp_path / 'g.npz')
+  export.export(workdir, npz)
+  mr_root = os.path.join(bucket, 'bucket', 'mr')
+  os.makedirs(mr_root)
+  _, affine = _write_mr(os.path.join(mr_root, 'p01.nii.gz'), 1)
+  _write_mr(os.path.join(mr_root, 'p02.nii.gz'), 2)
+  # The same volumes translated locally: what the bucket's outputs must hold.
+  expected = translate.translate(npz, mr_root, str(tmp_path / 'local_sct'), backend='numpy',
+                                 progress=False)
+
+  written = translate.translate(npz, 'gs://bucket/mr', 'gs://bucket/sct', backend='numpy',
+                                progress=False)
+  assert written == ['gs://bucket/sct/p01.nii.gz', 'gs://bucket/sct/p02.nii.gz']
+  for local, remote in zip(expected, written):
+    out = nib.load(os.path.join(bucket, 'bucket', 'sct', os.path.basename(remote)))
+    np.testing.assert_array_equal(np.asarray(out.dataobj), np.asarray(nib.load(local).dataobj))
+    np.testing.assert_allclose(out.affine, affine)
+  # One volume, URL to URL; an existing output is refused before any work.
+  one = translate.translate(npz, 'gs://bucket/mr/p02.nii.gz', 'gs://bucket/one.nii.gz',
+                            backend='numpy', progress=False)
+  assert one == ['gs://bucket/one.nii.gz']
+  with pytest.raises(translate.TranslateError,
+                     match='^gs://bucket/sct/p01.nii.gz: already exists'):
+    translate.translate(npz, 'gs://bucket/mr', 'gs://bucket/sct', backend='numpy')
+  assert translate.translate(npz, 'gs://bucket/mr', 'gs://bucket/sct', backend='numpy',
+                             skip_existing=True) == []
+  # DICOM series folders into the bucket.
+  series = translate.translate(npz, 'gs://bucket/mr/p01.nii.gz', 'gs://bucket/dcm',
+                               backend='numpy', progress=False, output_format='dicom')
+  assert series == ['gs://bucket/dcm/p01_sct']
+  assert len(os.listdir(os.path.join(bucket, 'bucket', 'dcm', 'p01_sct'))) == 3
+  # A bad volume in a bucket folder is named by its URL and skipped; a missing input is one line.
+  with open(os.path.join(mr_root, 'p03.nii.gz'), 'wb') as f:
+    f.write(b'not a nifti')
+  capsys.readouterr()
+  with pytest.raises(translate.TranslateError,
+                     match=r'^gs://bucket/mr: 1 of 1 volumes skipped .*written to gs://bucket/sct'):
+    translate.translate(npz, 'gs://bucket/mr', 'gs://bucket/sct', backend='numpy',
+                        skip_existing=True, progress=False)
+  assert 'skipped: gs://bucket/mr/p03.nii.gz: ' in capsys.readouterr().err
+  with pytest.raises(translate.TranslateError,
+                     match='^gs://bucket/nothing: no such input file or folder$'):
+    translate.translate(npz, 'gs://bucket/nothing', 'gs://bucket/x.nii.gz', backend='numpy')
   assert not [p for p in _files(bucket) if p.endswith('.tmp')]

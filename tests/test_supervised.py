@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 
 import ml_collections
 import numpy as np
 import pytest
 
+from mr2ct_jax import checkpointing
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import pipeline
 from mr2ct_jax.experiments import supervised
@@ -74,9 +76,34 @@ def test_training_lowers_the_l1_and_the_export_is_evaluated(run_dir, config):
 def test_a_finished_run_is_not_retrained(run_dir, config, capsys):
   npz = os.path.join(run_dir, supervised.EXPORT_FILE)
   before = os.stat(npz).st_mtime_ns
-  supervised.run(config, run_dir)
+  summary = supervised.run(config, run_dir)
   assert os.stat(npz).st_mtime_ns == before
   assert 'MAE in body' in capsys.readouterr().out
+  with open(os.path.join(run_dir, 'eval', 'summary.json'), encoding='utf-8') as f:
+    assert summary == json.load(f)  # the finished run's summary, as a fresh run returns it
+  assert summary['step'] == config.train.num_steps
+
+
+def test_a_rerun_with_other_steps_trains_and_evaluates_again(run_dir, config, tmp_path):
+  workdir = str(tmp_path / 'sup')
+  shutil.copytree(run_dir, workdir)
+  longer = ml_collections.ConfigDict(config.to_dict())
+  longer.train.num_steps = config.train.num_steps + 2
+  summary = supervised.run(longer, workdir)
+  export = numpy_generator.read_export(os.path.join(workdir, supervised.EXPORT_FILE))
+  assert export.meta['step'] == summary['step'] == config.train.num_steps + 2
+
+
+def test_a_rerun_with_another_model_is_refused(run_dir, config, tmp_path):
+  workdir = str(tmp_path / 'sup')
+  shutil.copytree(run_dir, workdir)
+  wider = ml_collections.ConfigDict(config.to_dict())
+  wider.model.ngf = 2 * config.model.ngf
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'config.json: this workdir holds a run with a different config.model'):
+    supervised.run(wider, workdir)
+  export = numpy_generator.read_export(os.path.join(workdir, supervised.EXPORT_FILE))
+  assert export.meta['step'] == config.train.num_steps  # left as it was
 
 
 def test_pairs_that_are_test_patients_are_refused(run_dir, config):

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from mr2ct_jax import atomic
+from mr2ct_jax import storage
 from mr2ct_jax.data import dicom
 from mr2ct_jax.data import nifti_header
 from mr2ct_jax.data import volume_checks
@@ -230,7 +231,7 @@ def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16
   path = os.fspath(path)
   if not is_nifti_path(path):
     raise VolumeError(f'{path}: output name must end in .nii or .nii.gz')
-  if os.path.exists(path) and not overwrite:
+  if storage.exists(path) and not overwrite:
     raise VolumeError(f'{path}: already exists (pass overwrite=True to replace it)')
   affine = np.asarray(affine, np.float64)
   if affine.shape != (4, 4):
@@ -244,7 +245,8 @@ def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16
   else:  # nibabel would store an orthogonal approximation that disagrees with the sform
     img.set_qform(None, code=0)
   img.set_sform(affine, code=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if not storage.is_remote(path):  # a URL is uploaded whole by atomic.writing
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with atomic.writing(path, 'wb') as f:
     if path.lower().endswith('.gz'):
       # Streamed (no second copy of the volume in memory); mtime 0: the same bytes every time.

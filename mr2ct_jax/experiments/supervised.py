@@ -17,9 +17,12 @@ grid), prepared with the run's settings under WORKDIR/paired_train. With --paire
 
 Outputs: WORKDIR/g_ct.npz (an export: `translate --npz`, `evaluate --source` and the NumPy
 generator read it) and WORKDIR/eval, the same evaluation as a CycleGAN run's WORKDIR/eval on
-the same test split, so the two summaries compare line by line. A finished run is not redone.
+the same test split, so the two summaries compare line by line. A finished run is not redone
+(its summary is printed again); a rerun with more or fewer steps trains again, and one with
+another model, data or optimiser config is refused (WORKDIR/config.json).
 """
 
+import json
 import os
 import sys
 import time
@@ -167,6 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         paired_data: str | None = None) -> dict[str, Any]:
   """Trains the supervised G_ct (unless WORKDIR/g_ct.npz exists), evaluates it; the summary."""
   # Imported here: --help and flag errors should not wait for JAX.
+  from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from mr2ct_jax import export  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import resolve  # pylint: disable=g-import-not-at-top
@@ -175,36 +179,60 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   data_dir = resolve.resolve_data_dir(config, workdir)
   config = resolve.resolve_preprocessing(config, data_dir)
+  # WORKDIR/config.json: a rerun with another model, data, loss or optimiser is refused (its
+  # paired_train data and export would be another run's); only the step count may change.
+  checkpointing.save_config(workdir, config)
   test_patients = sorted(dataset.load_meta(data_dir)['splits'].get('test', {}).get(
       'patients', {}))
   npz = os.path.join(workdir, EXPORT_FILE)
-  if not os.path.isfile(npz):
+  num_steps = int(config.train.num_steps)
+  trained = _trained_steps(npz)
+  if trained != num_steps:
+    if trained is not None:
+      print(f'{npz}: trained {trained} steps, the config asks {num_steps}: training again.',
+            flush=True)
     pairs_dir = paired_data or phantom_pairs(config, workdir)
     mr, ct, patients = paired_slices(pairs_dir, config, exclude=test_patients)
     print(f'Supervised G_ct on {len(mr)} paired slices of {len(patients)} patients '
           f'({pairs_dir}); evaluated on {data_dir}.', flush=True)
     params = train_generator(config, mr, ct)
-    meta = export.make_meta(config, ('g_ct',), int(config.train.num_steps), workdir)
+    meta = export.make_meta(config, ('g_ct',), num_steps, workdir)
     meta['supervised_on'] = patients
     export.write_export(npz, {'g_ct': params}, config, meta, overwrite=True)
   eval_dir = os.path.join(workdir, 'eval')
-  if os.path.isfile(os.path.join(eval_dir, paired.OWN_FILE)):
-    with open(os.path.join(eval_dir, 'summary.md'), encoding='utf-8') as f:
-      print(f.read(), flush=True)
-    return {'eval_dir': eval_dir}
+  summary_file = os.path.join(eval_dir, 'summary.json')
+  if trained == num_steps and os.path.isfile(summary_file):
+    with open(summary_file, encoding='utf-8') as f:
+      summary = json.load(f)
+    if summary.get('step') == num_steps:
+      print(summary['summary_markdown'], flush=True)
+      return summary
   return paired.evaluate(npz, data_dir, eval_dir, overwrite=True)
+
+
+def _trained_steps(npz: str) -> int | None:
+  """The steps recorded in the export `npz`; None if there is none (or it is unreadable)."""
+  from mr2ct_jax.inference import numpy_generator  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(npz):
+    return None
+  try:
+    step = numpy_generator.read_export(npz).meta.get('step')
+  except numpy_generator.ExportError:
+    return None  # a damaged export is trained again, not trusted
+  return int(step) if step is not None else None
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
   # Called only after a failure, when the modules that raise them are loaded.
+  from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from mr2ct_jax import config_checks  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.data import dataset  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
-  return (SupervisedError, config_checks.ConfigError, dataset.DatasetError,
-          scoring.EvaluateError, reports.ReportError, generators.SourceError,
-          FloatingPointError)
+  return (SupervisedError, checkpointing.CheckpointError, config_checks.ConfigError,
+          dataset.DatasetError, scoring.EvaluateError, reports.ReportError,
+          generators.SourceError, FloatingPointError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
