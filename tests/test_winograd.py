@@ -1,5 +1,7 @@
 """Winograd F(m x m, 3 x 3) convolution: values and both gradients against XLA's conv."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +102,26 @@ def test_reflect_conv_uses_winograd_only_on_its_path():
   x = jnp.zeros((1, 8, 8, 32))
   jaxpr = str(jax.make_jaxpr(narrow.apply)(jax.eval_shape(narrow.init, jax.random.key(0), x), x))
   assert 'conv_general_dilated' in jaxpr and 'dot_general' not in jaxpr
+
+
+def test_large_float32_convs_take_the_4x4_tile():
+  """F(4x4) from WINOGRAD4_MIN_PIXELS output pixels in float32; F(2x2) below and in bfloat16."""
+  big = (2, 66, 66, 64)  # 2 x 64 x 64 = 8192 output pixels
+  assert layers.winograd_tile(big, jnp.float32) == 4
+  assert layers.winograd_tile((1, 66, 66, 64), jnp.float32) == 2  # training at batch 1
+  assert layers.winograd_tile(big, jnp.bfloat16) == 2  # F(4x4) loses bfloat16's digits
+  # The chosen tile shows in the program: F(4x4)'s Winograd domain has 6^2 = 36 points
+  # (36 batched matmuls), F(2x2)'s 4^2 = 16 (and its output tiles 2^2 = 4).
+  conv = layers.ReflectConv(64, 3, 1, conv_impl='winograd')
+  for shape, has_36 in (((2, 64, 64, 64), True), ((1, 64, 64, 64), False)):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+    text = str(jax.make_jaxpr(conv.apply)(variables, x))
+    leading = {int(n) for n in re.findall(r':f32\[(\d+),[\d,]*\] = dot_general', text)}
+    assert (36 in leading) == has_36 and 16 in leading, (shape, leading)
+  # ... and its values equal the direct conv's to float32 rounding.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 64, 64, 64)), jnp.float32)
+  variables = conv.init(jax.random.key(1), x)
+  direct = layers.ReflectConv(64, 3, 1, conv_impl='xla').apply(variables, x)
+  np.testing.assert_allclose(conv.apply(variables, x), direct, rtol=2e-4, atol=2e-4)

@@ -64,6 +64,20 @@ WINOGRAD_TILE = 2
 # Fewest input channels for Winograd: its transforms cost per channel what the matmuls save
 # per channel pair, so narrow convs gain nothing.
 WINOGRAD_MIN_CHANNELS = 64
+# F(4x4, 3x3) instead, in float32, for a conv with at least this many output pixels (batch
+# x height x width): then its 36 matmuls have rows enough to run at the matmul ceiling, and
+# it does 1/4 of the direct conv's multiplications against F(2x2)'s 1/2.25. Measured on
+# generator inference at batch 8 (README, Benchmarks); training at batch 1 (4096 pixels
+# per residual-block conv at 256^2) keeps F(2x2).
+WINOGRAD4_MIN_PIXELS = 8192
+
+
+def winograd_tile(padded_shape: tuple[int, ...], dtype: Any) -> int:
+  """The Winograd output tile for a 3x3 conv of the padded NHWC input `padded_shape`."""
+  b, hp, wp = padded_shape[:3]
+  if jnp.dtype(dtype) == jnp.float32 and b * (hp - 2) * (wp - 2) >= WINOGRAD4_MIN_PIXELS:
+    return 4
+  return WINOGRAD_TILE
 
 
 def check_conv_impl(conv_impl: str, backend: str | None = None,
@@ -240,7 +254,7 @@ class ReflectConv(nn.Module):
       # input-gradient conv to a single channel (README, Benchmarks).
       y = conv_ops.conv2d(x, kernel, 1, 0)
     elif impl == 'winograd' and k == 3 and x.shape[-1] >= WINOGRAD_MIN_CHANNELS:
-      y = winograd.conv3x3_valid(x, kernel, WINOGRAD_TILE)
+      y = winograd.conv3x3_valid(x, kernel, winograd_tile(x.shape, self.dtype))
     elif conv_ops.low_precision(self.dtype):
       # `conv_valid` is an XLA conv forward and backward; in 16 bits that is the slow path.
       y = conv_ops.conv2d(x, kernel, 1, 0)
