@@ -168,9 +168,10 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
 
   Args:
     source: training workdir or exported .npz.
-    input_path: NIfTI file, DICOM series folder, or a folder of those.
+    input_path: NIfTI file, DICOM series folder, or a folder of those (a local path or a
+      URL such as gs://bucket/mr/).
     output_path: .nii/.nii.gz for one volume, or a folder for a folder input (always a
-      folder for DICOM output, which receives '<id>_sct/' series folders).
+      folder for DICOM output, which receives '<id>_sct/' series folders); local or a URL.
     direction: 'mr2ct' (synthetic CT, int16 HU) or 'ct2mr' (synthetic MR, float32).
     step: checkpoint step (workdir sources; None = latest).
     overwrite: replace existing outputs.

@@ -211,7 +211,8 @@ def _cast(path: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16,
                 overwrite: bool = False) -> str:
-  """Writes `array` as NIfTI atomically (temporary name in the same folder, then rename).
+  """Writes `array` as NIfTI atomically (temporary name in the same folder, then rename; a
+  gs:// URL is written locally and uploaded whole).
 
   Float data written to an integer dtype is rounded and clipped to the dtype's range. The file
   is labelled in mm with `affine` as sform and, unless the affine is sheared (a qform cannot
