@@ -218,6 +218,7 @@ def _translate(source: str, input_path: str, output_path: str, direction: str,
                batch_size: int | None, backend: str, progress: bool, allow_large: bool,
                output_format: str, shown_input: str | None = None) -> list[str]:
   """`translate` of a local input; messages say `shown_input` (a URL) for `input_path`."""
+  # Imported here, as in `translate`: JAX takes seconds to load.
   from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
   shown = (lambda text: text.replace(input_path, shown_input)) if shown_input else str
   try:

@@ -212,6 +212,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
 def _trained_steps(npz: str) -> int | None:
   """The steps recorded in the export `npz`; None if there is none (or it is unreadable)."""
+  # Imported here: --help and flag errors should not wait for JAX.
   from mr2ct_jax.inference import numpy_generator  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(npz):
     return None
