@@ -137,7 +137,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     prep.spacing_mm = 5.0
     # 24 + 24 training volumes, not 6 + 6: a supervised G trained on one subject's slices fit
     # them (51 HU) but scored 119-123 HU on the others, and 4x the volumes took the CycleGAN
-    # from 112.8 to 105.9 HU at the same 800 steps (README, Quality).
+    # from 112.8 to 105.9 HU at 800 steps (on other test subjects: the phantom numbers its
+    # sets in turn). On fixed test subjects 48 + 48 or 96 + 96 gave no more (README, Quality).
     phantom.num_train_mr = 24
     phantom.num_train_ct = 24
     phantom.num_labeled = 2
