@@ -206,3 +206,34 @@ def test_pytorch_reference_parses_bf16_and_inference_mode():
   assert step['activation_dtype'] == 'torch.bfloat16'
   assert torch_reference.run(32, False, 4, 4, 1, 3, steps=1, warmup=0)[
       'activation_dtype'] == 'torch.float32'
+
+
+def test_bench_layers_writes_every_layer_in_both_dtypes(tmp_path):
+  output = tmp_path / 'bench_layers.json'
+  result = _bench('--size=32', '--repeats=1', '--config=configs/gc.py:test',
+                  f'--output={output}', command='layers')
+  assert result.returncode == 0, result.stderr
+  report = json.loads(output.read_text(encoding='utf-8'))
+  assert report['benchmark'] == 'layers' and report['size'] == 32
+  rows = {r['layer']: r for r in report['layers']}
+  # The test config: ngf = ndf = 4, 1 residual block, 3 discriminator layers.
+  assert list(rows) == ['g_stem_7x7', 'g_down_0_3x3s2', 'g_down_1_3x3s2', 'g_res_3x3', 'g_up_0',
+                        'g_up_1', 'g_head_7x7', 'd_conv_0_4x4s2', 'd_conv_1_4x4s2',
+                        'd_conv_2_4x4s2', 'd_conv_3_4x4s1', 'd_logits_4x4']
+  assert rows['g_res_3x3']['input_shape'] == [1, 8, 8, 16]
+  assert rows['g_res_3x3']['count_per_step'] == 4 * 2 * 1
+  assert rows['g_up_1']['input_shape'] == [1, 16, 16, 8]
+  assert rows['d_conv_3_4x4s1']['input_shape'] == [1, 4, 4, 16]
+  assert rows['d_logits_4x4']['input_shape'] == [1, 3, 3, 32]
+  assert rows['d_conv_0_4x4s2']['count_per_step'] == 6
+  for row in rows.values():
+    assert set(row['seconds']) == {'float32', 'bfloat16'}
+    assert row['bf16_speedup'] == pytest.approx(row['seconds']['float32'] /
+                                                row['seconds']['bfloat16'])
+  assert report['weighted_seconds']['float32'] == pytest.approx(
+      sum(r['count_per_step'] * r['seconds']['float32'] for r in rows.values()))
+  assert report['machine']['cpu_flags'] == common.cpu_flags()
+  assert 'layers at 32^2: count-weighted float32' in result.stdout
+  bad = _bench('--size=36', f'--output={tmp_path / "x.json"}', command='layers')
+  assert bad.returncode != 0 and 'error: --size=36: must be >= 16 and divisible by 8' in bad.stderr
+  assert not (tmp_path / 'x.json').exists()
