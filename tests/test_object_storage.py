@@ -236,4 +236,15 @@ def test_translate_reads_and_writes_the_bucket(bucket, test_config, tmp_path, ca
   with pytest.raises(translate.TranslateError,
                      match='^gs://bucket/nothing: no such input file or folder$'):
     translate.translate(npz, 'gs://bucket/nothing', 'gs://bucket/x.nii.gz', backend='numpy')
+  # The command line, with a workdir source: the same bytes as the library call above.
+  assert translate.main(['translate', f'--workdir={workdir}', '--input=gs://bucket/mr/p02.nii.gz',
+                         '--output=gs://bucket/cli.nii.gz', '--backend=numpy',
+                         '--noprogress']) == 0
+  assert 'wrote 1 volume(s): gs://bucket/cli.nii.gz' in capsys.readouterr().out
+  with open(os.path.join(bucket, 'bucket', 'cli.nii.gz'), 'rb') as a, \
+       open(os.path.join(bucket, 'bucket', 'one.nii.gz'), 'rb') as b:
+    assert a.read() == b.read()
+  with pytest.raises(SystemExit, match='^error: gs://bucket/cli.nii.gz: already exists'):
+    translate.main(['translate', f'--npz={npz}', '--input=gs://bucket/mr/p02.nii.gz',
+                    '--output=gs://bucket/cli.nii.gz', '--backend=numpy'])
   assert not [p for p in _files(bucket) if p.endswith('.tmp')]
