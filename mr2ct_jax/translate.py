@@ -195,22 +195,22 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
   if output_format == 'dicom' and direction != 'mr2ct':
     raise TranslateError(f'{output_path}: --output_format=dicom writes synthetic CT only; use '
                          'nifti for --direction=ct2mr')
-  if not storage.is_remote(input_path):
-    return _translate(source, input_path, output_path, direction, step, overwrite,
-                      skip_existing, batch_size, backend, progress, allow_large, output_format)
-  # nibabel and SimpleITK read local files: a gs:// input (a volume, a series or a folder of
-  # them) is downloaded whole into a temporary folder first, and messages name the URL.
   with contextlib.ExitStack() as stack:
-    try:
-      storage.check_backend(input_path)
-      local_input = stack.enter_context(storage.local_copy(input_path))
-    except FileNotFoundError as e:
-      raise TranslateError(f'{input_path}: no such input file or folder') from e
-    except storage.StorageError as e:
-      raise TranslateError(str(e)) from e
+    local_input, shown_input = input_path, None
+    if storage.is_remote(input_path):
+      # nibabel and SimpleITK read local files: a gs:// input (a volume, a series or a folder
+      # of them) is downloaded whole into a temporary folder first; messages name the URL.
+      try:
+        storage.check_backend(input_path)
+        local_input = stack.enter_context(storage.local_copy(input_path))
+      except FileNotFoundError as e:
+        raise TranslateError(f'{input_path}: no such input file or folder') from e
+      except storage.StorageError as e:
+        raise TranslateError(str(e)) from e
+      shown_input = storage.absolute(input_path)
     return _translate(source, local_input, output_path, direction, step, overwrite,
                       skip_existing, batch_size, backend, progress, allow_large, output_format,
-                      shown_input=storage.absolute(input_path))
+                      shown_input=shown_input)
 
 
 def _translate(source: str, input_path: str, output_path: str, direction: str,
