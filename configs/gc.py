@@ -116,6 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.num_steps = 200_000
   train.batch_size = 1            # global batch (split over devices and processes)
   train.pool_size = 50            # fake-image pool per discriminator
+  # Decay of an exponential moving average of the generators' parameters, which translate,
+  # evaluate and export then use (0: none, the paper's raw last weights).
+  train.ema_decay = 0.0
   train.log_every = 100
   train.image_every = 1000
   train.checkpoint_every = 5000
@@ -155,6 +158,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the run from 142 s to 257 s and the sCT from 108.9 to 98.2 HU (13.6 -> 11.5 on 0-255),
     # with the femoral heads and iliac wings where the CT has them (README, Quality).
     train.num_steps = 1600
+    # Translate with the average of the generators' recent weights: on the quiet EPYC
+    # (2026-12-04) 98.2 -> 93.1 HU, 11.48 -> 10.47 on 0-255, at no cost in time. The
+    # warm-up min(decay, (1 + t) / (10 + t)) keeps the window ~t / 9 steps (~180 at the end).
+    train.ema_decay = 0.999
     train.batch_size = 4
     # The short schedule learns faster with a higher rate (measured: README, Benchmarks).
     optim.lr = 8e-4

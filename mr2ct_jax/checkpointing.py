@@ -56,7 +56,8 @@ _CODE_PATH_FIELDS = {'model': ('conv_impl',), 'data': ('prepare_defaults',)}
 # Fields added after runs were written, with the value those runs effectively used.
 _LEGACY_FIELDS = {'data': {'plane': 'axial', 'num_train_mr': 0, 'num_train_ct': 0,
                            'subset_seed': 0},
-                  'model': {'disc_norm': 'instance'}}
+                  'model': {'disc_norm': 'instance'},
+                  'train': {'ema_decay': 0.0}}
 # Phantom sets that only evaluation reads: adding them leaves the training data unchanged.
 _EVAL_ONLY_PHANTOM = ('num_val', 'num_test_mr', 'num_test_ct', 'num_labeled_mr')
 
@@ -102,7 +103,15 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         raise CheckpointError(
             f'{path}: this workdir holds a run with a different config.{section} '
             f'({old.get(section)} vs {new.get(section)}); use another --workdir')
-    # Loop settings (num_steps, logging cadence) may change on resume: record the new ones.
+    # The checkpoints hold the generators' averages only when ema_decay > 0; the decay
+    # itself is part of the run.
+    old_decay = _with_legacy_fields(json.loads(json.dumps(old))).get('train', {}).get(
+        'ema_decay')
+    if old_decay is not None and float(old_decay) != float(config.train.ema_decay):
+      raise CheckpointError(
+          f'{path}: this workdir holds a run with config.train.ema_decay={old_decay}, not '
+          f'{config.train.ema_decay}; use another --workdir')
+    # Other loop settings (num_steps, logging cadence) may change on resume: record them.
   atomic.write_json(path, new, indent=2, sort_keys=True)
 
 

@@ -117,6 +117,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _require(train.batch_size % num_processes == 0, 'train.batch_size', train.batch_size,
            f'must be divisible by the number of processes ({num_processes})')
   _require(train.pool_size >= 0, 'train.pool_size', train.pool_size, 'must be >= 0')
+  _require(0 <= train.ema_decay < 1, 'train.ema_decay', train.ema_decay,
+           'must be in [0, 1) (0: no parameter average)')
   for key in ('log_every', 'image_every', 'checkpoint_every', 'keep_checkpoints'):
     _require(train[key] >= 1, f'train.{key}', train[key], 'must be >= 1')
   _require(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size, 'must be >= 1')

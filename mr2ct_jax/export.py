@@ -51,6 +51,7 @@ def make_meta(config: ml_collections.ConfigDict, networks: Sequence[str], step: 
       'directions': {name: direction for direction, name in generators.DIRECTIONS.items()
                      if name in networks},
       'step': step,
+      'weights': generators.weights_kind(config),
       'workdir': storage.absolute(workdir),
       'ct_window': [float(v) for v in data.ct_window],
       'mr_window': [float(v) for v in data.mr_window],

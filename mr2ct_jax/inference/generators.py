@@ -186,8 +186,17 @@ def restore_generators(workdir: str, networks: tuple[str, ...], step: int | None
   return trees, config, (None if restored_step is None else int(restored_step))
 
 
+def weights_kind(config: ml_collections.ConfigDict) -> str:
+  """'ema' if the run keeps its generators' parameter averages (train.ema_decay > 0), which
+  translation, evaluation and export use, else 'last' (the weights of the last step)."""
+  return 'ema' if float(config.train.get('ema_decay', 0.0)) > 0 else 'last'
+
+
 def restore_all_params(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:
   """Loads the four networks' parameters of a run (latest step unless `step` is given).
+
+  The generators are the weights translation uses (`weights_kind`): their averages when the
+  run keeps them, else the step's own weights.
 
   Returns:
     (params, step): params is {'g_ct', 'g_mr', 'd_ct', 'd_mr'} of NumPy arrays.
@@ -210,7 +219,7 @@ def restore_all_params(workdir: str, step: int | None = None) -> tuple[dict[str,
   abstract = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
   state, _ = checkpointing.restore(manager, step, abstract)
   manager.close()
-  return jax.tree.map(np.asarray, state.params), int(step)
+  return jax.tree.map(np.asarray, state_lib.inference_params(state.params)), int(step)
 
 
 def _load_from_npz(path: str, network: str,

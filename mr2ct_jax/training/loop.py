@@ -128,7 +128,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             writer.scalars(step, values)
           tb_logging.log_line(progress.line(step, rate, values, compiling=compiling))
         if step % config.train.image_every == 0 or is_last:
-          _write_samples(writer, sample_fn, state.params, batch, step)
+          _write_samples(writer, sample_fn, state_lib.inference_params(state.params), batch,
+                         step)
         stopping = stop.should_stop(step, 1 if is_last else config.train.log_every)
         if step % config.train.checkpoint_every == 0 or is_last or stopping:
           # A checkpoint is only written after its step's losses were checked finite.
@@ -138,7 +139,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           last_saved = step
           writer.sync()  # a gs:// logdir gets its events with each checkpoint
         if validator.due(step) and not stopping:  # a signal: exit first, the rerun validates
-          validator.run(step, state.params, writer)
+          validator.run(step, state_lib.inference_params(state.params), writer)
         if stopping:  # also at the last step: evaluation is skipped, the rerun does it
           raise preemption.Preempted(step)  # `finally` waits for the checkpoint to be written
     except NonFiniteLossError:

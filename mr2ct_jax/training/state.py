@@ -1,7 +1,8 @@
 """The CycleGAN train state (one pytree) and its optimisers.
 
 The state holds everything a resumed run needs besides the input iterator: the parameters
-of the four networks, the two Adam states, the two image pools, the step and the rng. What
+of the four networks (and the running averages of the generators' parameters when
+`train.ema_decay` > 0), the two Adam states, the two image pools, the step and the rng. What
 is not state (the flax modules, the learning-rate schedule, the optax optimisers) is built
 once per run by `build(config)` and passed to `create`, the step and the sampler.
 """
@@ -20,6 +21,7 @@ from mr2ct_jax.training import image_pool
 
 GENERATORS = ('g_ct', 'g_mr')
 DISCRIMINATORS = ('d_ct', 'd_mr')
+EMA = 'ema'  # params[EMA]: the generators' parameter averages, when the run keeps them
 
 
 @flax.struct.dataclass
@@ -29,7 +31,11 @@ class CycleGANState:
   Attributes:
     step: int32 scalar, the number of completed train steps.
     params: {'g_ct', 'g_mr', 'd_ct', 'd_mr'} -> flax params. G_ct: MR->CT, G_mr: CT->MR;
-      D_ct judges CT images, D_mr MR images.
+      D_ct judges CT images, D_mr MR images. With train.ema_decay > 0 also 'ema':
+      {'g_ct', 'g_mr'} -> exponential moving averages of the generators' parameters
+      (`ema_update`), which translation, evaluation and export use (`inference_params`).
+      (Inside params, not a field of its own, so runs without averages keep the checkpoint
+      layout of earlier versions and resume from their checkpoints.)
     opt_state: {'g': Adam state of {'g_ct', 'g_mr'} jointly, 'd': of {'d_ct', 'd_mr'}}.
     pools: {'ct': pool of synthetic CTs (for D_ct), 'mr': of synthetic MRs (for D_mr)}.
     rng: raw uint32[2] PRNG key (not a typed key array, so checkpoints stay plain arrays)
@@ -73,6 +79,27 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
       [optax.constant_schedule(lr),
        optax.linear_schedule(lr, 0.0, transition_steps=total - decay_start)],
       boundaries=[decay_start])
+
+
+def ema_update(ema: dict[str, Any], params: dict[str, Any], step: jax.Array,
+               decay: float) -> dict[str, Any]:
+  """One step of the generators' parameter average: ema <- d * ema + (1 - d) * params.
+
+  d = min(decay, (1 + t) / (10 + t)) at step t (the number of updates before this one), so
+  the average forgets the random initialisation within the first few dozen steps instead of
+  over 1 / (1 - decay) steps; short runs get an average of their late weights too.
+  """
+  t = step.astype(jnp.float32)
+  d = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema,
+                      {name: params[name] for name in ema})
+
+
+def inference_params(params: dict[str, Any]) -> dict[str, Any]:
+  """The four networks' parameters to translate with: the generators' averages if kept."""
+  params = dict(params)
+  averages = params.pop(EMA, {})
+  return {**params, **averages}
 
 
 def make_optimizers(optim: ml_collections.ConfigDict,
@@ -131,5 +158,8 @@ def create(gan: CycleGAN, config: ml_collections.ConfigDict, rng: jax.Array) -> 
   }
   pools = {name: image_pool.init(config.train.pool_size, (size, size, 1))
            for name in ('ct', 'mr')}
+  if config.train.ema_decay > 0:
+    # A copy, not the same buffers: the train step donates the state.
+    params[EMA] = {k: jax.tree.map(jnp.copy, params[k]) for k in GENERATORS}
   return CycleGANState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                        pools=pools, rng=state_rng)

@@ -37,7 +37,8 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
                tx: dict[str, optax.GradientTransformation],
                learning_rate_fn: Callable[[jax.Array], jax.Array], cycle_weight: float,
                gc_weight: float, identity_weight: float, gc_signed: bool,
-               gc_eps: float) -> tuple[CycleGANState, dict[str, jax.Array]]:
+               gc_eps: float, ema_decay: float = 0.0
+               ) -> tuple[CycleGANState, dict[str, jax.Array]]:
   """One CycleGAN update of both generators and both discriminators.
 
   Args:
@@ -55,6 +56,8 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
       lambda_identity = 0.5 corresponds to identity_weight = 0.5 * cycle_weight.)
     gc_signed: see `losses.gradient_correlation`.
     gc_eps: see `losses.normalized_cross_correlation`.
+    ema_decay: decay of the generators' parameter averages (`state.ema_update`); used only
+      when the state keeps them (params['ema']).
 
   Returns:
     (new_state, metrics): scalar float32 metrics named by METRIC_KEYS; the loss terms are
@@ -95,6 +98,10 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
   g_grads, (metrics, fake_ct, fake_mr) = jax.grad(generator_loss, has_aux=True)(g_params)
   g_updates, g_opt_state = tx['g'].update(g_grads, state.opt_state['g'], g_params)
   g_params = optax.apply_updates(g_params, g_updates)
+  new_params = {**g_params}
+  if state_lib.EMA in params:
+    new_params[state_lib.EMA] = state_lib.ema_update(params[state_lib.EMA], g_params,
+                                                     state.step, ema_decay)
 
   rng, ct_key, mr_key = jax.random.split(state.rng, 3)
   pool_ct, pooled_ct = image_pool.query(state.pools['ct'], jax.lax.stop_gradient(fake_ct),
@@ -119,7 +126,7 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
   metrics = {k: jnp.asarray(metrics[k], jnp.float32) for k in METRIC_KEYS}
   new_state = state.replace(
       step=state.step + 1,
-      params={**g_params, **d_params},
+      params={**new_params, **d_params},
       opt_state={'g': g_opt_state, 'd': d_opt_state},
       pools={'ct': pool_ct, 'mr': pool_mr},
       rng=rng)
@@ -141,7 +148,8 @@ def make_train_step(gan: state_lib.CycleGAN, config: ml_collections.ConfigDict,
       train_step, gen=gan.generator, disc=gan.discriminator, tx=gan.tx,
       learning_rate_fn=gan.schedule, cycle_weight=float(loss.cycle_weight),
       gc_weight=float(loss.gc_weight), identity_weight=float(loss.identity_weight),
-      gc_signed=bool(loss.gc_signed), gc_eps=float(loss.gc_eps))
+      gc_signed=bool(loss.gc_signed), gc_eps=float(loss.gc_eps),
+      ema_decay=float(config.train.ema_decay))
   return jax.jit(step,
                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                  out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
