@@ -128,3 +128,24 @@ def test_crop_and_flip_moves_a_pair_together():
   assert x.shape == (16, 16, 1)
   with pytest.raises(dataset.DatasetError, match=r'slice of shape \(8, 8\)'):
     pipeline.crop_and_flip([a, a[:8, :8]], 16, 3, True, rng)
+
+
+def test_with_ema_decay_the_reference_returns_the_parameter_average(run_dir, config):
+  # After one update (t = 0) the average is d0 * init + (1 - d0) * params with
+  # d0 = min(decay, 1 / 10): the CycleGAN's averaging rule (state.ema_update).
+  import jax  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  mr, ct, _ = supervised.paired_slices(os.path.join(run_dir, supervised.PAIRED_DIR, 'data'),
+                                       config)
+  one_step = ml_collections.ConfigDict(config.to_dict())
+  one_step.train.num_steps = 1
+  one_step.train.ema_decay = 0.0
+  last = supervised.train_generator(one_step, mr, ct)
+  one_step.train.ema_decay = 0.999
+  average = supervised.train_generator(one_step, mr, ct)
+  init = state_lib.init_params(state_lib.build(config), 32,
+                               jax.random.PRNGKey(config.seed))['g_ct']
+  expected = jax.tree.map(lambda i, p: 0.1 * i + 0.9 * p, init, last)
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6),
+               average, expected)
+  assert not np.allclose(jax.tree.leaves(average)[0], jax.tree.leaves(last)[0])

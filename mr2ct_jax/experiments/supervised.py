@@ -122,7 +122,9 @@ def train_generator(config: ml_collections.ConfigDict, mr: np.ndarray,
 
   The optimiser and schedule are the CycleGAN's generator optimiser (`state.build`), the
   batches are config.train.batch_size pairs drawn with config.seed, each augmented by one
-  crop/flip draw applied to both images (`pipeline.crop_and_flip`).
+  crop/flip draw applied to both images (`pipeline.crop_and_flip`). With
+  config.train.ema_decay > 0 it returns the parameters' moving average (`state.ema_update`),
+  as the CycleGAN's translate and export do, so the two are compared like for like.
   """
   # Imported here: --help and flag errors should not wait for JAX.
   import jax  # pylint: disable=g-import-not-at-top
@@ -136,13 +138,18 @@ def train_generator(config: ml_collections.ConfigDict, mr: np.ndarray,
   params = state_lib.init_params(gan, size, jax.random.PRNGKey(config.seed))['g_ct']
   tx = gan.tx['g']
   opt_state = tx.init(params)
+  ema_decay = float(config.train.ema_decay)
+  ema = {'g_ct': params}
 
   @jax.jit
-  def step(params, opt_state, x, y):
+  def step(params, opt_state, ema, x, y, t):
     loss_fn = lambda p: jnp.mean(jnp.abs(gan.generator.apply({'params': p}, x) - y))
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params = optax.apply_updates(params, updates)
+    if ema_decay > 0:
+      ema = state_lib.ema_update(ema, {'g_ct': params}, t, ema_decay)
+    return params, opt_state, ema, loss
 
   rng = np.random.default_rng(pipeline.derive_seed(config.seed, 'supervised'))
   pad = int(round(float(config.data.crop_pad_fraction) * size))
@@ -155,7 +162,7 @@ def train_generator(config: ml_collections.ConfigDict, mr: np.ndarray,
              for j in rng.integers(0, len(mr), batch)]
     x = np.stack([p[0] for p in pairs])
     y = np.stack([p[1] for p in pairs])
-    params, opt_state, loss = step(params, opt_state, x, y)
+    params, opt_state, ema, loss = step(params, opt_state, ema, x, y, jnp.int32(i - 1))
     if i % config.train.log_every == 0 or i in (1, num_steps):
       loss = float(loss)
       if not np.isfinite(loss):
@@ -163,7 +170,7 @@ def train_generator(config: ml_collections.ConfigDict, mr: np.ndarray,
       tb_logging.log_line(progress.line(i, progress.rate(i), {'loss/l1': loss},
                                         compiling=i == 1))
   tb_logging.log_line(f'Trained {num_steps} steps in {time.perf_counter() - start:.0f} s.')
-  return jax.device_get(params)
+  return jax.device_get(ema['g_ct'] if ema_decay > 0 else params)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
