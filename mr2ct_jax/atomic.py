@@ -149,6 +149,22 @@ def check_replaceable(path: Path, overwrite: bool, own_file: str, what: str, *,
                 '--overwrite')
 
 
+def _temp_stem(path: str) -> str:
+  """The start of a temporary sibling's name: '.' + the target's name, cut so that the
+  suffixes added to it stay within a file system's 255-byte name limit."""
+  name = os.path.basename(path)
+  while len(name.encode('utf-8')) > 200:
+    name = name[:-1]
+  return f'.{name}'
+
+
+def _umask() -> int:
+  """The process's umask (read by setting it, then restoring it at once)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def writing(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
   """Yields a file object on a temporary sibling that becomes `path` when the block succeeds.
@@ -163,13 +179,13 @@ def writing(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
   if storage.is_remote(path):
     # No rename on object storage: a local temporary file, uploaded whole when complete.
     storage.check_backend(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(prefix=f'{_temp_stem(path)}.', suffix='.tmp')
     os.close(fd)
     finish = lambda: storage.upload_file(tmp, path)
   else:
     # Hidden and unique: a folder listing skips it, and two writers never share one.
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f'.{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
+                       f'{_temp_stem(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp')
     finish = lambda: os.replace(tmp, path)
   text = {'encoding': 'utf-8', 'newline': ''} if 'b' not in mode else {}
   try:
@@ -208,7 +224,7 @@ def replace_dir(completed: str, target: str) -> None:
     return
   if os.path.exists(target):
     parent = os.path.dirname(os.path.abspath(target))
-    old = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.old-', dir=parent)
+    old = tempfile.mkdtemp(prefix=f'{_temp_stem(target)}.old-', dir=parent)
     os.replace(target, os.path.join(old, 'previous'))
     os.replace(completed, target)
     shutil.rmtree(old, ignore_errors=True)
@@ -233,10 +249,13 @@ def building_dir(target: str) -> Iterator[str]:
   try:
     if remote:  # built in the local temporary folder, then uploaded (`replace_dir`)
       storage.check_backend(target)
-      tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.tmp-')
+      tmp = tempfile.mkdtemp(prefix=f'{_temp_stem(target)}.tmp-')
     else:
       os.makedirs(parent, exist_ok=True)
-      tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.tmp-', dir=parent)
+      tmp = tempfile.mkdtemp(prefix=f'{_temp_stem(target)}.tmp-', dir=parent)
+    # mkdtemp makes 0700 whatever the umask; the finished folder gets the mode any new
+    # folder would (others can read a prepared dataset or a DICOM series, e.g. a TPS).
+    os.chmod(tmp, 0o777 & ~_umask())
   except OSError as e:
     raise _failed(target, e) from e
   try:

@@ -133,11 +133,11 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
       raise TranslateError(f'{output_path}: is a file; a folder input needs an output folder')
     inputs = volume_lib.list_volumes(input_path)
     jobs = [Job(path, storage.join(output_path, output_name(path))) for path in inputs]
-    names = [job.output_path for job in jobs]
-    if len(set(names)) != len(names):
-      dup = sorted({n for n in names if names.count(n) > 1})[0]
-      raise TranslateError(f'{dup}: two inputs map to this output name (e.g. a.nii and '
-                           f'a.nii.gz); rename one')
+  names = [job.output_path for job in jobs]
+  if len(set(names)) != len(names):  # NIfTI files or series folders alike
+    dup = sorted({n for n in names if names.count(n) > 1})[0]
+    raise TranslateError(f'{dup}: two inputs map to this output name (e.g. a.nii and '
+                         f'a.nii.gz); rename one')
   for job in jobs:
     # realpath: an output folder that is a link to the input folder is the input folder.
     if (not storage.is_remote(job.output_path)

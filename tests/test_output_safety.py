@@ -118,6 +118,26 @@ def test_failed_write_names_the_output_not_the_temporary_file(tmp_path):
   assert os.listdir(tmp_path) == ['out.txt']  # the temporary file is gone
 
 
+def test_a_built_folder_gets_the_umask_mode_not_mkdtemps_0700(tmp_path):
+  old = os.umask(0o027)
+  try:
+    with atomic.building_dir(str(tmp_path / 'series')) as tmp:
+      assert os.stat(tmp).st_mode & 0o777 == 0o750
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / 'series').st_mode & 0o777 == 0o750
+
+
+def test_a_name_near_the_255_byte_limit_can_be_written_atomically(tmp_path):
+  # The temporary sibling's name adds '.', a pid and a random suffix to the target's name.
+  name = 'ü' * 100 + 'x' * 44 + '.nii.gz'  # 251 bytes
+  atomic.write_text(str(tmp_path / name), 'ok')
+  assert os.listdir(tmp_path) == [name]
+  with atomic.building_dir(str(tmp_path / ('d' * 250))) as tmp:
+    open(os.path.join(tmp, 'f'), 'w', encoding='utf-8').close()
+  assert sorted(os.listdir(tmp_path)) == sorted([name, 'd' * 250])
+
+
 def test_commands_report_output_and_file_errors_as_one_line():
   for raised, want in ((atomic.OutputError('/o: cannot write it (No space left on device)'),
                         'error: /o: cannot write it (No space left on device)'),

@@ -220,3 +220,28 @@ def test_sheared_affine_is_refused_before_translating(npz, tmp_path):
     translate.translate(npz, src, str(tmp_path / 'out'), backend='numpy', progress=False,
                         output_format='dicom')
   assert not os.path.exists(tmp_path / 'out' / 'shear_sct')
+
+
+@pytest.mark.parametrize('output_format', ['nifti', 'dicom'])
+def test_two_inputs_with_one_output_name_are_refused_in_both_formats(tmp_path, output_format):
+  src = tmp_path / 'in'
+  src.mkdir()
+  arr, aff, _ = make_volume(*GEOMETRIES[0][:3])
+  write(src / 'a.nii.gz', arr, aff)
+  write(src / 'a.nii', arr, aff)
+  with pytest.raises(translate.TranslateError, match='two inputs map to this output name'):
+    translate.plan(str(src), str(tmp_path / 'out'), output_format=output_format)
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_non_ascii_name_is_written_with_the_utf8_character_set(npz, tmp_path):
+  arr, aff, _ = make_volume(*GEOMETRIES[0][:3])
+  out = str(tmp_path / 'out')
+  plain = translate.translate(npz, write(tmp_path / 'p10.nii.gz', arr, aff), out,
+                              backend='numpy', progress=False, output_format='dicom')[0]
+  assert all('0008|0005' not in t for t in read_series(plain)[1])  # ASCII: the default set
+  named = translate.translate(npz, write(tmp_path / 'p10_ü.nii.gz', arr, aff), out,
+                              backend='numpy', progress=False, output_format='dicom')[0]
+  for t in read_series(named)[1]:
+    assert t['0008|0005'] == dicom_write.UTF8_CHARACTER_SET
+    assert t['0010|0020'] == t['0010|0010'] == 'p10_ü'

@@ -104,3 +104,36 @@ def test_pixel_values_that_spell_the_pixel_data_tag_are_not_mistaken_for_it(tmp_
   image.SetSpacing((0.7, 0.9, 2.5))
   write_dicom_series(str(tmp_path / 's'), image, '1.2.826.0.1.3680043.2.1125.33')
   assert volume.read_volume(str(tmp_path / 's')).shape == (6, 7, 5)
+
+
+def test_dicom_gantry_tilt_is_refused_not_read_as_a_straight_stack(tmp_path):
+  # Each slice 2.5 mm along the normal (x here) and 1 mm in-plane (y): a tilted stack.
+  def tilt(path):
+    k = int(path.name[1:4])
+    position = f'{10 + 2.5 * k}\\{-20 + 1.0 * k}\\30'.encode()
+    path.write_bytes(_set_element(path.read_bytes(), 0x0020, 0x0032, position))
+  folder = tmp_path / 'series'
+  write_dicom_series(str(folder), _sitk_image(), '1.2.826.0.1.3680043.2.1125.34')
+  for path in sorted(folder.iterdir()):
+    tilt(path)
+  _error(folder, r'slice positions move 1 mm in-plane from one slice to the next \(gantry '
+                 'tilt')
+
+
+def test_dicom_without_pixel_spacing_is_refused(tmp_path):
+  folder = _damaged_series(tmp_path, lambda d: _set_element(d, 0x0028, 0x0030, None))
+  _error(folder, r's000.dcm has no usable PixelSpacing \(0028,0030\): None; the voxel size is '
+                 'unknown')
+
+
+def test_dicom_slices_of_another_spacing_or_size_are_refused(tmp_path):
+  folder = _damaged_series(tmp_path, lambda d: _set_element(d, 0x0028, 0x0030, b'0.45\\0.35'),
+                           only='s003.dcm')
+  _error(folder, r's003.dcm has PixelSpacing \[0.45, 0.35\], s000.dcm \[0.9, 0.7\]; one '
+                 'series has one voxel size')
+  other = tmp_path / 'sizes'
+  write_dicom_series(str(other), _sitk_image(), '1.2.826.0.1.3680043.2.1125.35')
+  small = _sitk_image()[1:, :, :]
+  write_dicom_series(str(tmp_path / 'small'), small, '1.2.826.0.1.3680043.2.1125.35')
+  os.replace(tmp_path / 'small' / 's002.dcm', other / 's002.dcm')
+  _error(other, r's002.dcm is 7 x 5 voxels, s000.dcm is 7 x 6; one series has one slice size')

@@ -2,8 +2,10 @@
 
 A series is refused, with one line naming the folder, when its geometry cannot be trusted or
 its voxels are incomplete: several series or orientations in one folder, slices without (or
-with non-finite) ImagePositionPatient / ImageOrientationPatient (ITK would invent an origin
-and a 1 mm slice spacing and present them as fact), duplicate or irregular slice positions,
+with non-finite) ImagePositionPatient / ImageOrientationPatient or PixelSpacing (ITK would
+invent an origin and 1 mm spacings and present them as fact), slices of different sizes or
+pixel spacings, duplicate or irregular slice positions, positions that drift in-plane from
+slice to slice (a gantry tilt, which an affine built from the slice normal would drop),
 a slice whose PixelData is shorter than Rows x Columns x BitsAllocated (its voxels would be
 read as garbage), a file GDCM cannot parse (it would be left out of the series silently), or
 a declared size over the voxel budget (checked before the voxels are read; the field of view
@@ -111,7 +113,7 @@ def _slice_info(path: str) -> dict:
   syntax = (reader.GetMetaData('0002|0010').strip(' \0')
             if reader.HasMetaDataKey('0002|0010') else '')
   return {'orientation': _tag(reader, '0020|0037'), 'position': _tag(reader, '0020|0032'),
-          'size': reader.GetSize(), 'components': reader.GetNumberOfComponents(),
+          'spacing': _tag(reader, '0028|0030'), 'size': reader.GetSize(), 'components': reader.GetNumberOfComponents(),
           'bytes_per_voxel': int(bits[0]) // 8 if bits else None,
           'plain': syntax in _PLAIN_SYNTAXES or not syntax}
 
@@ -152,6 +154,19 @@ def check_slices(folder: str, files: list[str], allow_large: bool = False) -> No
       raise VolumeError(f'{folder}: {name} has a non-finite ImagePositionPatient/'
                         f'ImageOrientationPatient ({pos}, {orient}); the slice geometry is '
                         'unknown')
+    spacing = info['spacing']
+    if spacing is None or len(spacing) != 2 or not all(np.isfinite(v) and v > 0
+                                                       for v in spacing):
+      raise VolumeError(f'{folder}: {name} has no usable PixelSpacing (0028,0030): '
+                        f'{spacing}; the voxel size is unknown')
+    if info['size'][:2] != infos[0]['size'][:2]:
+      raise VolumeError(f'{folder}: {name} is {info["size"][1]} x {info["size"][0]} voxels, '
+                        f'{os.path.basename(files[0])} is {rows} x {cols}; one series has '
+                        'one slice size')
+    if np.max(np.abs(np.subtract(spacing, infos[0]['spacing']))) > 1e-4 * max(spacing):
+      raise VolumeError(f'{folder}: {name} has PixelSpacing {spacing}, '
+                        f'{os.path.basename(files[0])} {infos[0]["spacing"]}; one series has '
+                        'one voxel size')
     _check_pixel_data(folder, path, info)
   orients = np.asarray([info['orientation'] for info in infos])
   if np.max(np.abs(orients - orients[0])) > 1e-3:
@@ -161,13 +176,23 @@ def check_slices(folder: str, files: list[str], allow_large: bool = False) -> No
   if len(files) < 2:
     return
   normal = np.cross(orients[0, :3], orients[0, 3:])
-  steps = np.diff(np.sort(np.asarray([info['position'] for info in infos]) @ normal))
+  positions = np.asarray([info['position'] for info in infos])
+  positions = positions[np.argsort(positions @ normal)]
+  steps = np.diff(positions @ normal)
   if np.min(steps) <= 1e-3:
     raise VolumeError(f'{folder}: DICOM series has {int(np.sum(steps <= 1e-3))} duplicate slice '
                       'positions (zero slice spacing); is it several acquisitions in one folder?')
   if np.max(steps) - np.min(steps) > max(0.01, 0.05 * np.median(steps)):
     raise VolumeError(f'{folder}: DICOM slice spacing is not uniform ({np.min(steps):.3g} to '
                       f'{np.max(steps):.3g} mm); missing slices?')
+  # Slices must stack along their normal: a gantry tilt (or any shear) moves each slice
+  # in-plane too, which a volume affine built from the normal alone would silently drop.
+  in_plane = np.diff(positions, axis=0) - steps[:, None] * normal
+  drift = float(np.max(np.linalg.norm(in_plane, axis=1)))
+  if drift > max(0.01, 0.01 * float(np.median(steps))):
+    raise VolumeError(f'{folder}: DICOM slice positions move {drift:.3g} mm in-plane from one '
+                      'slice to the next (gantry tilt or sheared stack); resample it to an '
+                      'orthogonal stack first')
 
 
 def read_series(folder: str, allow_large: bool = False) -> tuple[np.ndarray, np.ndarray]:

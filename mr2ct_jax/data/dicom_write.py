@@ -36,6 +36,8 @@ COPIED_TAGS = (
     '0008|0020', '0008|0030', '0008|0050', '0008|0090', '0008|1030', '0020|0010',  # study
     '0018|5100',  # Patient Position
 )
+# Specific Character Set (0008,0005) of UTF-8, which SimpleITK writes Python strings as.
+UTF8_CHARACTER_SET = 'ISO_IR 192'
 # Largest deviation from orthonormal voxel axes that DICOM's orientation can still hold.
 _ORTHO_TOLERANCE = 1e-4
 
@@ -138,7 +140,12 @@ def write_ct_series(folder: str, hu: np.ndarray, affine: np.ndarray, volume_id: 
   normal = direction[:, 2]
   now = datetime.datetime.now()
   date, time = now.strftime('%Y%m%d'), now.strftime('%H%M%S')
-  patient_id = volume_id[:64]  # VR LO
+  tags = dict(tags or {})
+  copied_set = tags.get('0008|0005')
+  if copied_set is not None and copied_set != UTF8_CHARACTER_SET and not volume_id.isascii():
+    # Our own strings would be UTF-8 under the source's character set: keep them ASCII.
+    volume_id = volume_id.encode('ascii', 'replace').decode('ascii')
+  patient_id = volume_id[:64]  # VR LO: 64 characters
   shared = {
       '0008|0016': CT_IMAGE_STORAGE, '0008|0060': 'CT',
       '0008|0008': 'DERIVED\\SECONDARY', '0008|0070': 'mr2ct_jax',
@@ -153,7 +160,10 @@ def write_ct_series(folder: str, hu: np.ndarray, affine: np.ndarray, volume_id: 
       '0018|0050': _ds(image.GetSpacing()[2]), '0018|0088': _ds(image.GetSpacing()[2]),
       '0028|1052': str(RESCALE_INTERCEPT), '0028|1053': str(RESCALE_SLOPE), '0028|1054': 'HU',
   }
-  shared.update(tags or {})
+  shared.update(tags)
+  if copied_set is None and not all(value.isascii() for value in shared.values()):
+    # Without Specific Character Set a reader decodes the names as ASCII (ISO-IR 6).
+    shared['0008|0005'] = UTF8_CHARACTER_SET
   writer = sitk.ImageFileWriter()
   writer.KeepOriginalImageUIDOn()  # the UIDs above, not ones GDCM would invent per file
   paths = []
