@@ -143,6 +143,10 @@ def normalise_mr(array: np.ndarray, mask: np.ndarray | None, percentile: float =
   array = np.asarray(array, np.float32)
   if not 0 < percentile <= 100:
     raise ValueError(f'percentile must be in (0, 100], got {percentile}')
+  if array.size and float(np.min(array)) == float(np.max(array)):
+    # Its threshold mask would be all body (or none): nothing to anchor or to translate.
+    raise volume_lib.VolumeError(f'{path}: every voxel is {float(array.flat[0]):g}; a '
+                                 'constant volume holds no MR image')
   if mask is None:
     mask = array > 0
   mask = np.asarray(mask, bool)

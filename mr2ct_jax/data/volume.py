@@ -81,6 +81,29 @@ def _volume(path: str, array: np.ndarray, affine: np.ndarray, squeezed: int,
                 allow_large)
 
 
+# Stored types whose values, unscaled, float32 holds without overflow (and exactly, but for
+# 32-bit integers beyond 2^24, which no image intensity needs).
+_NARROW_TYPES = frozenset(np.dtype(t) for t in ('u1', 'i1', 'u2', 'i2', 'u4', 'i4', 'f2', 'f4'))
+
+
+def _float32_voxels(path: str, img: nib.spatialimages.SpatialImage) -> np.ndarray:
+  """The voxels (scl_slope/scl_inter applied) as float32; VolumeError if they overflow it.
+
+  Wide or scaled data are read in float64 first, so a value beyond float32 is named as such
+  instead of turning into Inf (and then being reported as an Inf voxel the file lacks).
+  """
+  proxy = img.dataobj
+  scaled = getattr(proxy, 'slope', 1.0) != 1.0 or getattr(proxy, 'inter', 0.0) != 0.0
+  if img.get_data_dtype().newbyteorder('=') in _NARROW_TYPES and not scaled:
+    return np.asarray(proxy, dtype=np.float32)
+  wide = np.asarray(proxy, dtype=np.float64)
+  largest = float(np.max(np.abs(wide), where=np.isfinite(wide), initial=0.0))
+  if largest > float(np.finfo(np.float32).max):
+    raise VolumeError(f'{path}: voxel values up to {largest:.3g} exceed float32 (3.4e38); '
+                      'a wrong scl_slope or raw values of another unit?')
+  return wide.astype(np.float32)
+
+
 def _read_nifti(path: str, allow_large: bool) -> Volume:
   try:
     with nifti_header.without_pixdim_repair_warning():
@@ -96,13 +119,14 @@ def _read_nifti(path: str, allow_large: bool) -> Volume:
     zooms = nifti_header.raw_zooms(path, img)
     squeezed, affine = volume_checks.check_geometry(
         path, img.shape, affine, None if zooms is None else zooms * to_mm, allow_large)
-    array = np.asarray(img.dataobj, dtype=np.float32)
+    array = _float32_voxels(path, img)
   except VolumeError:
     raise
   except Exception as e:  # nibabel raises many types for corrupt/truncated/non-image files.
     if isinstance(e, OSError) and e.errno is not None:  # the read itself failed
       raise VolumeError(f'{path}: cannot read it: {e.strerror}') from e
-    msg = ' '.join(str(e).replace(path, 'the file').split()) or type(e).__name__
+    # The line starts with the path already: nibabel's own mention of it becomes the name.
+    msg = ' '.join(str(e).replace(path, os.path.basename(path)).split()) or type(e).__name__
     raise VolumeError(f'{path}: cannot read NIfTI (corrupt, truncated or not an image): '
                       f'{msg}') from e
   return _volume(path, array, affine, squeezed, allow_large)

@@ -20,6 +20,9 @@ class VolumeError(ValueError):
 MAX_FOV_MM = 2000.0
 # ... and along the other two: the widest CT bores are 85 cm, MR bores 70 cm.
 MAX_CROSS_FOV_MM = 900.0
+# ... and at least this along the longest axis: a 320 mm field of view whose header says
+# microns reads as 0.32 mm; the smallest real scan of a joint still spans centimetres.
+MIN_FOV_MM = 2.0
 # Voxels: 2^29 (512 Mi) is 2 GiB as float32, e.g. 1024 x 1024 x 512; the processing holds
 # several copies of a volume, so more would not fit a workstation anyway.
 MAX_VOXELS = 2 ** 29
@@ -50,6 +53,11 @@ def check_field_of_view(path: str, shape: tuple[int, ...], affine: np.ndarray,
   spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
   fov = np.asarray(shape[:3], np.float64) * spacing
   longest, *cross = sorted(fov, reverse=True)
+  if longest < MIN_FOV_MM:
+    raise VolumeError(f'{path}: implausible geometry: voxel spacing {_fmt(spacing)} mm x shape '
+                      f'{tuple(int(n) for n in shape[:3])} = field of view {_fmt(fov)} mm '
+                      f'(under {MIN_FOV_MM:g} mm along every axis); check the header\'s voxel '
+                      'size and units (microns read as mm?)')
   limits = (10_000.0, 10_000.0) if allow_large else (MAX_FOV_MM, MAX_CROSS_FOV_MM)
   if longest > limits[0] or max(cross) > limits[1]:
     raise VolumeError(f'{path}: implausible geometry: voxel spacing {_fmt(spacing)} mm x shape '
