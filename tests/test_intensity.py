@@ -67,10 +67,15 @@ def test_normalise_mr():
 
 
 def test_normalise_mr_errors():
+  ramp = np.arange(8.0).reshape(2, 2, 2)
   with pytest.raises(volume.VolumeError, match='^a.nii: empty body mask'):
-    intensity.normalise_mr(np.ones((2, 2, 2)), np.zeros((2, 2, 2), bool), path='a.nii')
+    intensity.normalise_mr(ramp, np.zeros((2, 2, 2), bool), path='a.nii')
   with pytest.raises(volume.VolumeError, match='^a.nii: the 99.5 percentile'):
-    intensity.normalise_mr(np.zeros((2, 2, 2)), np.ones((2, 2, 2), bool), path='a.nii')
+    intensity.normalise_mr(-ramp, np.ones((2, 2, 2), bool), path='a.nii')
+  for constant in (0.0, 100.0):
+    with pytest.raises(volume.VolumeError,
+                       match=f'^a.nii: every voxel is {constant:g}; a constant volume'):
+      intensity.normalise_mr(np.full((2, 2, 2), constant), None, path='a.nii')
 
 
 @pytest.mark.parametrize('low,high', [(-1024.0, 1800.0), (-1000.0, 400.0), (-3024.0, 3071.0),
