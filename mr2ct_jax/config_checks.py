@@ -55,6 +55,21 @@ def _check_preprocessing(section: ml_collections.ConfigDict, prefix: str,
     _require(ok(value), f'{prefix}.{key}', value, why)
 
 
+def check_recorded_preprocessing(config: ml_collections.ConfigDict) -> None:
+  """The preprocessing and windows a trained run recorded (e.g. an export's config).
+
+  Raises:
+    ConfigError: a value is missing, of the wrong type or out of range (one line, the key).
+  """
+  try:
+    _check_preprocessing(config.data, 'data', allow_none=False)
+    for key in ('ct_window', 'mr_window'):
+      _check_window(config, key)
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise ConfigError(f'config.data: unusable recorded preprocessing ({type(e).__name__}: '
+                      f'{e})') from e
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
              num_processes: int = 1) -> None:
   """Raises ConfigError naming the first invalid key of `config`.

@@ -237,3 +237,47 @@ def test_the_phantom_prepares_the_new_splits(tmp_path):
       'test_ct': [8, 9], 'labeled_mr': [10]}
   (lm,) = dataset.iterate_volumes(data_dir, 'labeled_mr')
   assert set(np.unique(lm['label'])) - {0} and lm['mask'].any()
+
+
+def _paired_with(raw, tmp_path, edit):
+  """A copy (links) of the paired folder whose subject t1 `edit` breaks; the folder."""
+  folder = _link(raw['paired'], [n for n in sorted(os.listdir(raw['paired']))
+                                 if n.startswith('t0_')], tmp_path / 'paired')
+  edit(folder)
+  return folder
+
+
+def _write_t1(raw, folder, roles, **replace):
+  """Subject t1 in `folder`: the validation subject's files of `roles`, arrays of others."""
+  for role in roles:
+    os.symlink(os.path.join(raw['val'], f'v1_{role}.nii.gz'),
+               os.path.join(folder, f't1_{role}.nii.gz'))
+  for role, array in replace.items():
+    synth.write(os.path.join(folder, f't1_{role}.nii.gz'), array, synth.affine(synth.MR_SPACING),
+                array.dtype)
+
+
+@pytest.mark.parametrize('case,match', [
+    ('no ct', r"t1_mr.nii.gz: patient 't1' has no ct file \(<id>_ct.nii.gz\)"),
+    ('fractional label', r't1_label.nii.gz: a label map must hold integers in \[0, 255\]'),
+    ('empty mask', r't1_mask.nii.gz: empty evaluation mask'),
+    ('misnamed', r't1_seg.nii.gz: name is not <id>_<role>'),
+])
+def test_an_unusable_evaluation_subject_stops_prepare(raw, tmp_path, case, match):
+  # Skipped with a warning, the test split would quietly hold one subject fewer.
+  shape = synth.SHAPE
+  edits = {
+      'no ct': lambda f: _write_t1(raw, f, ['mr']),
+      'fractional label': lambda f: _write_t1(raw, f, ['mr', 'ct', 'mask'],
+                                              label=np.full(shape, 0.5, np.float32)),
+      'empty mask': lambda f: _write_t1(raw, f, ['mr', 'ct'], mask=np.zeros(shape, np.uint8)),
+      'misnamed': lambda f: _write_t1(raw, f, ['mr', 'ct']) or os.symlink(
+          os.path.join(raw['val'], 'v1_label.nii.gz'), os.path.join(f, 't1_seg.nii.gz')),
+  }
+  folder = _paired_with(raw, tmp_path, edits[case])
+  with pytest.raises(dataset.DatasetError, match=match) as e:
+    writer.prepare(raw['mr'], raw['ct'], str(tmp_path / 'd'), paired_dir=folder, **KW)
+  message = str(e.value)
+  assert '\n' not in message and not os.path.exists(tmp_path / 'd')
+  assert message.endswith('(--paired_dir: an evaluation subject is never left out; fix or '
+                          'remove it)') and '; skipped' not in message

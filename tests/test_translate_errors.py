@@ -143,3 +143,43 @@ def test_an_output_folder_linked_to_the_input_folder_is_refused(tmp_path):
   os.symlink(src, tmp_path / 'link')
   with pytest.raises(translate.TranslateError, match='output would replace its own input'):
     translate.plan(str(src), str(tmp_path / 'link'), overwrite=True)
+
+
+def _edited_export(npz, tmp_path, edit):
+  """A copy of the export `npz` whose config and meta (JSON) `edit` rewrites."""
+  with np.load(npz) as data:
+    arrays = {name: data[name] for name in data.files}
+  config, meta = json.loads(str(arrays['__config__'])), json.loads(str(arrays['__meta__']))
+  config, meta = edit(config, meta)
+  arrays['__config__'], arrays['__meta__'] = np.asarray(json.dumps(config)), np.asarray(
+      json.dumps(meta))
+  path = str(tmp_path / 'edited.npz')
+  np.savez(path, **arrays)
+  return path
+
+
+def _set_data(key, value):
+  def edit(config, meta):
+    config['data'][key] = value
+    return config, meta
+  return edit
+
+
+@pytest.mark.parametrize('edit,match', [
+    (lambda c, m: ([], m), r'__config__/__meta__ must be JSON objects'),
+    (lambda c, m: (c, [1]), r'__config__/__meta__ must be JSON objects'),
+    (lambda c, m: ({k: v for k, v in c.items() if k != 'data'}, m),
+     r"its config has no 'data' section"),
+    (_set_data('spacing_mm', 0), r'config.data.spacing_mm=0: must be > 0'),
+    (_set_data('plane', 'oblique'), r"config.data.plane='oblique': must be one of"),
+    (_set_data('mr_percentile', 150), r'config.data.mr_percentile=150: must be in \(0, 100\]'),
+    (_set_data('ct_window', ['a', 'b']), r'config.data: unusable recorded preprocessing'),
+], ids=['config list', 'meta list', 'no data', 'zero spacing', 'bad plane', 'percentile',
+        'window strings'])
+@pytest.mark.parametrize('backend', ['jax', 'numpy'])
+def test_an_export_with_a_malformed_config_is_one_line(run, tmp_path, edit, match, backend):
+  _, npz = run
+  bad = _edited_export(npz, tmp_path, edit)
+  with pytest.raises(generators.SourceError, match=match) as info:
+    generators.load_generator(bad, 'mr2ct', backend=backend)
+  assert str(info.value).startswith(bad) and '\n' not in str(info.value)

@@ -35,9 +35,11 @@ Splits and subjects (patients are matched by id): training splits (train_mr, tra
 labeled) may share patients: CycleGAN training is unpaired, and a labeled CT may also be an
 unlabeled one. An evaluation subject (test, val, test_mr, test_ct, labeled_mr) that is also in
 a training split is an error naming both files, and so is a validation subject that is also a
-test subject. A bad file is skipped with a one-line warning "PATH: reason" and counted in the
-closing summary, except that in an evaluation split a label map, mask or CT that is not on its
-MR's grid stops prepare with that line: a test subject is never left out silently.
+test subject. A bad training file is skipped with a one-line warning "PATH: reason" and
+counted in the closing summary; in an evaluation split any unusable file (unreadable, not in
+HU, a label map, mask or CT off its MR's grid, an empty mask, a subject missing its CT, a name
+that is not <id>_<role>) stops prepare with that line: an evaluation subject is never left
+out.
 
 The command reads the flags; `mr2ct_jax.data.writer` builds the dataset (per-patient steps
 in `mr2ct_jax.data.prepare_volumes`) and `mr2ct_jax.data.dataset` reads it back.

@@ -4,7 +4,8 @@ Listing a folder's volumes, grouping `<id>_<role>` files of the labeled / paired
 and for one patient: read (NIfTI or DICOM) -> [N4 for MR] -> canonical network grid
 (slices of `Settings.plane`, at `spacing_mm`, `image_size`) -> body mask -> MR normalisation or the
 check that a CT is in Hounsfield units; label maps and masks resampled without blurring.
-A single unusable input raises `Skipped` ('PATH: reason'); prepare warns and goes on.
+A single unusable input raises `Skipped` ('PATH: reason'): prepare warns and goes on in a
+training split and stops in an evaluation split (`evaluation_refusal`).
 """
 
 import dataclasses
@@ -53,12 +54,8 @@ class Settings:
 
 
 class Skipped(Exception):
-  """A single input cannot be used; the message is 'PATH: reason'."""
-
-
-class GridMismatch(Skipped):
-  """A label map, mask or registered CT is not on its image's grid: skipped in a training
-  split, an error in an evaluation split (a test subject must not silently drop out)."""
+  """A single input cannot be used (unreadable, not in HU, a label map or mask off its
+  image's grid...); the message is 'PATH: reason'."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +172,7 @@ def preprocess_binary(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
 def check_same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> None:
   """Raises Skipped unless `b` has the shape and affine of `a` (the MR)."""
   if a.array.shape != b.array.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
-    raise GridMismatch(f'{b.path}: not on the MR grid of {a.path} (shape {b.array.shape} vs '
+    raise Skipped(f'{b.path}: not on the MR grid of {a.path} (shape {b.array.shape} vs '
                   f'{a.array.shape} or a different affine); a paired CT must be registered '
                   'and resampled to its MR')
 
@@ -200,7 +197,7 @@ def ct_fov(ct_slices: np.ndarray, plane: str = 'axial') -> np.ndarray:
 def _check_label_grid(image: volume_lib.Volume, label: volume_lib.Volume) -> None:
   if label.array.shape != image.array.shape or not np.allclose(
       label.affine, image.affine, atol=1e-3):
-    raise GridMismatch(f'{label.path}: label map is not on the grid of {image.path} (shape '
+    raise Skipped(f'{label.path}: label map is not on the grid of {image.path} (shape '
                   f'{label.array.shape} vs {image.array.shape} or a different affine)')
 
 
@@ -233,6 +230,9 @@ def process_patient(split: str, files: dict[str, str], s: Settings,
     check_same_grid(mr_vol, mask_vol)
     body = preprocess_binary(mask_vol, s)
   arrays['mask'] = (body.astype(bool) & ct_fov(paired, s.plane)).astype(np.uint8)
+  if not arrays['mask'].any():
+    raise Skipped(f'{files.get("mask", files["mr"])}: empty evaluation mask (no voxel of the '
+                  'body inside the CT\'s field of view)')
   if 'label' in files:
     label_vol = read(files['label'], allow_large)
     check_same_grid(mr_vol, label_vol)
@@ -256,6 +256,16 @@ def _list_split(split: str, folder: str, warn: Callable[[str], None]
   return groups
 
 
+def evaluation_refusal(split: str, line: str) -> str:
+  """The error for an unusable file of an evaluation split: 'PATH: reason (--flag: ...)'.
+
+  Training splits skip such a file with a warning; an evaluation split stops instead, so the
+  scores are always of the subjects the user gave (a dropped one would change them quietly).
+  """
+  return (f'{line.removesuffix("; skipped")} (--{SPLIT_FLAG[split]}: an evaluation subject is '
+          'never left out; fix or remove it)')
+
+
 def _check_apart(inputs: Inputs) -> None:
   """Raises DatasetError if an evaluation subject is also a training subject (or a
   validation subject also a test subject): scores on it would not be held out."""
@@ -274,6 +284,13 @@ def _check_apart(inputs: Inputs) -> None:
               + (' or testing' if eval_split == 'val' else ''))
 
 
+def _refuse(split: str) -> Callable[[str], None]:
+  """A `warn` for an evaluation split's listing: each problem raises DatasetError."""
+  def refuse(line: str) -> None:
+    raise DatasetError(evaluation_refusal(split, line))
+  return refuse
+
+
 def collect_inputs(dirs: dict[str, str | None], warn: Callable[[str], None]) -> Inputs:
   """The patients of each split's folder, evaluation subjects checked apart from training.
 
@@ -284,14 +301,15 @@ def collect_inputs(dirs: dict[str, str | None], warn: Callable[[str], None]) -> 
 
   Args:
     dirs: split -> folder (None: the split is not prepared).
-    warn: called with 'PATH: reason' for every file that is skipped.
+    warn: called with 'PATH: reason' for every training file that is skipped.
 
   Returns:
     split -> patient id -> role -> path ('image' for one-volume splits).
 
   Raises:
     DatasetError: a given folder is missing or empty; an evaluation subject is also in a
-      training split (one line naming both files).
+      training split (one line naming both files); a file of an evaluation split that is
+      misnamed, a duplicate, or a subject missing a required file.
   """
   unknown = sorted(set(dirs) - set(SPLIT_ORDER))
   if unknown:
@@ -299,7 +317,8 @@ def collect_inputs(dirs: dict[str, str | None], warn: Callable[[str], None]) -> 
   inputs: Inputs = {}
   for split in SPLIT_ORDER:
     if dirs.get(split):
-      groups = _list_split(split, dirs[split], warn)
+      groups = _list_split(split, dirs[split],
+                           warn if split not in dataset.EVAL_SPLITS else _refuse(split))
       if groups:
         inputs[split] = groups
   _check_apart(inputs)

@@ -58,17 +58,12 @@ def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings
     for pid, files in inputs.get(split, {}).items():
       try:
         arrays, geom = prepare_volumes.process_patient(split, files, s, allow_large)
-      except prepare_volumes.GridMismatch as e:
-        if split in dataset.EVAL_SPLITS:
-          raise DatasetError(f'{e} (--{prepare_volumes.SPLIT_FLAG[split]}: a test subject is '
-                             'never left out silently)') from e
-        warn(str(e))
-        continue
-      except (prepare_volumes.Skipped, volume_lib.VolumeError) as e:
-        warn(str(e))  # e.g. corrupt, not in HU: 'PATH: why'
-        continue
-      except RuntimeError as e:  # SimpleITK (N4) failures carry no path
-        warn(f'{next(iter(files.values()))}: {" ".join(str(e).split())}')
+      except (prepare_volumes.Skipped, volume_lib.VolumeError, RuntimeError) as e:
+        line = str(e) if not isinstance(e, RuntimeError) else (  # SimpleITK: no path
+            f'{next(iter(files.values()))}: {" ".join(str(e).split())}')
+        if split in dataset.EVAL_SPLITS:  # e.g. corrupt, not in HU, off the MR grid
+          raise DatasetError(prepare_volumes.evaluation_refusal(split, line)) from e
+        warn(line)
         continue
       folder = os.path.join(tmp, 'prepared', split)
       os.makedirs(folder, exist_ok=True)

@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from mr2ct_jax import checkpointing
+from mr2ct_jax import config_checks
 from mr2ct_jax import storage
 from mr2ct_jax.inference import numpy_generator
 from mr2ct_jax.inference import slices
@@ -342,6 +343,10 @@ def with_preprocessing(config: ml_collections.ConfigDict,
     if config.data.get(key) is None:
       raise SourceError(f'{where}: its config records no data.{key} (a run records its '
                         'dataset\'s preprocessing when training starts); train it first')
+  try:
+    config_checks.check_recorded_preprocessing(config)
+  except config_checks.ConfigError as e:
+    raise SourceError(f'{where}: its {e}') from e
   return config
 
 

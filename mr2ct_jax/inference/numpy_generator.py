@@ -83,6 +83,13 @@ def read_export(path: str, fileobj: IO[bytes] | None = None) -> Export:
     meta = json.loads(str(arrays.pop(META_KEY)))
   except json.JSONDecodeError as e:
     raise ExportError(f'{path}: corrupt {CONFIG_KEY}/{META_KEY} JSON ({e})') from e
+  if not isinstance(config, dict) or not isinstance(meta, dict):
+    raise ExportError(f'{path}: {CONFIG_KEY}/{META_KEY} must be JSON objects; not written by '
+                      'mr2ct_jax.export')
+  for section in ('data', 'model'):
+    if not isinstance(config.get(section), dict):
+      raise ExportError(f'{path}: its config has no {section!r} section; not written by '
+                        'mr2ct_jax.export')
   if meta.get('format_version') != FORMAT_VERSION:
     raise ExportError(f'{path}: export format {meta.get("format_version")!r} is not the '
                       f'supported version {FORMAT_VERSION}')
