@@ -137,7 +137,7 @@ def _make(case, tmp):
                                                          's002.dcm'),
       'two DICOM series in one folder': lambda: _two_series(tmp / 'mixed'),
       'symbolic-link loop': lambda: os.symlink(tmp / 'loop', tmp / 'loop') or str(tmp / 'loop'),
-      'microns read as mm': lambda: _with_units(_nifti(tmp / 'um.nii.gz', body), 'micron'),
+      'mm voxels labelled microns': lambda: _with_units(_nifti(tmp / 'um.nii.gz', body), 'micron'),
       'constant MR': lambda: _nifti(tmp / 'const.nii.gz', np.full(body.shape, 100.0)),
       'values beyond float32': lambda: _nifti(tmp / 'big.nii.gz', body.astype(np.float64) * 1e300,
                                               dtype=np.float64),
@@ -189,7 +189,7 @@ CASES = [
     ('DICOM slice with short PixelData', 'the file is damaged'),
     ('two DICOM series in one folder', 'holds 2 DICOM series'),
     ('symbolic-link loop', 'no such input'),
-    ('microns read as mm', r'under 2 mm along every axis'),
+    ('mm voxels labelled microns', r'under 2 mm along every axis'),
     ('constant MR', 'a constant volume holds no MR image'),
     ('values beyond float32', 'voxel values up to 8e+302 exceed float32'),
 ]

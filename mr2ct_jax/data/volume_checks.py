@@ -3,10 +3,11 @@
 A volume must be 3-D with at least 2 voxels along every axis (a single slice is a 2-D image,
 whether it comes as NIfTI or as a one-file DICOM series), have finite positive voxel sizes and
 a non-singular affine, and be plausible for a body scan: its field of view and its voxel count
-are bounded, so a header typo (1000 mm voxels), a unit mix-up (microns read as mm) or a
-declared size that inflates a small file to gigabytes is refused at once instead of running
-for minutes and exhausting memory. `allow_large=True` (the commands' --allow_large_volumes)
-lifts the size bounds for a real scan that exceeds them.
+are bounded, so a header typo (1000 mm voxels), a unit mix-up (microns read as mm, or mm
+voxels labelled microns) or a declared size that inflates a small file to gigabytes is
+refused at once instead of running for minutes and exhausting memory. `allow_large=True`
+(the commands' --allow_large_volumes) lifts the size bounds for a real scan that exceeds
+them.
 """
 
 import numpy as np
@@ -57,7 +58,7 @@ def check_field_of_view(path: str, shape: tuple[int, ...], affine: np.ndarray,
     raise VolumeError(f'{path}: implausible geometry: voxel spacing {_fmt(spacing)} mm x shape '
                       f'{tuple(int(n) for n in shape[:3])} = field of view {_fmt(fov)} mm '
                       f'(under {MIN_FOV_MM:g} mm along every axis); check the header\'s voxel '
-                      'size and units (microns read as mm?)')
+                      'size and units (a header in microns for mm voxels?)')
   limits = (10_000.0, 10_000.0) if allow_large else (MAX_FOV_MM, MAX_CROSS_FOV_MM)
   if longest > limits[0] or max(cross) > limits[1]:
     raise VolumeError(f'{path}: implausible geometry: voxel spacing {_fmt(spacing)} mm x shape '
