@@ -159,7 +159,15 @@ def _temp_stem(path: str) -> str:
 
 
 def _umask() -> int:
-  """The process's umask (read by setting it, then restoring it at once)."""
+  """The process's umask: from /proc (Linux), else by setting it and restoring it at once
+  (which another thread creating a file in between would see)."""
+  try:
+    with open('/proc/self/status', encoding='ascii') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
   mask = os.umask(0o022)
   os.umask(mask)
   return mask

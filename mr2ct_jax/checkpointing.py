@@ -110,7 +110,8 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if old_decay is not None and float(old_decay) != float(config.train.ema_decay):
       raise CheckpointError(
           f'{path}: this workdir holds a run with config.train.ema_decay={old_decay}, not '
-          f'{config.train.ema_decay}; use another --workdir')
+          f'{config.train.ema_decay}; pass --config.train.ema_decay={old_decay} to continue '
+          'it, or use another --workdir')
     # Other loop settings (num_steps, logging cadence) may change on resume: record them.
   atomic.write_json(path, new, indent=2, sort_keys=True)
 

@@ -114,5 +114,7 @@ def test_resume_continues_the_average(ema_run, tmp_path, test_config):
 
 
 def test_resume_refuses_another_decay(ema_run, test_config):
-  with pytest.raises(checkpointing.CheckpointError, match='ema_decay=0.5, not 0.0'):
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'ema_decay=0.5, not 0.0; pass --config.train.ema_decay=0.5 to '
+                           'continue it'):
     loop.train(_config(test_config, decay=0.0), str(ema_run))

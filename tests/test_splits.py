@@ -281,3 +281,13 @@ def test_an_unusable_evaluation_subject_stops_prepare(raw, tmp_path, case, match
   assert '\n' not in message and not os.path.exists(tmp_path / 'd')
   assert message.endswith('(--paired_dir: an evaluation subject is never left out; fix or '
                           'remove it)') and '; skipped' not in message
+
+
+def test_files_that_are_not_volumes_in_an_evaluation_folder_are_only_warned_about(raw, tmp_path,
+                                                                                  caplog):
+  folder = _link(raw['paired'], sorted(os.listdir(raw['paired'])), tmp_path / 'paired')
+  (tmp_path / 'paired' / 't0_mr.json').write_text('{}', encoding='utf-8')  # dcm2niix sidecar
+  (tmp_path / 'paired' / 'README.txt').write_text('test subjects', encoding='utf-8')
+  out = writer.prepare(raw['mr'], raw['ct'], str(tmp_path / 'd'), paired_dir=folder, **KW)
+  assert list(dataset.load_meta(out)['splits']['test']['patients']) == ['t0']
+  assert 't0_mr.json: not a volume' in caplog.text and 'README.txt: not a volume' in caplog.text

@@ -245,3 +245,16 @@ def test_a_non_ascii_name_is_written_with_the_utf8_character_set(npz, tmp_path):
   for t in read_series(named)[1]:
     assert t['0008|0005'] == dicom_write.UTF8_CHARACTER_SET
     assert t['0010|0020'] == t['0010|0010'] == 'p10_ü'
+
+
+def test_a_copied_character_set_keeps_our_own_strings_ascii(tmp_path):
+  # A DICOM input's names come in its own character set (here Latin-1, ISO_IR 100); the
+  # strings we add (the series description, the ids from the folder name) must not be UTF-8.
+  arr, aff, _ = make_volume(*GEOMETRIES[0][:3])
+  folder = tmp_path / 'series'
+  folder.mkdir()
+  dicom_write.write_ct_series(str(folder), np.zeros(arr.shape), aff, 'pü',
+                              tags={'0008|0005': 'ISO_IR 100'})
+  for t in read_series(str(folder))[1]:
+    assert t['0008|0005'] == 'ISO_IR 100'
+    assert t['0010|0020'] == 'p?' and t['0008|103e'] == 'Synthetic CT from p?'

@@ -37,9 +37,10 @@ unlabeled one. An evaluation subject (test, val, test_mr, test_ct, labeled_mr) t
 a training split is an error naming both files, and so is a validation subject that is also a
 test subject. A bad training file is skipped with a one-line warning "PATH: reason" and
 counted in the closing summary; in an evaluation split any unusable file (unreadable, not in
-HU, a label map, mask or CT off its MR's grid, an empty mask, a subject missing its CT, a name
-that is not <id>_<role>) stops prepare with that line: an evaluation subject is never left
-out.
+HU, a label map, mask or CT off its MR's grid, an empty mask, a subject missing its CT, a
+volume whose name is not <id>_<role>) stops prepare with that line: an evaluation subject is
+never left out. Files that are not volumes (a .json sidecar, a README) are skipped with a
+warning everywhere.
 
 The command reads the flags; `mr2ct_jax.data.writer` builds the dataset (per-patient steps
 in `mr2ct_jax.data.prepare_volumes`) and `mr2ct_jax.data.dataset` reads it back.

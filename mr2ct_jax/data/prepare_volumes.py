@@ -240,10 +240,33 @@ def process_patient(split: str, files: dict[str, str], s: Settings,
   return arrays, geom
 
 
+def _volumes_only(paths: list[str], warn: Callable[[str], None]) -> list[str]:
+  """The NIfTI files and folders among `paths`; the rest (a dcm2niix .json sidecar, a
+  README, Thumbs.db) is skipped with a warning, even in an evaluation folder."""
+  kept = []
+  for path in paths:
+    if volume_lib.is_nifti_path(path) or os.path.isdir(path) or path.endswith(
+        dicom.SUFFIXES):
+      kept.append(path)
+    else:
+      warn(f'{path}: not a volume (expected .nii, .nii.gz or a DICOM series folder); skipped')
+  return kept
+
+
 def _list_split(split: str, folder: str, warn: Callable[[str], None]
                 ) -> dict[str, dict[str, str]]:
-  """patient id -> role -> path of one split's folder."""
+  """patient id -> role -> path of one split's folder.
+
+  In an evaluation split, a problem with a volume (misnamed, a duplicate, a subject missing
+  a file) raises DatasetError (`evaluation_refusal`); files that are not volumes are skipped.
+  """
   paths = list_entries(os.fspath(folder), SPLIT_FLAG[split])
+  if split in dataset.EVAL_SPLITS:
+    paths = _volumes_only(paths, warn)
+    if not paths:
+      raise DatasetError(f'{folder}: holds no NIfTI file or DICOM series folder '
+                         f'(--{SPLIT_FLAG[split]})')
+    warn = _refuse(split)
   if split in ROLES:
     return group_roles(paths, split, warn)
   groups: dict[str, dict[str, str]] = {}
@@ -317,8 +340,7 @@ def collect_inputs(dirs: dict[str, str | None], warn: Callable[[str], None]) -> 
   inputs: Inputs = {}
   for split in SPLIT_ORDER:
     if dirs.get(split):
-      groups = _list_split(split, dirs[split],
-                           warn if split not in dataset.EVAL_SPLITS else _refuse(split))
+      groups = _list_split(split, dirs[split], warn)
       if groups:
         inputs[split] = groups
   _check_apart(inputs)

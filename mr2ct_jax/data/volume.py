@@ -81,24 +81,33 @@ def _volume(path: str, array: np.ndarray, affine: np.ndarray, squeezed: int,
                 allow_large)
 
 
-# Stored types whose values, unscaled, float32 holds without overflow (and exactly, but for
-# 32-bit integers beyond 2^24, which no image intensity needs).
-_NARROW_TYPES = frozenset(np.dtype(t) for t in ('u1', 'i1', 'u2', 'i2', 'u4', 'i4', 'f2', 'f4'))
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _float32_voxels(path: str, img: nib.spatialimages.SpatialImage) -> np.ndarray:
   """The voxels (scl_slope/scl_inter applied) as float32; VolumeError if they overflow it.
 
-  Wide or scaled data are read in float64 first, so a value beyond float32 is named as such
-  instead of turning into Inf (and then being reported as an Inf voxel the file lacks).
+  Integer data whose scaled range fits float32 (nearly every file) are read straight to
+  float32. Float64 data, or a scaling that could exceed float32, are read in float64 first,
+  so a value beyond float32 is named as such instead of turning into Inf (and then being
+  reported as an Inf voxel the file lacks).
   """
   proxy = img.dataobj
-  scaled = getattr(proxy, 'slope', 1.0) != 1.0 or getattr(proxy, 'inter', 0.0) != 0.0
-  if img.get_data_dtype().newbyteorder('=') in _NARROW_TYPES and not scaled:
+  slope = float(getattr(proxy, 'slope', 1.0))
+  inter = float(getattr(proxy, 'inter', 0.0))
+  stored = img.get_data_dtype()
+  if stored.kind in 'iub':
+    info = np.iinfo(stored)
+    bound = abs(slope) * max(abs(int(info.min)), int(info.max)) + abs(inter)
+  else:
+    bound = np.inf if stored.itemsize > 4 or slope != 1.0 or inter != 0.0 else 0.0
+  if bound <= _FLOAT32_MAX:
     return np.asarray(proxy, dtype=np.float32)
   wide = np.asarray(proxy, dtype=np.float64)
-  largest = float(np.max(np.abs(wide), where=np.isfinite(wide), initial=0.0))
-  if largest > float(np.finfo(np.float32).max):
+  finite = np.isfinite(wide)  # Inf and NaN voxels are reported as such later
+  largest = max(float(np.max(wide, where=finite, initial=0.0)),
+                -float(np.min(wide, where=finite, initial=0.0)))
+  if largest > _FLOAT32_MAX:
     raise VolumeError(f'{path}: voxel values up to {largest:.3g} exceed float32 (3.4e38); '
                       'a wrong scl_slope or raw values of another unit?')
   return wide.astype(np.float32)
