@@ -145,6 +145,9 @@ def test_tags_uids_and_slice_geometry(npz, tmp_path):
   assert not every & {t[tag] for t in tags2 for tag in uids}
 
 
+MR_FRAME_OF_REFERENCE = '1.2.826.0.1.3680043.2.1125.7.99'
+
+
 def test_dicom_input_lends_patient_and_study_tags(npz, tmp_path):
   arr, aff, _ = make_volume('LPS', (5.0, 5.0, 6.0), (40, 36, 4))
   src = write_dicom_series(tmp_path / 'mr_series', arr, aff)
@@ -158,7 +161,7 @@ def test_dicom_input_lends_patient_and_study_tags(npz, tmp_path):
       image.SetMetaData(key, reader.GetMetaData(key))
     for key, value in (('0010|0020', 'HIP-0042'), ('0010|0010', 'Doe^Jane'),
                        ('0008|1030', 'Pelvis MR'), ('0008|0020', '20240131'),
-                       ('0018|5100', 'HFS')):
+                       ('0018|5100', 'HFS'), ('0020|0052', MR_FRAME_OF_REFERENCE)):
       image.SetMetaData(key, value)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -172,8 +175,9 @@ def test_dicom_input_lends_patient_and_study_tags(npz, tmp_path):
   _, tags = read_series(folder)
   for key, value in (('0010|0020', 'HIP-0042'), ('0010|0010', 'Doe^Jane'),
                      ('0008|1030', 'Pelvis MR'), ('0008|0020', '20240131'),
-                     ('0018|5100', 'HFS'), ('0008|0060', 'CT')):
-    assert tags[0][key] == value, key
+                     ('0018|5100', 'HFS'), ('0008|0060', 'CT'),
+                     ('0020|0052', MR_FRAME_OF_REFERENCE)):  # one frame: overlays register
+    assert all(t[key] == value for t in tags), key
   assert tags[0]['0020|000d'] != '1.2.826.0.1.3680043.2.1125.7.1'  # a new study UID
   assert tags[0]['0020|000e'] != '1.2.826.0.1.3680043.2.1125.7'
 

@@ -9,7 +9,8 @@ from the RAS+ affine of NIfTI to DICOM's LPS. The slices are the stored volume's
 a volume stored left-handed (e.g. RAI) is written with that axis reversed, since a DICOM series
 is ordered along the slice normal ImageOrientationPatient defines: the voxels stay where they
 are in patient space. Patient and study tags come from a DICOM input where it has them
-(`source_tags`); otherwise PatientID and PatientName are the volume id.
+(`source_tags`), and so does its Frame of Reference UID (the sCT shares the MR's patient
+coordinates); otherwise PatientID and PatientName are the volume id and the frame is new.
 
 A sheared affine (non-orthogonal voxel axes) has no DICOM equivalent and is refused
 (`check_representable`) before any work is done.
@@ -35,6 +36,9 @@ COPIED_TAGS = (
     '0010|0010', '0010|0020', '0010|0030', '0010|0040', '0010|1010',  # patient
     '0008|0020', '0008|0030', '0008|0050', '0008|0090', '0008|1030', '0020|0010',  # study
     '0018|5100',  # Patient Position
+    # Frame of Reference: the sCT lies on the MR's voxels in the MR's patient coordinates,
+    # so viewers and planning systems may overlay and register the two as one frame.
+    '0020|0052',
 )
 # Specific Character Set (0008,0005) of UTF-8, which SimpleITK writes Python strings as.
 UTF8_CHARACTER_SET = 'ISO_IR 192'
