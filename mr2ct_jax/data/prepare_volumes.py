@@ -241,12 +241,12 @@ def process_patient(split: str, files: dict[str, str], s: Settings,
 
 
 def _volumes_only(paths: list[str], warn: Callable[[str], None]) -> list[str]:
-  """The NIfTI files and folders among `paths`; the rest (a dcm2niix .json sidecar, a
-  README, Thumbs.db) is skipped with a warning, even in an evaluation folder."""
+  """The NIfTI files and folders (DICOM series) among `paths`; the rest (a dcm2niix .json
+  sidecar, a README, loose DICOM files beside other volumes, as `volume.list_volumes` ignores
+  them) is skipped with a warning, even in an evaluation folder."""
   kept = []
   for path in paths:
-    if volume_lib.is_nifti_path(path) or os.path.isdir(path) or path.endswith(
-        dicom.SUFFIXES):
+    if volume_lib.is_nifti_path(path) or os.path.isdir(path):
       kept.append(path)
     else:
       warn(f'{path}: not a volume (expected .nii, .nii.gz or a DICOM series folder); skipped')
