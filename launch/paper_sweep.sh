@@ -9,7 +9,9 @@
 #   TPU_NAMES="s0 s1 s2 s3 s4 s5" ZONE=us-central2-b DATA=/mnt/hip WORKDIR=/mnt/runs/paper \
 #     bash launch/paper_sweep.sh [--dry-run]
 #
-# PRESET (default paper), GPUS (default: the GPUs nvidia-smi lists) and PYTHON may be set.
+# PRESET (default paper), SEEDS (training seeds per synthesis cell, default 1: with more, each
+# seed of a synthesis cell is its own job, <cell>@<k>), GPUS (default: the GPUs nvidia-smi
+# lists) and PYTHON may be set.
 # Cells already finished are skipped by the driver, interrupted ones resume: rerun the same
 # command. Cells run side by side into one WORKDIR (each locks its own cell); real_ct needs
 # gc_large and runs after the first wave, followed by the report. --dry-run prints the commands.
@@ -18,15 +20,23 @@ dry_run=0
 if [ "${1:-}" = --dry-run ]; then dry_run=1; shift; fi
 : "${WORKDIR:?set WORKDIR}" "${DATA:?set DATA (a prepared dataset)}"
 PRESET="${PRESET:-paper}"
+SEEDS="${SEEDS:-1}"
 PYTHON="${PYTHON:-python}"
-FIRST=(gc_small nogc_small gc_large nogc_large gc_signed_large mr_baseline)
+SYNTHESIS=(gc_small nogc_small gc_large nogc_large gc_signed_large)
+FIRST=()
+for cell in "${SYNTHESIS[@]}"; do
+  if [ "$SEEDS" = 1 ]; then FIRST+=("$cell")
+  else for ((k = 0; k < SEEDS; k++)); do FIRST+=("$cell@$k"); done; fi
+done
+FIRST+=(mr_baseline)
 driver=(-m mr2ct_jax.experiments.paper --preset="$PRESET" --data="$DATA" --workdir="$WORKDIR")
+[ "$SEEDS" = 1 ] || driver+=(--seeds="$SEEDS")
 show() { printf '%q ' "$@"; echo; }
 
 if [ -n "${TPU_NAMES:-}" ]; then
   : "${ZONE:?set ZONE}"
   read -r -a slices <<< "$TPU_NAMES"
-  [ "${#slices[@]}" -ge "${#FIRST[@]}" ] || { echo "TPU_NAMES: need ${#FIRST[@]} slices" >&2; exit 2; }
+  [ "${#slices[@]}" -ge "${#FIRST[@]}" ] || { echo "TPU_NAMES: need ${#FIRST[@]} slices (one per job)" >&2; exit 2; }
   GCLOUD="${GCLOUD:-gcloud}"
   job() {  # slice, cell
     local cmd=("$GCLOUD" compute tpus tpu-vm ssh "$1" --zone="$ZONE" --worker=all --command

@@ -35,7 +35,8 @@ def _mtimes(folder):
 
 @pytest.fixture(scope='module')
 def study(tmp_path_factory):
-  """One tiny study: --cells=gc_small,mr_baseline first, then all cells, then a rerun."""
+  """One tiny study: --cells=gc_small,mr_baseline first, then all cells, then a rerun, then
+  a second seed of gc_small and nogc_small."""
   workdir = tmp_path_factory.mktemp('study')
   first = _driver(workdir, f'--cells={FIRST}')
   assert first.returncode == 0, first.stderr[-3000:]
@@ -47,8 +48,12 @@ def study(tmp_path_factory):
   after_full = _mtimes(workdir / 'cells')
   rerun = _driver(workdir)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
+  after_rerun = _mtimes(workdir / 'cells')
+  seeded = _driver(workdir, '--seeds=2', '--cells=gc_small,nogc_small@1')
+  assert seeded.returncode == 0, seeded.stderr[-3000:]
   return {'workdir': workdir, 'first_report': first_report, 'first_cells': first_cells,
-          'before': before, 'full': full, 'after_full': after_full, 'rerun': rerun}
+          'before': before, 'full': full, 'after_full': after_full, 'rerun': rerun,
+          'after_rerun': after_rerun, 'seeded': seeded}
 
 
 def test_cells_flag_runs_only_those(study):
@@ -95,8 +100,8 @@ def test_resuming_skips_finished_cells(study):
     assert f'Cell {name}: finished earlier; skipped.' in rerun
   assert 'compiled and ran' not in rerun and 'step 1/' not in rerun  # no training step ran
   workdir = study['workdir']
-  assert _mtimes(workdir / 'cells' / 'gc_small') == study['before']
-  assert _mtimes(workdir / 'cells') == study['after_full']
+  assert _mtimes(workdir / 'cells' / 'gc_small') == study['before']  # and --seeds=2 kept it
+  assert study['after_rerun'] == study['after_full']
 
 
 def test_ttests_equal_scipy_on_the_listed_per_volume_numbers(study):
@@ -132,6 +137,59 @@ def test_ttests_equal_scipy_on_the_listed_per_volume_numbers(study):
   mae = results['paired']['gc_large']['mae_255']
   listed = ', '.join(f'{p} {v:.4f}' for p, v in sorted(mae.items()))
   assert f'- Paired test subjects, gc_large, MAE (0-255, paper): {listed}' in report
+
+
+def test_a_second_seed_is_added_and_averaged_per_patient(study):
+  workdir, log = study['workdir'], study['seeded'].stdout + study['seeded'].stderr
+  assert 'Cell gc_small: finished earlier; skipped.' in log
+  assert 'Cell gc_small_seed1: running.' in log and 'Cell nogc_small_seed1: running.' in log
+  assert 'Cell gc_large' not in log and 'Cell nogc_small: ' not in log  # only what was asked
+  for name in ('gc_small_seed1', 'nogc_small_seed1'):
+    done = json.loads((workdir / 'cells' / name / 'cell.json').read_text(encoding='utf-8'))
+    assert done['seed'] == 1 and done['config_seed'] == 1 and done['step'] == 2
+    config = json.loads((workdir / 'cells' / name / 'config.json').read_text(encoding='utf-8'))
+    assert config['seed'] == 1
+  data = json.loads((workdir / 'report' / 'report.json').read_text(encoding='utf-8'))
+  results = data['results']
+  assert sorted(results['by_seed']['gc_small']) == ['0', '1']
+  assert sorted(results['by_seed']['gc_large']) == ['0']
+  for source, metric in (('paired', 'mae_hu'), ('mi', 'mr'), ('dice', 'mean')):
+    seeds = results['by_seed']['gc_small']
+    for patient, mean in results[source]['gc_small'][metric].items():
+      values = [seeds[k][source][metric][patient] for k in ('0', '1')]
+      assert mean == pytest.approx(np.mean(values), rel=1e-12), (source, patient)
+    assert (results[source]['gc_large'][metric]
+            == results['by_seed']['gc_large']['0'][source][metric])
+  assert results['by_seed']['gc_small']['0'] != results['by_seed']['gc_small']['1']
+  rows = {(r['a'], r['b'], r['metric']): r for r in data['comparisons']}
+  assert rows[('nogc_small', 'gc_small', 'mae_hu')]['seeds'] == '2/2'
+  assert rows[('gc_small', 'gc_large', 'mae_hu')]['seeds'] == '2/1'
+  assert rows[('mr_baseline', 'gc_large', 'mean')]['seeds'] == '1/1'
+  report = (workdir / 'report' / 'report.md').read_text(encoding='utf-8')
+  assert re.search(r'^\| gc_small \| [^|]+ \| done \| 2 \| 0, 1 done \|', report, re.M)
+  assert re.search(r'^\| gc_large \| [^|]+ \| done \| 2 \| 0 done \|', report, re.M)
+  seeds_table = report.split("## Seeds")[1].split('\n## ')[0]
+  sd = np.std([np.mean(list(results['by_seed']['gc_small'][k]['paired']['mae_hu'].values()))
+               for k in ('0', '1')], ddof=1)
+  assert '| **gc_small: SD over 2 seeds** |  | ' in seeds_table
+  assert f'| {sd:.3f} |' in seeds_table.split('gc_small: SD over 2 seeds')[1].splitlines()[0]
+
+
+def test_seed_selection():
+  runs = presets.select_runs('gc_small,mr_baseline', 3)
+  assert [r.name for r in runs] == ['gc_small', 'gc_small_seed1', 'gc_small_seed2',
+                                    'mr_baseline']
+  picked = presets.select_runs('gc_large@2,real_ct', 3)
+  assert [r.name for r in picked] == ['gc_large_seed2', 'real_ct']
+  assert len(presets.select_runs(None, 2)) == 2 * len(presets.SYNTHESIS) + 2
+  for names, seeds, message in (('gc_small@2', 2, "'gc_small@2': the seed must be one of 0, 1"),
+                                ('mr_baseline@1', 3, "'mr_baseline@1': the seed must be one of 0 "),
+                                ('gc_small@x', 2, "'gc_small@x': the seed must"),
+                                ('gc_small', 0, '--seeds=0: must be at least 1')):
+    with pytest.raises(presets.PresetError, match=re.escape(message)):
+      presets.select_runs(names, seeds)
+  config = presets.cell_config(presets.get_preset('tiny'), presets.BY_NAME['gc_small'], '/d', 2)
+  assert config.seed == presets.base_config(presets.get_preset('tiny')).seed + 2
 
 
 def test_verdict_rule():
@@ -170,3 +228,18 @@ def test_sweep_dry_run_prints_one_job_per_cell():
     assert line.split() == [
         'env', f'CUDA_VISIBLE_DEVICES={i % 6}', 'python', '-m', 'mr2ct_jax.experiments.paper',
         '--preset=paper', '--data=/data/hip', '--workdir=runs/paper', f'--cells={cell}']
+
+
+def test_sweep_dry_run_with_seeds_runs_each_seed_as_its_own_job():
+  env = {**os.environ, 'DATA': '/data/hip', 'WORKDIR': 'runs/paper', 'SEEDS': '2',
+         'GPUS': ' '.join(map(str, range(11)))}
+  result = subprocess.run(['bash', str(REPO / 'launch' / 'paper_sweep.sh'), '--dry-run'],
+                          cwd=REPO, capture_output=True, encoding='utf-8', timeout=60, env=env)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  jobs = [f'{c}@{k}' for c in presets.SYNTHESIS for k in (0, 1)] + ['mr_baseline', 'real_ct']
+  assert len(lines) == len(jobs)
+  for i, (line, job) in enumerate(zip(lines, jobs)):
+    words = line.split()
+    assert words[1] == f'CUDA_VISIBLE_DEVICES={i % 11}'
+    assert words[-2:] == ['--seeds=2', f'--cells={job}']

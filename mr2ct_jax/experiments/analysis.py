@@ -50,8 +50,17 @@ def series(results: Mapping[str, Any], source: str, name: str) -> dict[str, dict
   return dict(results.get(source, {}).get(name, {}))
 
 
+def num_seeds(results: Mapping[str, Any], name: str) -> int:
+  """How many finished seeds a series averages (1 for the baseline and real-CT series)."""
+  return max(1, len(results.get('by_seed', {}).get(name, {})))
+
+
 def comparisons(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-  """Every comparison of every question whose two series have finished."""
+  """Every comparison of every question whose two series have finished.
+
+  A synthesis cell's series are its per-patient means over its finished seeds; each row
+  records how many seeds each side averaged ('seeds': 'A/B').
+  """
   rows = []
   for key, title, pairs, helped, hurt in QUESTIONS:
     for a, b in pairs:
@@ -61,6 +70,7 @@ def comparisons(results: Mapping[str, Any]) -> list[dict[str, Any]]:
           result = stats.compare(sa[metric], sb[metric])
           rows.append({'question': key, 'title': title, 'a': a, 'b': b, 'source': source,
                        'metric': metric, 'label': metric_label(source, metric),
+                       'seeds': f'{num_seeds(results, a)}/{num_seeds(results, b)}',
                        **result, 'verdict': stats.verdict(
                            result, higher_is_better(source, metric), helped=helped, hurt=hurt)})
   return rows

@@ -35,12 +35,13 @@ SAMPLES_FILE = 'samples.npz'
 UPPER_REAL, UPPER_SCT = 'eval', 'eval_sct'  # real_ct cell: (real CT, MR) / (sCT, MR) inputs
 
 
-def run_cell(preset: presets.Preset, cell: presets.Cell, workdir: str,
+def run_cell(preset: presets.Preset, run: presets.Run, workdir: str,
              data_dir: str) -> dict[str, Any]:
-  """Runs (or finishes) `cell` in WORKDIR/cells/<name>; returns its done marker."""
-  out = layout.cell_dir(workdir, cell.name)
+  """Runs (or finishes) one seed of a cell in WORKDIR/cells/<run name>; returns its marker."""
+  cell = run.cell
+  out = layout.cell_dir(workdir, run.name)
   os.makedirs(out, exist_ok=True)
-  config = presets.cell_config(preset, cell, data_dir)
+  config = presets.cell_config(preset, cell, data_dir, run.seed)
   if cell.kind == 'synthesis':
     info = _synthesis(config, out, data_dir)
   elif cell.kind == 'baseline':
@@ -48,9 +49,10 @@ def run_cell(preset: presets.Preset, cell: presets.Cell, workdir: str,
             'num_volumes': _baseline(config, out, data_dir)}
   else:
     info = _real_ct(config, out, layout.cell_dir(workdir, cell.needs), data_dir)
-  info.update(cell=cell.name, kind=cell.kind, preset=preset.name, data_dir=data_dir)
-  layout.mark_done(workdir, cell.name, info)
-  tb_logging.log_line(f'Cell {cell.name}: done ({out}).')
+  info.update(cell=cell.name, kind=cell.kind, preset=preset.name, data_dir=data_dir,
+              seed=run.seed, config_seed=int(config.seed))
+  layout.mark_done(workdir, run.name, info)
+  tb_logging.log_line(f'Cell {run.name}: done ({out}).')
   return info
 
 

@@ -1,17 +1,26 @@
 """Reads whatever cells of a study have finished into one JSON-able results dict (JAX-free).
 
 results = {
-  'cells':    {name: {'status': 'done' | 'in progress' | 'not run', 'done': marker or None}},
+  'cells':    {name: {'status': 'done' | 'in progress' | 'not run', 'done': marker or None,
+                      'seeds': {seed: status} (synthesis cells: every seed started or done)}},
   'paired':   {cell: {metric: {patient: value}}}      Table 1 metrics, paired test subjects
   'mi':       {cell: {'mr': {patient: MI(MR, sCT)}, 'ct': {patient: MI(CT, sMR)}}}
   'dice':     {series: {structure: {patient: Dice}}}  series: a synthesis cell and
               mr_baseline (labeled MR), real_ct and real_ct_sct (the paired test subjects)
+  'by_seed':  {cell: {seed: {'paired': ..., 'mi': ..., 'dice': ...}}}  synthesis cells: each
+              finished seed's own numbers, laid out as above
   'structures': [names, in label order],
 }
+A synthesis cell's 'paired', 'mi' and 'dice' numbers are per patient the mean over its
+finished seeds (a patient missing from a seed is averaged over the seeds that have it); a
+cell's 'done' marker is its seed 0's, or with seed 0 unfinished the lowest finished seed's.
 """
 
 import os
+import re
 from typing import Any
+
+import numpy as np
 
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.experiments import layout
@@ -40,31 +49,93 @@ def status(workdir: str, name: str) -> str:
   return 'not run'
 
 
+def seeds_on_disk(workdir: str, cell: str) -> list[int]:
+  """The seeds of `cell` that have a run directory or a lock (seed 0 always)."""
+  pattern = re.compile(re.escape(cell + presets.SEED_SUFFIX) + r'([1-9][0-9]*)(\.lock)?$')
+  found = {0}
+  for sub in ('cells', 'locks'):
+    folder = os.path.join(workdir, sub)
+    if not os.path.isdir(folder):
+      continue
+    for entry in os.listdir(folder):
+      match = pattern.match(entry)
+      if match:
+        found.add(int(match.group(1)))
+  return sorted(found)
+
+
+def _synthesis_numbers(out: str, done: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+  """One finished synthesis run's {'paired', 'mi', 'dice'} numbers and its structures."""
+  eval_dir = os.path.join(out, done['eval'])
+  rows = reports.read_rows_json(os.path.join(eval_dir, 'per_volume.json'))
+  mi = unpaired_rows(eval_dir)
+  dice, found = _dice(os.path.join(out, done['seg_eval']))
+  return {'paired': {m: {str(r['patient_id']): float(r[m]) for r in rows}
+                     for m in TABLE1 if rows and m in rows[0]},
+          'mi': {d: {str(r['patient_id']): float(r['mi']) for r in rs} for d, rs in mi.items()},
+          'dice': dice}, found
+
+
+def seed_mean(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+  """{metric: {patient: mean over the seeds that have it}} of several seeds' numbers.
+
+  NaN values (e.g. a structure absent from a patient's truth) stay NaN only where every seed
+  has NaN.
+  """
+  out: dict[str, dict[str, float]] = {}
+  for metric in dict.fromkeys(m for numbers in per_seed for m in numbers):
+    values: dict[str, list[float]] = {}
+    for numbers in per_seed:
+      for patient, v in numbers.get(metric, {}).items():
+        values.setdefault(patient, []).append(float(v))
+    out[metric] = {p: float(np.nanmean(v)) if np.isfinite(v).any() else float('nan')
+                   for p, v in values.items()}
+  return out
+
+
+def _collect_synthesis(workdir: str, cell: presets.Cell, results: dict[str, Any]) -> list[str]:
+  """Fills `results` with one synthesis cell's seeds and their means; returns its structures."""
+  seeds, by_seed, found = {}, {}, []
+  first_done = None
+  for seed in seeds_on_disk(workdir, cell.name):
+    name = presets.Run(cell, seed).name
+    seeds[seed] = status(workdir, name)
+    done = layout.done_info(workdir, name)
+    if done is None:
+      continue
+    first_done = first_done or (name, done)
+    by_seed[seed], structures = _synthesis_numbers(layout.cell_dir(workdir, name), done)
+    found += [s for s in structures if s not in found]
+  info = results['cells'][cell.name]
+  info['seeds'] = seeds
+  if first_done is None:
+    return found
+  name, done = first_done
+  info.update(status='done', done=done)
+  results['by_seed'][cell.name] = by_seed
+  for source in ('paired', 'mi', 'dice'):
+    results[source][cell.name] = seed_mean([n[source] for n in by_seed.values()])
+  results['samples'][cell.name] = os.path.join(layout.cell_dir(workdir, name), done['samples'])
+  return found
+
+
 def collect(workdir: str) -> dict[str, Any]:
   """The numbers of every finished cell of the study in `workdir` (layout: `collect`)."""
-  results: dict[str, Any] = {'cells': {}, 'paired': {}, 'mi': {}, 'dice': {}, 'structures': [],
-                             'samples': {}}
+  results: dict[str, Any] = {'cells': {}, 'paired': {}, 'mi': {}, 'dice': {}, 'by_seed': {},
+                             'structures': [], 'samples': {}}
   structures: list[str] = []
   for cell in presets.CELLS:
     done = layout.done_info(workdir, cell.name)
     results['cells'][cell.name] = {'status': status(workdir, cell.name), 'done': done}
+    if cell.kind == 'synthesis':
+      found = _collect_synthesis(workdir, cell, results)
+      structures += [s for s in found if s not in structures]
+      continue
     if done is None:
       continue
     out = layout.cell_dir(workdir, cell.name)
-    if cell.kind == 'synthesis':
-      eval_dir = os.path.join(out, done['eval'])
-      rows = reports.read_rows_json(os.path.join(eval_dir, 'per_volume.json'))
-      results['paired'][cell.name] = {m: {str(r['patient_id']): float(r[m]) for r in rows}
-                                      for m in TABLE1 if rows and m in rows[0]}
-      mi = unpaired_rows(eval_dir)
-      results['mi'][cell.name] = {d: {str(r['patient_id']): float(r['mi']) for r in rs}
-                                  for d, rs in mi.items()}
-      results['dice'][cell.name], found = _dice(os.path.join(out, done['seg_eval']))
-      results['samples'][cell.name] = os.path.join(out, done['samples'])
-    elif cell.kind == 'baseline':
-      results['dice'][cell.name], found = _dice(os.path.join(out, done['eval']))
-    else:
-      results['dice'][cell.name], found = _dice(os.path.join(out, done['eval']))
+    results['dice'][cell.name], found = _dice(os.path.join(out, done['eval']))
+    if cell.kind == 'real_ct':
       results['dice'][REAL_SCT], _ = _dice(os.path.join(out, done['eval_sct']))
     structures += [s for s in found if s not in structures]
   results['structures'] = structures

@@ -16,6 +16,11 @@ unpaired MI (Fig. 4) and the 2-channel segmentation Dice on the labeled MR (Fig.
 Presets: tiny (tests, about a minute), cpu_small (the phantom, about 90 minutes on 2 cores),
 paper (the paper's sizes and schedule; --data required).
 
+Seeds: --seeds=N trains every synthesis cell with N seeds (seed 0 in cells/<cell>, seed k in
+cells/<cell>_seed<k>); the report averages each cell's finished seeds per patient, shows how
+far the cell means move between seeds, and tests on those averages. Rerunning a finished
+one-seed study with --seeds=2 adds the second seed only.
+
 Reruns skip finished cells and resume interrupted ones. Several processes (or hosts sharing
 the filesystem) may run different --cells into one workdir: each cell is locked by the
 process running it, the phantom is built once under a lock (or pass --data). Every run ends
@@ -42,6 +47,9 @@ def _define_flags() -> flags.FlagValues:
                       'WORKDIR/phantom; required for --preset=paper).', flag_values=fv)
   flags.DEFINE_string('cells', None, 'Comma-separated cells to run (default: all): '
                       + ', '.join(presets.CELL_NAMES) + '.', flag_values=fv)
+  flags.DEFINE_integer('seeds', 1, 'Training seeds per synthesis cell (0 .. N-1; a cell\'s '
+                       'numbers are the mean over its finished seeds). --cells=<cell>@<k> runs '
+                       'seed k alone.', flag_values=fv)
   flags.DEFINE_bool('report_only', False, 'Run no cell; rebuild the report.', flag_values=fv)
   return fv
 
@@ -67,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   def body() -> None:
     # Imported here: --help and flag errors must not wait for JAX and the models.
     from mr2ct_jax.experiments import study  # pylint: disable=g-import-not-at-top
-    study.run(fv.preset, fv.workdir, fv.data, fv.cells, fv.report_only)
+    study.run(fv.preset, fv.workdir, fv.data, fv.cells, fv.report_only, fv.seeds)
 
   return commands.run(fv, argv, COMMAND, body, errors=_known_errors,
                       required=('preset', 'workdir'), doc=__doc__)

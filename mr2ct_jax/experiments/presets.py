@@ -8,6 +8,11 @@ A cell is one arm of the paper's study on one prepared dataset:
                    real CT (in place of sCT) and real MR
 Small and large are data.num_train_mr / num_train_ct subsets (nested, seeded) of the one
 dataset's training splits.
+
+A run is one cell trained with one seed: a synthesis cell can run several seeds (`--seeds`),
+each in its own directory (`Run.name`: the cell's name for seed 0, `<cell>_seed<k>` for seed
+k), and the report averages a cell's finished seeds per patient. The MR-only baseline and the
+real-CT upper bound run once.
 """
 
 import dataclasses
@@ -49,6 +54,26 @@ class PresetError(ValueError):
   """An unknown preset or cell name, or a preset used without the data it needs."""
 
 
+SEED_SUFFIX = '_seed'  # run directory of seed k > 0: <cell>_seed<k>
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One cell trained with one seed (an offset added to the preset's config.seed)."""
+  cell: Cell
+  seed: int = 0
+
+  @property
+  def name(self) -> str:
+    """Its directory and lock name: the cell's name for seed 0, else `<cell>_seed<k>`."""
+    return self.cell.name if self.seed == 0 else run_name(self.cell.name, self.seed)
+
+
+def run_name(cell: str, seed: int) -> str:
+  """The name of seed `seed` (> 0) of cell `cell`."""
+  return f'{cell}{SEED_SUFFIX}{seed}'
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
   """A study size: the base config and the two training-set sizes (MR, CT volumes)."""
@@ -78,16 +103,34 @@ def get_preset(name: str) -> Preset:
   return PRESETS[name]
 
 
-def select_cells(names: str | None) -> list[Cell]:
-  """The cells of a comma-separated list (None / '': all), in study order."""
-  if not names:
-    return list(CELLS)
-  wanted = [n.strip() for n in names.split(',') if n.strip()]
-  unknown = [n for n in wanted if n not in BY_NAME]
-  if unknown:
-    raise PresetError(f'--cells: unknown cell {unknown[0]!r}; choose from '
-                      f'{", ".join(CELL_NAMES)}')
-  return [c for c in CELLS if c.name in wanted]
+def select_runs(names: str | None, num_seeds: int = 1) -> list[Run]:
+  """The runs of a comma-separated list of cells (None / '': all), in study order.
+
+  Args:
+    names: cell names, each meaning all its seeds (synthesis cells: 0 .. num_seeds - 1; the
+      others: one run), or `<cell>@<k>` for seed k alone (e.g. to run seeds side by side).
+    num_seeds: seeds per synthesis cell (`--seeds`).
+
+  Raises:
+    PresetError: an unknown cell, a bad or out-of-range seed, or num_seeds < 1.
+  """
+  if num_seeds < 1:
+    raise PresetError(f'--seeds={num_seeds}: must be at least 1')
+  tokens = [n.strip() for n in (names or ','.join(CELL_NAMES)).split(',') if n.strip()]
+  wanted: set[tuple[str, int]] = set()
+  for token in tokens:
+    name, at, seed_text = token.partition('@')
+    if name not in BY_NAME:
+      raise PresetError(f'--cells: unknown cell {name!r}; choose from {", ".join(CELL_NAMES)}')
+    seeds = range(num_seeds) if BY_NAME[name].kind == 'synthesis' else range(1)
+    if at:
+      if not seed_text.isdigit() or int(seed_text) not in seeds:
+        raise PresetError(f'--cells: {token!r}: the seed must be one of '
+                          f'{", ".join(map(str, seeds))} (--seeds={num_seeds}; only synthesis '
+                          'cells run several)')
+      seeds = [int(seed_text)]
+    wanted.update((name, k) for k in seeds)
+  return [Run(c, k) for c in CELLS for k in range(num_seeds) if (c.name, k) in wanted]
 
 
 @functools.lru_cache(maxsize=1)
@@ -127,10 +170,16 @@ def base_config(preset: Preset) -> ml_collections.ConfigDict:
   return config
 
 
-def cell_config(preset: Preset, cell: Cell, data_dir: str) -> ml_collections.ConfigDict:
-  """The full config of a cell: base config on `data_dir`, its subset and its loss."""
+def cell_config(preset: Preset, cell: Cell, data_dir: str,
+                seed: int = 0) -> ml_collections.ConfigDict:
+  """The full config of a cell's run: base config on `data_dir`, its subset, loss and seed.
+
+  The seed changes the networks' initialisation, the shuffling and the augmentation, not the
+  data: the dataset is prepared once and the training subsets depend on data.subset_seed only.
+  """
   config = base_config(preset)
   config.data.dir = data_dir
+  config.seed = int(config.seed) + seed
   if cell.kind == 'synthesis':
     config.data.num_train_mr, config.data.num_train_ct = getattr(preset, cell.size)
     config.loss.gc_weight = _gc_configs().get_config('paper').loss.gc_weight if cell.gc else 0.0

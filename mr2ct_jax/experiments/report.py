@@ -1,9 +1,9 @@
 """report.md (+ report.json, figures/) of a study, rebuilt from whatever cells have finished.
 
 Sections, in the paper's order: cells, Table 1 (per patient, mean ± SD per cell, the paper's
-beside), MI (Fig. 4), Dice (Fig. 6, with the MR-only baseline and the real-CT upper bound),
-representative slices (Fig. 5), the paired t-tests with a rule-made verdict per comparison, and
-the per-volume numbers the tests were computed from. report.json holds every number shown.
+beside), MI (Fig. 4), the seed-to-seed spread of each cell's means, Dice (Fig. 6, with the
+MR-only baseline and the real-CT upper bound), representative slices (Fig. 5), the paired
+t-tests with a rule-made verdict per comparison, and the per-volume numbers the tests were computed from. report.json holds every number shown.
 """
 
 import math
@@ -39,6 +39,14 @@ def _stats_cell(values: Mapping[str, float], decimals: int) -> str:
   return reports.fmt_stats(reports.describe(list(values.values())), decimals)
 
 
+def _seeds_text(seeds: Mapping[int, str]) -> str:
+  """'0, 1 done; 2 in progress' from {seed: status}."""
+  groups: dict[str, list[str]] = {}
+  for seed, state in sorted(seeds.items()):
+    groups.setdefault(state, []).append(str(seed))
+  return '; '.join(f'{", ".join(v)} {k}' for k, v in groups.items())
+
+
 def _cells_section(results: Mapping[str, Any]) -> list[str]:
   body = []
   for cell in presets.CELLS:
@@ -48,8 +56,41 @@ def _cells_section(results: Mapping[str, Any]) -> list[str]:
     what = {'synthesis': f'{cell.size} set, GC {gc}', 'baseline': 'MR-only U-Net, k-fold CV',
             'real_ct': f'real CT into {cell.needs}\'s U-Net'}
     step = done.get('step', done.get('unet_step', ''))
-    body.append([cell.name, what[cell.kind], info['status'], str(step)])
-  return ['## Cells', '', reports.md_table(['Cell', 'What', 'Status', 'Step'], body), '']
+    seeds = _seeds_text(info['seeds']) if 'seeds' in info else '-'
+    body.append([cell.name, what[cell.kind], info['status'], str(step), seeds])
+  return ['## Cells', '', reports.md_table(['Cell', 'What', 'Status', 'Step', 'Seeds'], body),
+          '', 'A synthesis cell\'s numbers below are, per patient, the mean over its finished '
+          'seeds (section "Seeds"); its sample slices are those of its first finished seed.', '']
+
+
+def _seeds_section(results: Mapping[str, Any]) -> list[str]:
+  """Each synthesis cell's mean per seed: how far a cell moves with the training seed alone."""
+  by_seed = results.get('by_seed', {})
+  out = ['## Seeds: how much a cell\'s mean moves with the training seed', '']
+  if not any(len(seeds) > 1 for seeds in by_seed.values()):
+    return out + ['One seed per cell (run with --seeds=N for more): the differences between '
+                  'cells below include the seed-to-seed spread, which one seed cannot show.', '']
+  columns = [('paired', m) for m in collect.TABLE1] + [('mi', 'mr'), ('dice', 'mean')]
+  body = []
+  for cell, seeds in by_seed.items():
+    means = {c: [] for c in columns}
+    for seed, numbers in sorted(seeds.items()):
+      row = [cell, str(seed)]
+      for source, metric in columns:
+        values = list(numbers.get(source, {}).get(metric, {}).values())
+        mean = reports.describe(values).mean
+        means[(source, metric)].append(mean)
+        row.append(reports.fmt(mean, 3 if source == 'dice' else 4 if source == 'mi' else 2))
+      body.append(row)
+    if len(seeds) > 1:
+      body.append([f'**{cell}: SD over {len(seeds)} seeds**', ''] + [
+          reports.fmt(reports.describe(means[c]).sd, 3) for c in columns])
+  header = ['Cell', 'Seed'] + [analysis.metric_label(s, m) for s, m in columns]
+  return out + [reports.md_table(header, body), '',
+                'Per seed: the mean over the test volumes. Compare the SD over seeds with the '
+                'differences between cells: a difference smaller than it is one that another '
+                'seed could reverse; the t-tests below use each cell\'s per-patient means over '
+                'its seeds.', '']
 
 
 def _table1_section(results: Mapping[str, Any], figs: Mapping[str, str]) -> list[str]:
@@ -124,9 +165,10 @@ def _slices_section(figs: Mapping[str, str]) -> list[str]:
 
 def _ttest_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   out = ['## Paired t-tests and verdicts', '',
-         'B against A (B - A), matched by patient; scipy.stats.ttest_rel(B, A), two-sided; 95% '
-         'CI of the mean difference from the t distribution (n - 1 d.o.f.); d_z = mean '
-         'difference / SD of the differences. Verdict rule: p < 0.05 and B better = "helped" '
+         'B against A (B - A), matched by patient (a synthesis cell: its per-patient mean over '
+         'its finished seeds; "seeds A/B" counts them); scipy.stats.ttest_rel(B, A), '
+         'two-sided; 95% CI of the mean difference from the t distribution (n - 1 d.o.f.); '
+         'd_z = mean difference / SD of the differences. Verdict rule: p < 0.05 and B better = "helped" '
          '(or the question\'s word), p < 0.05 and B worse = "hurt", else "no significant '
          'difference"; fewer than 2 pairs = "not testable".', '']
   for key, title, _, _, _ in analysis.QUESTIONS:
@@ -138,12 +180,14 @@ def _ttest_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     body = []
     for r in mine:
       d = 3 if r['source'] == 'dice' else 4
-      body.append([f'{r["a"]} → {r["b"]}', r['label'], str(r['n']), reports.fmt(r['mean_a'], d),
+      body.append([f'{r["a"]} → {r["b"]}', r['label'], str(r['n']), r['seeds'],
+                   reports.fmt(r['mean_a'], d),
                    reports.fmt(r['mean_b'], d), reports.fmt(r['diff'], d),
                    f'[{reports.fmt(r["ci_low"], d)}, {reports.fmt(r["ci_high"], d)}]',
                    reports.fmt(r['d_z'], 2), reports.fmt(r['t'], 3), fmt_p(r['p']), r['verdict']])
     counts = stats.summary_counts([r['verdict'] for r in mine])
-    out += [reports.md_table(['A → B', 'Metric', 'n', 'mean A', 'mean B', 'B - A', '95% CI',
+    out += [reports.md_table(['A → B', 'Metric', 'n', 'seeds A/B', 'mean A', 'mean B', 'B - A',
+                              '95% CI',
                               'd_z', 't', 'p', 'Verdict'], body), '',
             'Verdicts of this question: ' + ', '.join(f'{k}: {v}' for k, v in counts.items())
             + f' (of {len(mine)} comparisons, p < {stats.ALPHA} unadjusted).', '']
@@ -182,6 +226,7 @@ def build(workdir: str, preset: str, data: str) -> str:
     figs = figures.write_all(os.path.join(tmp, 'figures'), results)
     text = [f'# The paper\'s study: preset {preset}', '', f'Data: {data}', '']
     text += _cells_section(results) + _table1_section(results, figs) + _mi_section(results, figs)
+    text += _seeds_section(results)
     text += _dice_section(results, figs) + _slices_section(figs) + _ttest_section(rows)
     text += _per_volume_section(results)
     atomic.write_text(os.path.join(tmp, REPORT_FILE), '\n'.join(text))

@@ -31,7 +31,7 @@ def data_label(workdir: str, data: str | None) -> str:
 
 
 def run(preset_name: str, workdir: str, data: str | None = None, cells: str | None = None,
-        report_only: bool = False) -> str:
+        report_only: bool = False, seeds: int = 1) -> str:
   """Runs the study (or only rebuilds its report); returns the report.md path.
 
   Args:
@@ -39,14 +39,16 @@ def run(preset_name: str, workdir: str, data: str | None = None, cells: str | No
     workdir: the study directory (layout: `layout`).
     data: a prepared dataset (None: the phantom under WORKDIR/phantom; the paper preset needs
       one).
-    cells: comma-separated cell names (None: all).
+    cells: comma-separated cell names (None: all), or `<cell>@<k>` for one seed.
     report_only: run nothing, rebuild the report.
+    seeds: training seeds per synthesis cell (0 .. seeds - 1; seed 0 is the cell's own
+      directory, so a study run with one seed gains seeds when rerun with more).
 
   Raises:
     PresetError, StudyError and the errors of training, evaluation and segmentation.
   """
   preset = presets.get_preset(preset_name)
-  selected = presets.select_cells(cells)
+  selected = presets.select_runs(cells, seeds)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   layout.check_study_file(workdir, preset.name, data)
@@ -54,21 +56,22 @@ def run(preset_name: str, workdir: str, data: str | None = None, cells: str | No
     data_dir = prepare_data(preset, workdir, data)
     # Imported only when cells run: --report_only and --help stay JAX-free.
     from mr2ct_jax.experiments import cell as cell_lib  # pylint: disable=g-import-not-at-top
-    for cell in selected:
-      if layout.done_info(workdir, cell.name) is not None:
-        tb_logging.log_line(f'Cell {cell.name}: finished earlier; skipped.')
+    for run_ in selected:
+      name, needs = run_.name, run_.cell.needs
+      if layout.done_info(workdir, name) is not None:
+        tb_logging.log_line(f'Cell {name}: finished earlier; skipped.')
         continue
-      if cell.needs and layout.done_info(workdir, cell.needs) is None:
-        tb_logging.log_line(f'Cell {cell.name}: needs {cell.needs}, which has not finished; '
+      if needs and layout.done_info(workdir, needs) is None:
+        tb_logging.log_line(f'Cell {name}: needs {needs}, which has not finished; '
                             'skipped (run it, then this one).')
         continue
-      with layout.locked(workdir, cell.name, wait=False) as mine:
+      with layout.locked(workdir, name, wait=False) as mine:
         if not mine:
-          tb_logging.log_line(f'Cell {cell.name}: another process runs it; skipped.')
+          tb_logging.log_line(f'Cell {name}: another process runs it; skipped.')
           continue
-        if layout.done_info(workdir, cell.name) is None:  # it may have finished meanwhile
-          tb_logging.log_line(f'Cell {cell.name}: running.')
-          cell_lib.run_cell(preset, cell, workdir, data_dir)
+        if layout.done_info(workdir, name) is None:  # it may have finished meanwhile
+          tb_logging.log_line(f'Cell {name}: running.')
+          cell_lib.run_cell(preset, run_, workdir, data_dir)
   path = report.build(workdir, preset.name, data_label(workdir, data))
   tb_logging.log_line(f'Report written to {path}')
   return path
