@@ -3,7 +3,8 @@
 Sections, in the paper's order: cells, Table 1 (per patient, mean ± SD per cell, the paper's
 beside), MI (Fig. 4), the seed-to-seed spread of each cell's means, Dice (Fig. 6, with the
 MR-only baseline and the real-CT upper bound), representative slices (Fig. 5), the paired
-t-tests with a rule-made verdict per comparison, and the per-volume numbers the tests were computed from. report.json holds every number shown.
+t-tests with a rule-made verdict per comparison, and the per-volume numbers the tests were
+computed from. report.json holds every number shown.
 """
 
 import math
@@ -168,8 +169,8 @@ def _ttest_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
          'B against A (B - A), matched by patient (a synthesis cell: its per-patient mean over '
          'its finished seeds; "seeds A/B" counts them); scipy.stats.ttest_rel(B, A), '
          'two-sided; 95% CI of the mean difference from the t distribution (n - 1 d.o.f.); '
-         'd_z = mean difference / SD of the differences. Verdict rule: p < 0.05 and B better = "helped" '
-         '(or the question\'s word), p < 0.05 and B worse = "hurt", else "no significant '
+         'd_z = mean difference / SD of the differences. Verdict rule: p < 0.05 and B better = '
+         '"helped" (or the question\'s word), p < 0.05 and B worse = "hurt", else "no significant '
          'difference"; fewer than 2 pairs = "not testable".', '']
   for key, title, _, _, _ in analysis.QUESTIONS:
     mine = [r for r in rows if r['question'] == key]
