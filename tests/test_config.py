@@ -39,6 +39,14 @@ def test_paper_defaults():
   assert gc.get_config('nogc').loss.gc_weight == 0.0
 
 
+def test_quick_weakens_the_cycle_term_and_the_cpu_small_study_keeps_the_papers():
+  from mr2ct_jax.experiments import presets  # pylint: disable=g-import-not-at-top
+  assert gc.get_config('quick').loss.cycle_weight == 1.0
+  study = presets.cell_config(presets.get_preset('cpu_small'), presets.BY_NAME['gc_large'], '/d')
+  assert study.loss.cycle_weight == gc.get_config().loss.cycle_weight == 3.0
+  assert study.train.ema_decay == gc.get_config('quick').train.ema_decay
+
+
 def test_unknown_variant():
   with pytest.raises(ValueError, match='unknown variant'):
     gc.get_config('bogus')
