@@ -4,13 +4,14 @@ Layout of a study workdir (JAX-free to read, so the report can be rebuilt anywhe
   study.json              the preset and data dir the study was started with (a rerun with
                           another preset or dataset is refused)
   phantom/                the built-in phantom, prepared once (when no --data is given)
-  locks/<name>.lock       flock()ed by the process running that cell (or preparing data)
+  locks/<name>.lock       flock()ed by the process running that run (or preparing data)
   cells/<name>/           a cell's run: the CycleGAN workdir (checkpoints, config.json),
                           eval/ (Table 1 metrics + unpaired.json), seg/ (U-Net, seg/eval),
-                          samples.npz (slices for the Fig. 5 panel), cell.json (done marker)
+                          samples.npz (slices for the Fig. 5 panel), cell.json (done marker);
+                          <name> is the cell's for seed 0, <cell>_seed<k> for seed k
   report/                 report.md, report.json (every number the report shows), figures/
 
-A cell counts as finished only when cells/<name>/cell.json exists: it is written (atomically)
+A run counts as finished only when cells/<name>/cell.json exists: it is written (atomically)
 last, after training reached its num_steps and every evaluation output of the cell was written.
 """
 
