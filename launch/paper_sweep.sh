@@ -3,9 +3,9 @@
 #
 # GPUs of one host, one cell per GPU (CUDA_VISIBLE_DEVICES), then real_ct and the report:
 #   DATA=/data/hip_tfds WORKDIR=runs/paper bash launch/paper_sweep.sh [--dry-run]
-# Cloud TPU: one single-host slice per cell (e.g. v4-8: the driver is one process). TPU_NAMES:
-# space-separated slice names, one per cell of the first wave; WORKDIR and DATA on a
-# filesystem every slice mounts:
+# Cloud TPU: one single-host slice per job (e.g. v4-8: the driver is one process). TPU_NAMES:
+# space-separated slice names, one per job of the first wave (6 cells; with SEEDS=N,
+# 5 x N + 1 jobs); WORKDIR and DATA on a filesystem every slice mounts:
 #   TPU_NAMES="s0 s1 s2 s3 s4 s5" ZONE=us-central2-b DATA=/mnt/hip WORKDIR=/mnt/runs/paper \
 #     bash launch/paper_sweep.sh [--dry-run]
 #
@@ -14,13 +14,15 @@
 # lists) and PYTHON may be set.
 # Cells already finished are skipped by the driver, interrupted ones resume: rerun the same
 # command. Cells run side by side into one WORKDIR (each locks its own cell); real_ct needs
-# gc_large and runs after the first wave, followed by the report. --dry-run prints the commands.
+# gc_large (its seed 0) and runs after the first wave, followed by the report. --dry-run
+# prints the commands.
 set -euo pipefail
 dry_run=0
 if [ "${1:-}" = --dry-run ]; then dry_run=1; shift; fi
 : "${WORKDIR:?set WORKDIR}" "${DATA:?set DATA (a prepared dataset)}"
 PRESET="${PRESET:-paper}"
 SEEDS="${SEEDS:-1}"
+[[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || { echo "SEEDS=$SEEDS: need a whole number >= 1" >&2; exit 2; }
 PYTHON="${PYTHON:-python}"
 SYNTHESIS=(gc_small nogc_small gc_large nogc_large gc_signed_large)
 FIRST=()

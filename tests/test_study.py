@@ -12,6 +12,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from mr2ct_jax.experiments import analysis
+from mr2ct_jax.experiments import layout
 from mr2ct_jax.experiments import presets
 from mr2ct_jax.experiments import report as report_lib
 from mr2ct_jax.experiments import stats
@@ -63,6 +64,7 @@ def test_cells_flag_runs_only_those(study):
     state = 'done' if name in FIRST.split(',') else 'not run'
     assert re.search(rf'^\| {name} \| [^|]+ \| {state} \|', text, re.M), name
   assert 'Not run (its cells have not finished).' in text
+  assert 'One seed per cell (run with --seeds=N for more)' in text
 
 
 def test_every_cell_finishes_and_the_report_has_every_section(study):
@@ -72,7 +74,8 @@ def test_every_cell_finishes_and_the_report_has_every_section(study):
     assert re.search(rf'^\| {name} \| [^|]+ \| done \|', report, re.M), name
     assert (workdir / 'cells' / name / 'cell.json').is_file()
   for heading in ('## Cells', '## Table 1', "### The paper's Table 1", '## Fig. 4', '## Fig. 6',
-                  '## Fig. 5', '## Paired t-tests and verdicts', '## Per-volume numbers'):
+                  '## Fig. 5', '## Paired t-tests and verdicts', '## Per-volume numbers',
+                  '## Seeds'):
     assert heading in report, heading
   for _, title, _, _, _ in analysis.QUESTIONS:
     assert f'### {title}' in report
@@ -100,8 +103,11 @@ def test_resuming_skips_finished_cells(study):
     assert f'Cell {name}: finished earlier; skipped.' in rerun
   assert 'compiled and ran' not in rerun and 'step 1/' not in rerun  # no training step ran
   workdir = study['workdir']
-  assert _mtimes(workdir / 'cells' / 'gc_small') == study['before']  # and --seeds=2 kept it
+  assert _mtimes(workdir / 'cells' / 'gc_small') == study['before']
   assert study['after_rerun'] == study['after_full']
+  # --seeds=2 added seed directories and left every earlier run as it was.
+  now = _mtimes(workdir / 'cells')
+  assert {p: t for p, t in now.items() if '_seed' not in p} == study['after_full']
 
 
 def test_ttests_equal_scipy_on_the_listed_per_volume_numbers(study):
@@ -148,7 +154,10 @@ def test_a_second_seed_is_added_and_averaged_per_patient(study):
     done = json.loads((workdir / 'cells' / name / 'cell.json').read_text(encoding='utf-8'))
     assert done['seed'] == 1 and done['config_seed'] == 1 and done['step'] == 2
     config = json.loads((workdir / 'cells' / name / 'config.json').read_text(encoding='utf-8'))
-    assert config['seed'] == 1
+    seed0 = json.loads((workdir / 'cells' / name.replace('_seed1', '') / 'config.json')
+                       .read_text(encoding='utf-8'))
+    assert config['seed'] == 1 and seed0['seed'] == 0
+    assert config['data']['train_patients'] == seed0['data']['train_patients']
   data = json.loads((workdir / 'report' / 'report.json').read_text(encoding='utf-8'))
   results = data['results']
   assert sorted(results['by_seed']['gc_small']) == ['0', '1']
@@ -171,25 +180,82 @@ def test_a_second_seed_is_added_and_averaged_per_patient(study):
   seeds_table = report.split("## Seeds")[1].split('\n## ')[0]
   sd = np.std([np.mean(list(results['by_seed']['gc_small'][k]['paired']['mae_hu'].values()))
                for k in ('0', '1')], ddof=1)
-  assert '| **gc_small: SD over 2 seeds** |  | ' in seeds_table
-  assert f'| {sd:.3f} |' in seeds_table.split('gc_small: SD over 2 seeds')[1].splitlines()[0]
+  header = next(line for line in seeds_table.splitlines() if line.startswith('| Cell |'))
+  column = [c.strip() for c in header.split('|')].index('MAE in body (HU, network grid)')
+  sd_row = next(line for line in seeds_table.splitlines()
+                if line.startswith('| **gc_small: SD over 2 seeds** |  |'))
+  assert [c.strip() for c in sd_row.split('|')][column] == f'{sd:.3f}'
 
 
-def test_seed_selection():
-  runs = presets.select_runs('gc_small,mr_baseline', 3)
-  assert [r.name for r in runs] == ['gc_small', 'gc_small_seed1', 'gc_small_seed2',
-                                    'mr_baseline']
-  picked = presets.select_runs('gc_large@2,real_ct', 3)
-  assert [r.name for r in picked] == ['gc_large_seed2', 'real_ct']
-  assert len(presets.select_runs(None, 2)) == 2 * len(presets.SYNTHESIS) + 2
-  for names, seeds, message in (('gc_small@2', 2, "'gc_small@2': the seed must be one of 0, 1"),
-                                ('mr_baseline@1', 3, "'mr_baseline@1': the seed must be one of 0 "),
-                                ('gc_small@x', 2, "'gc_small@x': the seed must"),
+def test_seed_selection_runs_seed_by_seed():
+  runs = presets.select_runs('mr_baseline,nogc_small,gc_small', 3)
+  assert [r.name for r in runs] == ['gc_small', 'nogc_small', 'mr_baseline', 'gc_small_seed1',
+                                    'nogc_small_seed1', 'gc_small_seed2', 'nogc_small_seed2']
+  picked = presets.select_runs('real_ct,gc_large@4', 1)  # @k needs no --seeds
+  assert [r.name for r in picked] == ['real_ct', 'gc_large_seed4']
+  everything = presets.select_runs(None, 2)
+  assert len(everything) == 2 * len(presets.SYNTHESIS) + 2
+  assert [r.name for r in everything[:len(presets.CELLS)]] == list(presets.CELL_NAMES)
+  for names, seeds, message in (('mr_baseline@1', 3, "'mr_baseline@1': the seed must be a "
+                                 'number >= 0 and 0 for mr_baseline (it runs once)'),
+                                ('gc_small@x', 2, "'gc_small@x': the seed must be a number"),
+                                ('gc_small@\u00b2', 2, "the seed must be a number"),
                                 ('gc_small', 0, '--seeds=0: must be at least 1')):
     with pytest.raises(presets.PresetError, match=re.escape(message)):
       presets.select_runs(names, seeds)
   config = presets.cell_config(presets.get_preset('tiny'), presets.BY_NAME['gc_small'], '/d', 2)
   assert config.seed == presets.base_config(presets.get_preset('tiny')).seed + 2
+
+
+def _fake_run(workdir, name, values, *, done=True):
+  """A finished synthesis run with the given {metric: {patient: value}} (JAX-free)."""
+  out = workdir / 'cells' / name
+  (out / 'eval').mkdir(parents=True)
+  (out / 'seg' / 'eval').mkdir(parents=True)
+  patients = sorted(values['mae_hu'])
+  (out / 'eval' / 'per_volume.json').write_text(json.dumps(
+      [{'patient_id': p, **{m: v[p] for m, v in values.items()}} for p in patients]))
+  (out / 'seg' / 'eval' / 'summary.json').write_text(json.dumps({'structures': {'1': 'bone'}}))
+  (out / 'seg' / 'eval' / 'per_volume.json').write_text(json.dumps(
+      [{'patient_id': p, 'dice_bone': 0.5, 'dice_mean': 0.5} for p in patients]))
+  if done:
+    (out / 'cell.json').write_text(json.dumps(
+        {'eval': 'eval', 'seg_eval': 'seg/eval', 'samples': 'samples.npz', 'step': 2}))
+
+
+def test_collect_averages_seeds_and_reports_partial_cells(tmp_path):
+  from mr2ct_jax.experiments import collect  # pylint: disable=g-import-not-at-top
+  nan = float('nan')
+  _fake_run(tmp_path, 'gc_small', {'mae_hu': {'p1': 10.0, 'p2': 20.0},
+                                   'psnr_255': {'p1': float('inf'), 'p2': 30.0}})
+  _fake_run(tmp_path, 'gc_small_seed1', {'mae_hu': {'p1': 14.0, 'p2': nan},
+                                         'psnr_255': {'p1': float('inf'), 'p2': 20.0}})
+  _fake_run(tmp_path, 'gc_large_seed1', {'mae_hu': {'p1': 1.0, 'p2': 2.0}})  # seed 0 never ran
+  (tmp_path / 'locks').mkdir()
+  (tmp_path / 'locks' / 'nogc_small_seed3.lock').write_text('')  # started, then killed
+  results = collect.collect(str(tmp_path))
+  assert results['paired']['gc_small']['mae_hu'] == {'p1': 12.0, 'p2': 20.0}  # NaN left out
+  assert results['paired']['gc_small']['psnr_255'] == {'p1': float('inf'), 'p2': 25.0}
+  cells = results['cells']
+  assert cells['gc_small']['seeds'] == {0: 'done', 1: 'done'}
+  assert cells['gc_large']['status'] == 'done' and cells['gc_large']['seeds'] == {
+      0: 'not run', 1: 'done'}
+  assert results['paired']['gc_large']['mae_hu'] == {'p1': 1.0, 'p2': 2.0}
+  assert cells['nogc_small']['status'] == 'not run'
+  assert cells['nogc_small']['seeds'] == {0: 'not run', 3: 'not run'}
+  assert 'nogc_small' not in results['paired']
+  with layout.locked(str(tmp_path), 'gc_signed_large_seed1', wait=False) as mine:
+    assert mine  # this process runs it now (flock: another open file sees it held)
+    running = collect.collect(str(tmp_path))['cells']['gc_signed_large']
+    report = (pathlib.Path(report_lib.build(str(tmp_path), 'tiny', 'x'))).read_text()
+  assert running['status'] == 'in progress'
+  assert running['seeds'] == {0: 'not run', 1: 'in progress'}
+  assert re.search(r'^\| gc_signed_large \| [^|]+ \| in progress \|  \| 0 not run; 1 in '
+                   r'progress \|', report, re.M)
+  assert re.search(r'^\| gc_large \| [^|]+ \| done \| 2 \| 0 not run; 1 done \|', report, re.M)
+  _fake_run(tmp_path, 'gc_small_seed2', {'mae_hu': {'p1': 1.0}})  # scored another test set
+  with pytest.raises(layout.StudyError, match='cell gc_small: its seeds scored different'):
+    collect.collect(str(tmp_path))
 
 
 def test_verdict_rule():
@@ -218,6 +284,7 @@ def test_unknown_cell_and_paper_without_data_are_one_line_errors(tmp_path):
 
 def test_sweep_dry_run_prints_one_job_per_cell():
   env = {**os.environ, 'DATA': '/data/hip', 'WORKDIR': 'runs/paper', 'GPUS': '0 1 2 3 4 5'}
+  env.pop('SEEDS', None)
   result = subprocess.run(['bash', str(REPO / 'launch' / 'paper_sweep.sh'), '--dry-run'],
                           cwd=REPO, capture_output=True, encoding='utf-8', timeout=60, env=env)
   assert result.returncode == 0, result.stderr

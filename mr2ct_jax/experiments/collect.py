@@ -2,7 +2,8 @@
 
 results = {
   'cells':    {name: {'status': 'done' | 'in progress' | 'not run', 'done': marker or None,
-                      'seeds': {seed: status} (synthesis cells: every seed started or done)}},
+                      'seeds': {seed: status} (synthesis cells: seed 0 and every seed with a
+                      run directory or a lock)}},
   'paired':   {cell: {metric: {patient: value}}}      Table 1 metrics, paired test subjects
   'mi':       {cell: {'mr': {patient: MI(MR, sCT)}, 'ct': {patient: MI(CT, sMR)}}}
   'dice':     {series: {structure: {patient: Dice}}}  series: a synthesis cell and
@@ -12,8 +13,9 @@ results = {
   'structures': [names, in label order],
 }
 A synthesis cell's 'paired', 'mi' and 'dice' numbers are per patient the mean over its
-finished seeds (a patient missing from a seed is averaged over the seeds that have it); a
-cell's 'done' marker is its seed 0's, or with seed 0 unfinished the lowest finished seed's.
+finished seeds (all seeds score the same volumes of the one dataset); its status is 'done'
+when any seed has finished, else 'in progress' when any seed runs; its 'done' marker is its
+seed 0's, or with seed 0 unfinished the lowest finished seed's.
 """
 
 import os
@@ -76,20 +78,29 @@ def _synthesis_numbers(out: str, done: dict[str, Any]) -> tuple[dict[str, Any], 
           'dice': dice}, found
 
 
-def seed_mean(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-  """{metric: {patient: mean over the seeds that have it}} of several seeds' numbers.
+def seed_mean(per_seed: list[dict[str, dict[str, float]]], what: str = 'a cell'
+              ) -> dict[str, dict[str, float]]:
+  """{metric: {patient: mean over seeds}} of several seeds' {metric: {patient: value}}.
 
-  NaN values (e.g. a structure absent from a patient's truth) stay NaN only where every seed
-  has NaN.
+  NaN (e.g. Dice of a structure absent from a patient's truth) is left out of a mean and
+  stays NaN only where every seed has NaN; +-inf (PSNR of an exact match) propagates.
+
+  Raises:
+    StudyError: the seeds scored different patients (a broken or foreign run).
   """
   out: dict[str, dict[str, float]] = {}
   for metric in dict.fromkeys(m for numbers in per_seed for m in numbers):
-    values: dict[str, list[float]] = {}
-    for numbers in per_seed:
-      for patient, v in numbers.get(metric, {}).items():
-        values.setdefault(patient, []).append(float(v))
-    out[metric] = {p: float(np.nanmean(v)) if np.isfinite(v).any() else float('nan')
-                   for p, v in values.items()}
+    columns = [numbers.get(metric, {}) for numbers in per_seed]
+    patients = sorted(columns[0])
+    if any(sorted(c) != patients for c in columns):
+      raise layout.StudyError(f'{what}: its seeds scored different volumes for {metric} '
+                              f'({[len(c) for c in columns]} volumes per seed); rerun the odd '
+                              'seed or remove its directory')
+    means = {}
+    for patient in patients:
+      v = np.array([float(c[patient]) for c in columns], np.float64)
+      means[patient] = float('nan') if np.isnan(v).all() else float(np.mean(v[~np.isnan(v)]))
+    out[metric] = means
   return out
 
 
@@ -109,12 +120,15 @@ def _collect_synthesis(workdir: str, cell: presets.Cell, results: dict[str, Any]
   info = results['cells'][cell.name]
   info['seeds'] = seeds
   if first_done is None:
+    if 'in progress' in seeds.values():
+      info['status'] = 'in progress'
     return found
   name, done = first_done
   info.update(status='done', done=done)
   results['by_seed'][cell.name] = by_seed
   for source in ('paired', 'mi', 'dice'):
-    results[source][cell.name] = seed_mean([n[source] for n in by_seed.values()])
+    results[source][cell.name] = seed_mean([n[source] for n in by_seed.values()],
+                                           f'cell {cell.name}')
   results['samples'][cell.name] = os.path.join(layout.cell_dir(workdir, name), done['samples'])
   return found
 

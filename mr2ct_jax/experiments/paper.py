@@ -10,8 +10,9 @@ Usage:
 Cells: gc_small, nogc_small, gc_large, nogc_large (the paper's {20+20, 302+613 volumes} x
 {GC on, off}), gc_signed_large (signed GC), mr_baseline (k-fold MR-only U-Net) and real_ct
 (gc_large's U-Net fed the paired test subjects' real CT: the upper bound of synthesis; run it
-after gc_large). Each synthesis cell trains, evaluates the paired test subjects (Table 1), the
-unpaired MI (Fig. 4) and the 2-channel segmentation Dice on the labeled MR (Fig. 6).
+after gc_large's seed 0). Each synthesis cell trains, evaluates the paired test subjects
+(Table 1), the unpaired MI (Fig. 4) and the 2-channel segmentation Dice on the labeled MR
+(Fig. 6).
 
 Presets: tiny (tests, about a minute), cpu_small (the phantom, about 90 minutes on 2 cores),
 paper (the paper's sizes and schedule; --data required).
@@ -19,7 +20,8 @@ paper (the paper's sizes and schedule; --data required).
 Seeds: --seeds=N trains every synthesis cell with N seeds (seed 0 in cells/<cell>, seed k in
 cells/<cell>_seed<k>); the report averages each cell's finished seeds per patient, shows how
 far the cell means move between seeds, and tests on those averages. Rerunning a finished
-one-seed study with --seeds=2 adds the second seed only.
+one-seed study with --seeds=2 adds the second seed only (5 more synthesis runs, about as
+long again as those cells took).
 
 Reruns skip finished cells and resume interrupted ones. Several processes (or hosts sharing
 the filesystem) may run different --cells into one workdir: each cell is locked by the
@@ -46,7 +48,8 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_string('data', None, 'Prepared dataset (default: the built-in phantom under '
                       'WORKDIR/phantom; required for --preset=paper).', flag_values=fv)
   flags.DEFINE_string('cells', None, 'Comma-separated cells to run (default: all): '
-                      + ', '.join(presets.CELL_NAMES) + '.', flag_values=fv)
+                      + ', '.join(presets.CELL_NAMES) + '; <cell>@<k> runs seed k of a '
+                      'synthesis cell alone.', flag_values=fv)
   flags.DEFINE_integer('seeds', 1, 'Training seeds per synthesis cell (0 .. N-1; a cell\'s '
                        'numbers are the mean over its finished seeds). --cells=<cell>@<k> runs '
                        'seed k alone.', flag_values=fv)

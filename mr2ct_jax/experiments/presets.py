@@ -4,8 +4,8 @@ A cell is one arm of the paper's study on one prepared dataset:
   gc_small, nogc_small, gc_large, nogc_large  {small, large training set} x {GC on, off}
   gc_signed_large  beyond the paper: the large set with the paper's literal signed GC
   mr_baseline      the discussion's k-fold cross-validation of a 1-channel MR U-Net
-  real_ct          the upper bound: gc_large's 2-channel U-Net fed the paired test subjects'
-                   real CT (in place of sCT) and real MR
+  real_ct          the upper bound: gc_large's (seed 0's) 2-channel U-Net fed the paired test
+                   subjects' real CT (in place of sCT) and real MR
 Small and large are data.num_train_mr / num_train_ct subsets (nested, seeded) of the one
 dataset's training splits.
 
@@ -18,6 +18,7 @@ real-CT upper bound run once.
 import dataclasses
 import functools
 import importlib.util
+import re
 from types import ModuleType
 
 import ml_collections
@@ -104,15 +105,20 @@ def get_preset(name: str) -> Preset:
 
 
 def select_runs(names: str | None, num_seeds: int = 1) -> list[Run]:
-  """The runs of a comma-separated list of cells (None / '': all), in study order.
+  """The runs of a comma-separated list of cells (None / '': all), seed by seed.
 
   Args:
     names: cell names, each meaning all its seeds (synthesis cells: 0 .. num_seeds - 1; the
-      others: one run), or `<cell>@<k>` for seed k alone (e.g. to run seeds side by side).
+      others: one run), or `<synthesis cell>@<k>` for seed k alone, whatever num_seeds (e.g.
+      to run seeds side by side).
     num_seeds: seeds per synthesis cell (`--seeds`).
 
+  Returns:
+    Every cell's seed 0 in study order, then every seed 1, ...: an interrupted study has
+    whole seeds of every cell rather than many seeds of the first cells.
+
   Raises:
-    PresetError: an unknown cell, a bad or out-of-range seed, or num_seeds < 1.
+    PresetError: an unknown cell, a bad seed, or num_seeds < 1.
   """
   if num_seeds < 1:
     raise PresetError(f'--seeds={num_seeds}: must be at least 1')
@@ -122,15 +128,16 @@ def select_runs(names: str | None, num_seeds: int = 1) -> list[Run]:
     name, at, seed_text = token.partition('@')
     if name not in BY_NAME:
       raise PresetError(f'--cells: unknown cell {name!r}; choose from {", ".join(CELL_NAMES)}')
-    seeds = range(num_seeds) if BY_NAME[name].kind == 'synthesis' else range(1)
+    synthesis = BY_NAME[name].kind == 'synthesis'
+    seeds = list(range(num_seeds if synthesis else 1))
     if at:
-      if not seed_text.isdigit() or int(seed_text) not in seeds:
-        raise PresetError(f'--cells: {token!r}: the seed must be one of '
-                          f'{", ".join(map(str, seeds))} (--seeds={num_seeds}; only synthesis '
-                          'cells run several)')
+      if not re.fullmatch(r'[0-9]+', seed_text) or (not synthesis and int(seed_text) != 0):
+        raise PresetError(f'--cells: {token!r}: the seed must be a number >= 0'
+                          + ('' if synthesis else f' and 0 for {name} (it runs once)'))
       seeds = [int(seed_text)]
     wanted.update((name, k) for k in seeds)
-  return [Run(c, k) for c in CELLS for k in range(num_seeds) if (c.name, k) in wanted]
+  return [Run(c, k) for k in sorted({k for _, k in wanted}) for c in CELLS
+          if (c.name, k) in wanted]
 
 
 @functools.lru_cache(maxsize=1)

@@ -72,6 +72,7 @@ def _seeds_section(results: Mapping[str, Any]) -> list[str]:
     return out + ['One seed per cell (run with --seeds=N for more): the differences between '
                   'cells below include the seed-to-seed spread, which one seed cannot show.', '']
   columns = [('paired', m) for m in collect.TABLE1] + [('mi', 'mr'), ('dice', 'mean')]
+  decimals = {'paired': 3, 'mi': 4, 'dice': 3}
   body = []
   for cell, seeds in by_seed.items():
     means = {c: [] for c in columns}
@@ -81,11 +82,13 @@ def _seeds_section(results: Mapping[str, Any]) -> list[str]:
         values = list(numbers.get(source, {}).get(metric, {}).values())
         mean = reports.describe(values).mean
         means[(source, metric)].append(mean)
-        row.append(reports.fmt(mean, 3 if source == 'dice' else 4 if source == 'mi' else 2))
+        row.append(reports.fmt(mean, decimals[source]))
       body.append(row)
     if len(seeds) > 1:
+      spread = {c: reports.describe(means[c]) for c in columns}
       body.append([f'**{cell}: SD over {len(seeds)} seeds**', ''] + [
-          reports.fmt(reports.describe(means[c]).sd, 3) for c in columns])
+          reports.fmt(spread[c].sd, decimals[c[0]])
+          + ('' if spread[c].n == len(seeds) else f' (n = {spread[c].n})') for c in columns])
   header = ['Cell', 'Seed'] + [analysis.metric_label(s, m) for s, m in columns]
   return out + [reports.md_table(header, body), '',
                 'Per seed: the mean over the test volumes. Compare the SD over seeds with the '
@@ -151,7 +154,9 @@ def _dice_section(results: Mapping[str, Any], figs: Mapping[str, str]) -> list[s
                 'the paired test split). real_ct and real_ct_sct: the paired test subjects, '
                 f'segmented by the U-Net of {presets.BY_NAME["real_ct"].needs} with the real CT '
                 '(real_ct) or with its sCT (real_ct_sct) as the CT channel and the real MR as '
-                'the MR channel: the gap between the two is what the synthesis costs.',
+                'the MR channel: the gap between the two is what the synthesis costs. Both '
+                'use one U-Net, that of the cell\'s seed 0, while the synthesis rows average '
+                'every finished seed.',
                 '', f'Caveat: {CAVEAT}', '']
 
 

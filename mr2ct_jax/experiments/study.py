@@ -62,8 +62,8 @@ def run(preset_name: str, workdir: str, data: str | None = None, cells: str | No
         tb_logging.log_line(f'Cell {name}: finished earlier; skipped.')
         continue
       if needs and layout.done_info(workdir, needs) is None:
-        tb_logging.log_line(f'Cell {name}: needs {needs}, which has not finished; '
-                            'skipped (run it, then this one).')
+        tb_logging.log_line(f'Cell {name}: needs {needs} (its seed 0), which has not '
+                            'finished; skipped (run it, then this one).')
         continue
       with layout.locked(workdir, name, wait=False) as mine:
         if not mine:
