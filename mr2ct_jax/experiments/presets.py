@@ -67,12 +67,7 @@ class Run:
   @property
   def name(self) -> str:
     """Its directory and lock name: the cell's name for seed 0, else `<cell>_seed<k>`."""
-    return self.cell.name if self.seed == 0 else run_name(self.cell.name, self.seed)
-
-
-def run_name(cell: str, seed: int) -> str:
-  """The name of seed `seed` (> 0) of cell `cell`."""
-  return f'{cell}{SEED_SUFFIX}{seed}'
+    return self.cell.name if self.seed == 0 else f'{self.cell.name}{SEED_SUFFIX}{self.seed}'
 
 
 @dataclasses.dataclass(frozen=True)
