@@ -247,7 +247,8 @@ def test_collect_averages_seeds_and_reports_partial_cells(tmp_path):
   with layout.locked(str(tmp_path), 'gc_signed_large_seed1', wait=False) as mine:
     assert mine  # this process runs it now (flock: another open file sees it held)
     running = collect.collect(str(tmp_path))['cells']['gc_signed_large']
-    report = (pathlib.Path(report_lib.build(str(tmp_path), 'tiny', 'x'))).read_text()
+    report_md = pathlib.Path(report_lib.build(str(tmp_path), 'tiny', 'x'))
+    report = report_md.read_text(encoding='utf-8')
   assert running['status'] == 'in progress'
   assert running['seeds'] == {0: 'not run', 1: 'in progress'}
   assert re.search(r'^\| gc_signed_large \| [^|]+ \| in progress \|  \| 0 not run; 1 in '
