@@ -20,6 +20,9 @@ set -euo pipefail
 dry_run=0
 if [ "${1:-}" = --dry-run ]; then dry_run=1; shift; fi
 : "${WORKDIR:?set WORKDIR}" "${DATA:?set DATA (a prepared dataset)}"
+# The cells lock themselves with flock(): the workdir must be a shared POSIX filesystem (NFS,
+# Filestore, Lustre), not a bucket; DATA may be a gs:// URL.
+[[ "$WORKDIR" != *://* ]] || { echo "WORKDIR=$WORKDIR: need a shared POSIX filesystem (cell locks use flock), not a URL" >&2; exit 2; }
 PRESET="${PRESET:-paper}"
 SEEDS="${SEEDS:-1}"
 [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || { echo "SEEDS=$SEEDS: need a whole number >= 1" >&2; exit 2; }

@@ -16,6 +16,7 @@ from mr2ct_jax.experiments import layout
 from mr2ct_jax.experiments import presets
 from mr2ct_jax.experiments import report as report_lib
 from mr2ct_jax.experiments import stats
+from mr2ct_jax.experiments import study as study_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIRST = 'gc_small,mr_baseline'
@@ -281,6 +282,25 @@ def test_unknown_cell_and_paper_without_data_are_one_line_errors(tmp_path):
   assert paper.returncode == 1
   assert paper.stderr.strip().splitlines()[-1] == (
       'error: --preset=paper needs --data=DATA (a prepared dataset)')
+
+
+def test_a_bucket_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(layout.StudyError, match=r'^--workdir=gs://b/study: a study workdir must'):
+    study_lib.run('tiny', 'gs://b/study', cells='gc_small')
+  assert not list(tmp_path.iterdir())  # no local "gs:" folder
+  env = {**os.environ, 'DATA': '/data/hip', 'WORKDIR': 'gs://b/paper', 'GPUS': '0'}
+  result = subprocess.run(['bash', str(REPO / 'launch' / 'paper_sweep.sh'), '--dry-run'],
+                          cwd=REPO, capture_output=True, encoding='utf-8', timeout=60, env=env)
+  assert result.returncode == 2 and not result.stdout
+  assert result.stderr.startswith('WORKDIR=gs://b/paper: need a shared POSIX filesystem')
+
+
+def test_a_data_url_is_recorded_as_given(tmp_path):
+  layout.check_study_file(str(tmp_path), 'paper', 'gs://bucket/hip/')
+  assert json.loads((tmp_path / layout.STUDY_FILE).read_text(encoding='utf-8'))['data'] == (
+      'gs://bucket/hip')
+  assert study_lib.data_label(str(tmp_path), 'gs://bucket/hip') == 'gs://bucket/hip'
 
 
 def test_sweep_dry_run_prints_one_job_per_cell():

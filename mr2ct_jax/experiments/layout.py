@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mr2ct_jax import atomic
+from mr2ct_jax import storage
 
 STUDY_FILE = 'study.json'
 DONE_FILE = 'cell.json'
@@ -103,7 +104,7 @@ def is_locked(workdir: str, name: str) -> bool:
 def check_study_file(workdir: str, preset: str, data: str | None) -> None:
   """Records (first run) or checks (reruns) the preset and data dir of the study."""
   path = os.path.join(workdir, STUDY_FILE)
-  info = {'preset': preset, 'data': os.path.abspath(data) if data else None}
+  info = {'preset': preset, 'data': storage.absolute(data) if data else None}
   with locked(workdir, 'study', wait=True):
     recorded = read_json(path)
     if recorded is None:

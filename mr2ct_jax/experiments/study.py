@@ -3,6 +3,7 @@ leaving cells another process holds), then rebuild the report from every finishe
 
 import os
 
+from mr2ct_jax import storage
 from mr2ct_jax import tb_logging
 from mr2ct_jax.experiments import layout
 from mr2ct_jax.experiments import presets
@@ -16,7 +17,7 @@ def prepare_data(preset: presets.Preset, workdir: str, data: str | None) -> str:
   one's build and then reuse it (`writer.prepare_phantom` is idempotent).
   """
   if data:
-    return os.path.abspath(data)
+    return storage.absolute(data)
   if preset.needs_data:
     raise presets.PresetError(f'--preset={preset.name} needs --data=DATA (a prepared dataset)')
   # JAX-free callers (--report_only) never get here with a phantom to build.
@@ -27,7 +28,7 @@ def prepare_data(preset: presets.Preset, workdir: str, data: str | None) -> str:
 
 def data_label(workdir: str, data: str | None) -> str:
   """How the report names the dataset."""
-  return os.path.abspath(data) if data else f'the built-in phantom ({workdir}/phantom)'
+  return storage.absolute(data) if data else f'the built-in phantom ({workdir}/phantom)'
 
 
 def run(preset_name: str, workdir: str, data: str | None = None, cells: str | None = None,
@@ -49,6 +50,12 @@ def run(preset_name: str, workdir: str, data: str | None = None, cells: str | No
   """
   preset = presets.get_preset(preset_name)
   selected = presets.select_runs(cells, seeds)
+  if storage.is_remote(workdir):
+    # The per-cell locks are flock()s and the markers are renamed into place: object stores
+    # have neither. (--data may be a URL: cells read it through the storage layer.)
+    raise layout.StudyError(
+        f'--workdir={workdir}: a study workdir must be a local or shared POSIX filesystem '
+        '(its cell locks need flock); --data may be a gs:// URL')
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   layout.check_study_file(workdir, preset.name, data)
