@@ -180,6 +180,7 @@ def test_cli_compare_and_errors(tmp_path, test_config, capsys):
   prog = 'mr2ct_jax.evaluate'
   for argv, message in [
       ([prog, '--compare', dir_a], 'exactly two'),
+      ([prog, '--compare', dir_a, f'{tmp_path}/gone'], r'gone: no such evaluation folder$'),
       ([prog, f'--workdir={tmp_path / "nope"}', f'--output={tmp_path / "o"}'], 'nope'),
       ([prog, f'--workdir={tmp_path}', f'--output={dir_a}'], '--overwrite'),
       ([prog, f'--workdir={tmp_path}', f'--npz={tmp_path}/g.npz'], 'exactly one'),

@@ -285,3 +285,44 @@ def test_unwritable_output_exit_status_and_no_traceback(tmp_path, a_file):
   assert 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1] == (
       f'error: {out}: cannot be created: {a_file} is not a folder')
+
+
+_SIGTERM_MID_BUILD = '''
+import os, signal, sys
+from absl import flags
+from mr2ct_jax import atomic
+from mr2ct_jax.cli import commands
+
+def body():
+  with atomic.building_dir(sys.argv[1]) as tmp:
+    open(os.path.join(tmp, 'half.npz'), 'w').close()
+    os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler or `kill` would, mid-output
+    raise AssertionError('SIGTERM did not stop the command')
+
+commands.run(flags.FlagValues(), ['cmd'], 'cmd', body, errors=())
+'''
+
+
+def test_sigterm_mid_output_exits_143_and_leaves_no_temporary_folder(tmp_path):
+  target = tmp_path / 'out' / 'prepared'
+  result = subprocess.run([sys.executable, '-c', _SIGTERM_MID_BUILD, str(target)],
+                          capture_output=True, encoding='utf-8', timeout=120)
+  assert result.returncode == 143, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      'SIGTERM: stopping; no partial output is kept')
+  assert list((tmp_path / 'out').iterdir()) == []  # neither the target nor .prepared.tmp-*
+
+
+def test_a_handler_already_installed_is_left_alone():
+  import signal  # pylint: disable=g-import-not-at-top
+  mine = lambda signum, frame: None
+  previous = signal.signal(signal.SIGTERM, mine)
+  try:
+    with commands.terminate_unwinds():
+      assert signal.getsignal(signal.SIGTERM) is mine
+    assert signal.getsignal(signal.SIGTERM) is mine
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  with commands.terminate_unwinds():
+    assert signal.getsignal(signal.SIGTERM) is commands._raise_terminated  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

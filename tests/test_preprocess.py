@@ -174,6 +174,18 @@ def test_body_mask(modality):
   np.testing.assert_array_equal(mask_lib.body_mask(array[..., 0], modality=modality), body)
 
 
+def test_an_mr_keeps_an_arm_apart_from_the_trunk_and_a_ct_only_the_largest_piece():
+  x, y = np.meshgrid(np.arange(64), np.arange(64), indexing='ij')
+  trunk = ((x - 28) / 20.0) ** 2 + ((y - 32) / 16.0) ** 2 <= 1       # ~1000 voxels a slice
+  arm = ((x - 56) / 4.0) ** 2 + ((y - 32) / 4.0) ** 2 <= 1           # ~5% of the trunk
+  speck = (x - 4) ** 2 + (y - 4) ** 2 <= 1                           # 5 voxels: a marker
+  anatomy = np.repeat((trunk | arm | speck)[..., None], 3, axis=2)
+  mr = mask_lib.body_mask(np.where(anatomy, 60.0, 0.0), modality='mr')
+  np.testing.assert_array_equal(mr[..., 1], trunk | arm)
+  ct = mask_lib.body_mask(np.where(anatomy, 40.0, -1000.0), modality='ct')
+  np.testing.assert_array_equal(ct[..., 1], trunk)  # the couch would be a piece apart too
+
+
 def test_body_mask_empty():
   assert not mask_lib.body_mask(np.full((5, 5, 2), -1000.0)).any()
 

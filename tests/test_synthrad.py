@@ -185,6 +185,9 @@ def test_sct_folder_bad_inputs(tmp_path):
       (dict(sct=variant('shape', p1=(sct[:, :, :12], AFFINE))), 'p1.nii.gz: sCT has shape'),
       (dict(sct=variant('affine', p1=(sct, shifted))), 'p1.nii.gz: sCT affine differs'),
       (dict(sct=variant('nan', p1=(nan, AFFINE))), 'p1.nii.gz: 1 of .* voxels are NaN'),
+      # An sCT saved as (HU + 1024) / 4096 would otherwise score a plausible-looking MAE.
+      (dict(sct=variant('unitless', p1=((sct + 1024) / 4096, AFFINE))),
+       'unitless/p1.nii.gz: does not look like Hounsfield units'),
       (dict(mask=variant('mask_shape', p1=(mask[:10].astype(np.float32), AFFINE))),
        'mask_shape/p1.nii.gz: mask has shape'),
       (dict(mask=variant('mask_empty', p1=(np.zeros(SHAPE, np.float32), AFFINE))),
@@ -192,6 +195,7 @@ def test_sct_folder_bad_inputs(tmp_path):
       (dict(ct=variant('air', p1=(np.full(SHAPE, -1000, np.float32), AFFINE))),
        'air/p1.nii.gz: empty body mask'),
       (dict(ct=str(tmp_path / 'missing')), 'missing: no such folder'),
+      (dict(sct=str(tmp_path / 'sct' / 'p1_sct.nii.gz')), 'p1_sct.nii.gz: a file, not a folder'),
   ]
   for i, (given, message) in enumerate(cases):
     folders = {'sct': dirs['sct'], 'ct': dirs['ct'], **given}

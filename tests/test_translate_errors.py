@@ -56,6 +56,7 @@ def bad_setup(run, tmp_path):
                missing=str(tmp_path / 'no_run'), out=str(tmp_path / 'sct.nii.gz'))
   (tmp_path / 'notes.txt').write_text('hello', encoding='utf-8')
   paths['txt'] = str(tmp_path / 'notes.txt')
+  paths['ct'] = write(tmp_path / 'ct.nii.gz', np.where(arr > 0, 40, -1000).astype(np.int16), aff)
   (tmp_path / 'corrupt.nii.gz').write_bytes(b'\x1f\x8b garbage')
   paths['corrupt'] = str(tmp_path / 'corrupt.nii.gz')
   (tmp_path / 'exists.nii.gz').write_bytes(b'old')
@@ -90,6 +91,8 @@ def bad_setup(run, tmp_path):
     (['--workdir={workdir}', '--npz={npz}', '--input={mr}', '--output={out}'], 'exactly one'),
     (['--workdir={workdir}', '--input={mr}', '--output={out}', '--direction=ct2mr'],
      'Hounsfield'),
+    (['--workdir={workdir}', '--input={ct}', '--output={out}'],
+     r'ct\.nii\.gz: looks like a CT in Hounsfield units, not an MR.*--direction=ct2mr'),
     (['--workdir={workdir}', '--output={out}'], '--input is required'),
     (['--workdir={workdir}', '--input={mr}', '--output={out}', '--bogus=1'], 'bogus'),
 ])

@@ -11,7 +11,9 @@ output (`atomic.OutputError`) and a failed file operation (OSError) that way too
 import ast
 import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 
@@ -168,6 +170,39 @@ def one_line_errors(errors: ErrorTypes, verbose: bool = False) -> Iterator[None]
     raise
 
 
+class Terminated(SystemExit):
+  """SIGTERM, raised in the main thread so that `finally` blocks (the temporary outputs of
+  `mr2ct_jax.atomic`) clean up before the process exits with the usual status 143."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+  del frame
+  # os.write, not print: the signal may interrupt a write to sys.stderr in progress.
+  os.write(2, f'{signal.Signals(signum).name}: stopping; no partial output is kept\n'.encode())
+  raise Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def terminate_unwinds() -> Iterator[None]:
+  """Within the block SIGTERM raises `Terminated` instead of killing the process outright.
+
+  Python's default SIGTERM ends the process without running `finally` blocks, which would
+  leave the hidden temporary folders of `atomic` behind (SIGINT already raises
+  KeyboardInterrupt). A handler someone else installed is left alone, and so is a process
+  outside the main thread; the trainers' own handler (`mr2ct_jax.preemption`) takes over
+  while they run and restores this one after.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    yield
+    return
+  signal.signal(signal.SIGTERM, _raise_terminated)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
         body: Callable[..., object], *, errors: ErrorTypes, required: Sequence[str] = (),
         positional: bool = False, doc: str | None = None) -> int:
@@ -198,7 +233,7 @@ def run(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
     print(help_text(fv, command, doc))
     return 0
   args = parse(fv, argv, command, required, positional=positional)
-  with one_line_errors(errors, verbose=fv.verbose):
+  with terminate_unwinds(), one_line_errors(errors, verbose=fv.verbose):
     if positional:
       body(args)
     else:

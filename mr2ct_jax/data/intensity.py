@@ -183,3 +183,17 @@ def check_ct_is_hu(array: np.ndarray, path: str) -> None:
   if high > 1e5:
     raise volume_lib.VolumeError(
         f'{path}: does not look like Hounsfield units (maximum {high:.4g} > 100000)')
+
+
+def check_mr_is_not_hu(array: np.ndarray, path: str) -> None:
+  """Raises VolumeError if an "MR" is obviously a CT in Hounsfield units.
+
+  Magnitude MR is >= 0 (a processed one may dip slightly below); a minimum at or below
+  -500 is the air of a CT, which translated as an MR would give a plausible-looking but
+  meaningless sCT.
+  """
+  low = float(np.min(array))
+  if low <= -500:
+    raise volume_lib.VolumeError(
+        f'{path}: looks like a CT in Hounsfield units, not an MR (minimum {low:.4g} <= -500); '
+        'a CT translates the other way (--direction=ct2mr)')

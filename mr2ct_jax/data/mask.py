@@ -1,9 +1,15 @@
-"""Body masks: threshold, keep the largest connected component, fill holes per slice.
+"""Body masks: threshold, keep the body's connected components, fill holes per slice.
 
 CT uses a fixed HU threshold (air is about -1000 HU, fat about -100). MR has no absolute
 unit, so its threshold is Otsu's, kept between 5% and 20% of the 99th percentile: Otsu
 alone may split fat from muscle when the body fills the field of view, and a fixed fraction
 alone may fall into the noise floor of a dim scan.
+
+Which components are body: in CT only the largest, because the couch and cushions lie above
+the threshold but apart from the patient. MR shows no couch, and an arm beside the trunk or
+one thigh apart from the other below the pelvis is anatomy to translate, so MR keeps every
+component of at least MR_MIN_COMPONENT_FRACTION of the largest (fiducials and noise specks
+are far smaller).
 """
 
 import numpy as np
@@ -12,6 +18,8 @@ import SimpleITK as sitk
 
 CT_BODY_THRESHOLD_HU = -500.0
 MR_FRACTION_RANGE = (0.05, 0.2)
+# An adult arm is ~5-10% of the trunk's volume; a skin marker well under 0.1%.
+MR_MIN_COMPONENT_FRACTION = 0.03
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -43,6 +51,18 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
   return labels == int(np.argmax(sizes))
 
 
+def components_of_at_least(mask: np.ndarray, fraction: float) -> np.ndarray:
+  """The face-connected components of `mask` of at least `fraction` x the largest's size."""
+  labels, count = ndimage.label(mask)
+  if count == 0:
+    return np.zeros(mask.shape, bool)
+  sizes = np.bincount(labels.ravel())
+  sizes[0] = 0
+  keep = sizes >= fraction * sizes.max()
+  keep[0] = False
+  return keep[labels]
+
+
 def fill_holes_per_slice(mask: np.ndarray, slice_axis: int = 2) -> np.ndarray:
   """Fills holes in every 2-D slice along `slice_axis` (a 2-D mask is one slice)."""
   mask = np.asarray(mask, bool)
@@ -55,7 +75,8 @@ def fill_holes_per_slice(mask: np.ndarray, slice_axis: int = 2) -> np.ndarray:
 
 def body_mask(array: np.ndarray, threshold: float | None = None, modality: str = 'ct',
               slice_axis: int = 2) -> np.ndarray:
-  """Body mask of a CT (HU) or MR volume or slice.
+  """Body mask of a CT (HU) or MR volume or slice (CT: the largest component; MR: every
+  component of at least MR_MIN_COMPONENT_FRACTION of it).
 
   Args:
     array: 3-D volume (slices along `slice_axis`; canonical volumes: axis 2) or a 2-D slice.
@@ -76,5 +97,8 @@ def body_mask(array: np.ndarray, threshold: float | None = None, modality: str =
       threshold = mr_threshold(array)
     else:
       raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
-  mask = largest_component(array > threshold)
+  if modality == 'mr':
+    mask = components_of_at_least(array > threshold, MR_MIN_COMPONENT_FRACTION)
+  else:
+    mask = largest_component(array > threshold)
   return fill_holes_per_slice(mask, slice_axis)

@@ -122,7 +122,8 @@ def read(path: str, allow_large: bool = False) -> volume_lib.Volume:
 
 def preprocess_mr(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.ndarray,
                                                                 preprocess.SliceGeometry]:
-  """MR -> (normalised slices, body mask uint8, geometry)."""
+  """MR -> (normalised slices, body mask uint8, geometry); rejects a CT given as MR."""
+  intensity.check_mr_is_not_hu(vol.array, vol.path)
   if s.n4:
     vol = preprocess.n4_correct(vol)
   slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size, plane=s.plane)

@@ -122,6 +122,13 @@ def _read_nifti(path: str, allow_large: bool) -> Volume:
     problem = nifti_header.voxel_type_problem(img.get_data_dtype())
     if problem:
       raise VolumeError(f'{path}: {problem}')
+    if int(img.header['sform_code']) == 0 and int(img.header['qform_code']) == 0:
+      # Not an error (old Analyze-era exports), but tools disagree on such files: nibabel
+      # flips x (RAS+ from pixdim), ITK keeps identity directions and origin 0.
+      logging.warning("%s: its header gives no orientation (sform and qform codes 0); read "
+                      "with nibabel's default affine, which outputs store as scanner "
+                      'coordinates (ITK-based viewers may show the input flipped against '
+                      'them)', path)
     # Geometry in mm from here on: scale the world coordinates (rotation, zooms, origin).
     to_mm = nifti_header.mm_per_unit(img.header)
     affine = np.diag([to_mm] * 3 + [1.0]) @ img.affine

@@ -24,8 +24,11 @@ def read_summary(directory: str) -> dict[str, Any]:
   """summary.json of an evaluation output ({} if it has none).
 
   Raises:
-    reports.ReportError: summary.json exists but cannot be read or is not an object.
+    reports.ReportError: `directory` does not exist, or its summary.json cannot be read or
+      is not an object.
   """
+  if not os.path.isdir(directory):
+    raise reports.ReportError(f'{directory}: no such evaluation folder')
   path = os.path.join(directory, 'summary.json')
   if not os.path.isfile(path):
     return {}

@@ -66,7 +66,8 @@ def list_patients(folder: str, flag: str) -> dict[str, str]:
     EvaluateError: the folder is missing, holds no NIfTI file, or two files share an id.
   """
   if not os.path.isdir(folder):
-    raise EvaluateError(f'{folder}: no such folder (--{flag})')
+    what = 'a file, not a folder' if os.path.exists(folder) else 'no such folder'
+    raise EvaluateError(f'{folder}: {what} (--{flag})')
   found: dict[str, str] = {}
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
@@ -127,6 +128,8 @@ def score_patient(files: dict[str, str | None]) -> dict[str, Any]:
     raise EvaluateError(f'{ct.path}: shape {ct.shape}; the SynthRAD SSIM needs at least '
                         f'{synthrad.SSIM_WIN_SIZE} voxels along every axis')
   sct = volume_lib.read_volume(files['sct'])
+  # An MR or a [0, 1]-scaled sCT would score a number; it must be refused instead.
+  intensity.check_ct_is_hu(sct.array, sct.path)
   _check_grid(sct, ct, 'sCT')
   if files['mask'] is None:
     mask = mask_lib.body_mask(ct.array, modality='ct')

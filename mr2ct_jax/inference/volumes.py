@@ -101,6 +101,7 @@ def translate_volume(vol: volume_lib.Volume, apply_fn: ApplyFn,
   data = config.data
   batch_size = int(batch_size or config.eval.batch_size)
   if direction == 'mr2ct':
+    intensity.check_mr_is_not_hu(vol.array, vol.path)
     if data.n4:
       vol = preprocess.n4_correct(vol)
     modality = 'mr'
