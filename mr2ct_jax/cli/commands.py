@@ -134,6 +134,8 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None, command: str,
   for name in required:
     if fv[name].value is None:
       raise SystemExit(f'error: --{name} is required (see --help)')
+    if isinstance(fv[name].value, str) and not fv[name].value.strip():
+      raise SystemExit(f'error: --{name} is empty; it needs a value (see --help)')
   return rest[1:]
 
 
