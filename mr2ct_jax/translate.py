@@ -108,8 +108,12 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
 
   Raises:
     TranslateError / volume_lib.VolumeError: missing input, a folder without volumes, an
-      output that exists (without `overwrite`), clashing output names.
+      output that exists (without `overwrite`), clashing output names, both `overwrite`
+      and `skip_existing`.
   """
+  if overwrite and skip_existing:
+    raise TranslateError('--overwrite and --skip_existing contradict each other (replace '
+                         'existing outputs, or keep them): pass one')
   if not os.path.exists(input_path):
     raise TranslateError(f'{input_path}: no such input file or folder')
   if output_format not in OUTPUT_FORMATS:
@@ -144,7 +148,7 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
         and os.path.realpath(job.output_path) == os.path.realpath(job.input_path)):
       raise TranslateError(f'{job.output_path}: output would replace its own input')
   exists = {job.output_path: storage.exists(job.output_path) for job in jobs}
-  if skip_existing and not overwrite:
+  if skip_existing:
     jobs = [job for job in jobs if not exists[job.output_path]]
   for job in jobs:
     if exists[job.output_path] and not overwrite:

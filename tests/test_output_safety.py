@@ -323,6 +323,7 @@ def test_a_handler_already_installed_is_left_alone():
     assert signal.getsignal(signal.SIGTERM) is mine
   finally:
     signal.signal(signal.SIGTERM, previous)
+  raise_terminated = commands._raise_terminated  # pylint: disable=protected-access
   with commands.terminate_unwinds():
-    assert signal.getsignal(signal.SIGTERM) is commands._raise_terminated  # pylint: disable=protected-access
+    assert signal.getsignal(signal.SIGTERM) is raise_terminated
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

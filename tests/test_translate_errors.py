@@ -95,6 +95,8 @@ def bad_setup(run, tmp_path):
      r'ct\.nii\.gz: looks like a CT in Hounsfield units, not an MR.*--direction=ct2mr'),
     (['--workdir={workdir}', '--output={out}'], '--input is required'),
     (['--workdir={workdir}', '--input=', '--output={out}'], '--input is empty'),
+    (['--workdir={workdir}', '--input={mr}', '--output={exists}', '--overwrite',
+      '--skip_existing'], 'contradict each other'),
     (['--workdir={workdir}', '--input={mr}', '--output={out}', '--bogus=1'], 'bogus'),
 ])
 def test_cli_errors_are_one_line(bad_setup, args, match):

@@ -31,7 +31,6 @@ GRID_MULTIPLE = 4
 MIN_GRID = 16
 
 
-
 def grid_size(vol: volume_lib.Volume, spacing_mm: float, plane: str = 'axial') -> int:
   """Network slice side covering the whole in-plane FOV at `spacing_mm`, a multiple of 4.
 
