@@ -63,11 +63,12 @@ def main(argv: list[str]) -> None:
   from mr2ct_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
   from mr2ct_jax.training import loop  # pylint: disable=g-import-not-at-top
-  # One line, no traceback: these are the user's inputs, not our bugs. A signal exits 75.
+  # One line, no traceback: these are the user's inputs, not our bugs. A signal while training
+  # exits 75 (`preemption`); during the evaluation after it, 143 with no partial output.
   errors = (config_checks.ConfigError, checkpointing.CheckpointError, volume.VolumeError,
             dataset.DatasetError, loop.NonFiniteLossError, scoring.EvaluateError,
             reports.ReportError, generators.SourceError)
-  with commands.one_line_errors(errors, verbose=_VERBOSE.value):
+  with commands.terminate_unwinds(), commands.one_line_errors(errors, verbose=_VERBOSE.value):
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -106,3 +106,19 @@ def test_a_four_knot_ct_window_keeps_soft_tissue_and_bone():
                              [-1024.0 - 16 * 874 / 32, 2000.0 + 16 * 1650 / 32], rtol=1e-6)
   with pytest.raises(ValueError, match='4 increasing knots'):
     intensity.window_to_unit(hu, (-1024.0, 350.0, -150.0, 2000.0))
+
+
+def test_an_mr_is_told_from_a_ct_by_its_air_not_by_a_few_negative_voxels():
+  rng = np.random.default_rng(0)
+  mr = np.abs(rng.normal(300, 80, (40, 40, 6))).astype(np.float32)
+  ringing = mr.copy()
+  ringing[::7, ::7, :] = -650.0            # Lanczos overshoot at edges: a few voxels
+  padded = mr.copy()
+  padded[:15] = -1024.0                    # registered to a CT grid: a constant pad
+  for array in (mr, ringing, padded):
+    intensity.check_mr_is_not_hu(array, 'mr.nii.gz')
+  ct = np.where(rng.random((40, 40, 6)) < 0.4, rng.normal(-1000, 20, (40, 40, 6)),
+                rng.normal(40, 60, (40, 40, 6)))
+  message = r'^ct\.nii\.gz: looks like a CT in Hounsfield units, not an MR \([34][0-9]% of its'
+  with pytest.raises(volume.VolumeError, match=message):
+    intensity.check_mr_is_not_hu(ct, 'ct.nii.gz')

@@ -182,6 +182,8 @@ def test_an_mr_keeps_an_arm_apart_from_the_trunk_and_a_ct_only_the_largest_piece
   anatomy = np.repeat((trunk | arm | speck)[..., None], 3, axis=2)
   mr = mask_lib.body_mask(np.where(anatomy, 60.0, 0.0), modality='mr')
   np.testing.assert_array_equal(mr[..., 1], trunk | arm)
+  prepared = mask_lib.body_mask(np.where(anatomy, 60.0, 0.0), modality='mr', pieces=False)
+  np.testing.assert_array_equal(prepared[..., 1], trunk)  # as `prepare` masks it
   ct = mask_lib.body_mask(np.where(anatomy, 40.0, -1000.0), modality='ct')
   np.testing.assert_array_equal(ct[..., 1], trunk)  # the couch would be a piece apart too
 

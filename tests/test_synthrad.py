@@ -187,7 +187,9 @@ def test_sct_folder_bad_inputs(tmp_path):
       (dict(sct=variant('nan', p1=(nan, AFFINE))), 'p1.nii.gz: 1 of .* voxels are NaN'),
       # An sCT saved as (HU + 1024) / 4096 would otherwise score a plausible-looking MAE.
       (dict(sct=variant('unitless', p1=((sct + 1024) / 4096, AFFINE))),
-       'unitless/p1.nii.gz: does not look like Hounsfield units'),
+       'unitless/p1.nii.gz: does not look like Hounsfield units inside the body'),
+      (dict(sct=variant('an_mr', p1=(np.where(ct > -500, 300 + np.abs(sct) / 4, 0), AFFINE))),
+       'an_mr/p1.nii.gz: does not look like Hounsfield units inside the body'),
       (dict(mask=variant('mask_shape', p1=(mask[:10].astype(np.float32), AFFINE))),
        'mask_shape/p1.nii.gz: mask has shape'),
       (dict(mask=variant('mask_empty', p1=(np.zeros(SHAPE, np.float32), AFFINE))),
@@ -209,3 +211,7 @@ def test_sct_folder_bad_inputs(tmp_path):
     assert not os.path.exists(tmp_path / f'out{i}')
   with pytest.raises(SystemExit, match='--output is required'):
     _main(f'--sct_dir={dirs["sct"]}', f'--ct_dir={dirs["ct"]}')
+  # An sCT multiplied by the body mask (background 0, no air) is a legitimate sCT.
+  masked = variant('masked', p1=(np.where(ct > -500, sct, 0), AFFINE))
+  assert _main(f'--sct_dir={masked}', f'--ct_dir={dirs["ct"]}', f'--output={tmp_path / "m"}',
+               '--noprogress') == 0

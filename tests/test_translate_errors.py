@@ -56,7 +56,8 @@ def bad_setup(run, tmp_path):
                missing=str(tmp_path / 'no_run'), out=str(tmp_path / 'sct.nii.gz'))
   (tmp_path / 'notes.txt').write_text('hello', encoding='utf-8')
   paths['txt'] = str(tmp_path / 'notes.txt')
-  paths['ct'] = write(tmp_path / 'ct.nii.gz', np.where(arr > 0, 40, -1000).astype(np.int16), aff)
+  noise = np.random.default_rng(0).normal(0, 20, arr.shape)  # air in a CT is noisy
+  paths['ct'] = write(tmp_path / 'ct.nii.gz', np.where(arr > 0, 40, -1000) + noise, aff)
   (tmp_path / 'corrupt.nii.gz').write_bytes(b'\x1f\x8b garbage')
   paths['corrupt'] = str(tmp_path / 'corrupt.nii.gz')
   (tmp_path / 'exists.nii.gz').write_bytes(b'old')

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable, Iterator, Sequence
 
 from absl import flags
@@ -177,10 +178,22 @@ class Terminated(SystemExit):
   `mr2ct_jax.atomic`) clean up before the process exits with the usual status 143."""
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
+def _note_repeat(signum: int, frame: types.FrameType | None) -> None:
+  """A second SIGTERM while the first unwinds: let the cleanup finish."""
+  del signum, frame
+
+
+def _raise_terminated(signum: int, frame: types.FrameType | None) -> None:
+  """The SIGTERM handler of `terminate_unwinds`: one line, then `Terminated`."""
   del frame
-  # os.write, not print: the signal may interrupt a write to sys.stderr in progress.
-  os.write(2, f'{signal.Signals(signum).name}: stopping; no partial output is kept\n'.encode())
+  # A second signal must not interrupt the `finally` blocks that remove temporary outputs.
+  signal.signal(signum, _note_repeat)
+  try:
+    # os.write, not print: the signal may interrupt a write to sys.stderr in progress.
+    os.write(2, f'{signal.Signals(signum).name}: stopping; no partial output is kept\n'
+             .encode())
+  except OSError:  # no stderr: still stop (an OSError here could be caught as a bad file)
+    pass
   raise Terminated(128 + signum)
 
 

@@ -185,15 +185,29 @@ def check_ct_is_hu(array: np.ndarray, path: str) -> None:
         f'{path}: does not look like Hounsfield units (maximum {high:.4g} > 100000)')
 
 
+# A CT's air: at least this share of the voxels in [-1200, -500] HU, with the spread of
+# values that noise gives (more than _AIR_MIN_DISTINCT distinct values).
+_AIR_HU = (-1200.0, -500.0)
+_AIR_MIN_FRACTION = 0.05
+_AIR_MIN_DISTINCT = 20
+
+
 def check_mr_is_not_hu(array: np.ndarray, path: str) -> None:
   """Raises VolumeError if an "MR" is obviously a CT in Hounsfield units.
 
-  Magnitude MR is >= 0 (a processed one may dip slightly below); a minimum at or below
-  -500 is the air of a CT, which translated as an MR would give a plausible-looking but
-  meaningless sCT.
+  Translated as an MR, a CT would give a plausible-looking but meaningless sCT. What gives a
+  CT away is its air: a sizeable share of the voxels near -1000 HU with noise's spread of
+  values. A legitimate MR is not refused for a few strongly negative voxels (ringing from
+  Lanczos or B-spline resampling) or for a constant padding value (-1024 or -32768 after
+  registration to a CT grid).
   """
-  low = float(np.min(array))
-  if low <= -500:
-    raise volume_lib.VolumeError(
-        f'{path}: looks like a CT in Hounsfield units, not an MR (minimum {low:.4g} <= -500); '
-        'a CT translates the other way (--direction=ct2mr)')
+  flat = np.asarray(array).ravel()
+  air = flat[(flat >= _AIR_HU[0]) & (flat <= _AIR_HU[1])]
+  if air.size < _AIR_MIN_FRACTION * flat.size:
+    return
+  if np.unique(air[::max(1, air.size // 100_000)]).size <= _AIR_MIN_DISTINCT:
+    return  # a padding value, not air
+  raise volume_lib.VolumeError(
+      f'{path}: looks like a CT in Hounsfield units, not an MR ({air.size / flat.size:.0%} of '
+      'its voxels lie in [-1200, -500], as air in HU); a CT translates the other way '
+      '(--direction=ct2mr)')

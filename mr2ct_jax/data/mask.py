@@ -7,9 +7,12 @@ alone may fall into the noise floor of a dim scan.
 
 Which components are body: in CT only the largest, because the couch and cushions lie above
 the threshold but apart from the patient. MR shows no couch, and an arm beside the trunk or
-one thigh apart from the other below the pelvis is anatomy to translate, so MR keeps every
-component of at least MR_MIN_COMPONENT_FRACTION of the largest (fiducials and noise specks
-are far smaller).
+one thigh apart from the other below the pelvis is anatomy to translate, so an MR's mask
+(`pieces`, the default for MR) keeps every component of at least MR_MIN_COMPONENT_FRACTION
+of the largest (fiducials and noise specks are far smaller; a ghost or wrap-around artefact
+that large would be kept too). `prepare` keeps the largest piece of an MR as well
+(`pieces=False`): its masks score the paired test subjects, whose CT may not cover an arm,
+and datasets prepared by earlier versions stay comparable.
 """
 
 import numpy as np
@@ -74,15 +77,17 @@ def fill_holes_per_slice(mask: np.ndarray, slice_axis: int = 2) -> np.ndarray:
 
 
 def body_mask(array: np.ndarray, threshold: float | None = None, modality: str = 'ct',
-              slice_axis: int = 2) -> np.ndarray:
-  """Body mask of a CT (HU) or MR volume or slice (CT: the largest component; MR: every
-  component of at least MR_MIN_COMPONENT_FRACTION of it).
+              slice_axis: int = 2, pieces: bool | None = None) -> np.ndarray:
+  """Body mask of a CT (HU) or MR volume or slice (CT: the largest component; MR: by default
+  every component of at least MR_MIN_COMPONENT_FRACTION of it).
 
   Args:
     array: 3-D volume (slices along `slice_axis`; canonical volumes: axis 2) or a 2-D slice.
     threshold: foreground threshold; None: -500 HU for CT, `mr_threshold` for MR.
     modality: 'ct' or 'mr'.
     slice_axis: axis of the slices whose holes are filled (0 for [N, H, W] slice stacks).
+    pieces: keep every component of at least MR_MIN_COMPONENT_FRACTION of the largest (True)
+      or only the largest (False); None: True for MR, False for CT.
 
   Returns:
     bool array of the input's shape; all False if nothing exceeds the threshold.
@@ -97,7 +102,9 @@ def body_mask(array: np.ndarray, threshold: float | None = None, modality: str =
       threshold = mr_threshold(array)
     else:
       raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
-  if modality == 'mr':
+  if pieces is None:
+    pieces = modality == 'mr'
+  if pieces:
     mask = components_of_at_least(array > threshold, MR_MIN_COMPONENT_FRACTION)
   else:
     mask = largest_component(array > threshold)

@@ -127,7 +127,8 @@ def preprocess_mr(vol: volume_lib.Volume, s: Settings) -> tuple[np.ndarray, np.n
   if s.n4:
     vol = preprocess.n4_correct(vol)
   slices, geom = preprocess.to_network_grid(vol, s.spacing_mm, s.image_size, plane=s.plane)
-  body = mask_lib.body_mask(slices, modality='mr', slice_axis=0)
+  # The largest piece only: these masks also score the paired test subjects (mask docstring).
+  body = mask_lib.body_mask(slices, modality='mr', slice_axis=0, pieces=False)
   if not body.any():
     raise Skipped(f'{vol.path}: empty body mask (blank MR?)')
   slices = intensity.normalise_mr(slices, body, s.mr_percentile, path=vol.path)

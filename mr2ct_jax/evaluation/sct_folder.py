@@ -116,6 +116,26 @@ def _check_grid(vol: volume_lib.Volume, ct: volume_lib.Volume, what: str) -> Non
                         'it in the CT\'s geometry')
 
 
+# Inside the body an sCT in HU has its median in soft tissue and some fat below -20 HU; an MR
+# (or HU rescaled to [0, 1] or 8 bits) has neither. No rule on air: an sCT multiplied by the
+# body mask (background 0) or cropped to the body is a legitimate sCT.
+SCT_MEDIAN_HU = (-500.0, 500.0)
+SCT_FAT_HU = -20.0
+SCT_MIN_FAT_FRACTION = 0.005
+
+
+def check_sct_is_hu(sct: volume_lib.Volume, body: np.ndarray) -> None:
+  """Raises EvaluateError unless the sCT's voxels inside `body` look like Hounsfield units."""
+  inside = sct.array[body]
+  median = float(np.median(inside))
+  fat = float(np.mean(inside < SCT_FAT_HU))
+  if not SCT_MEDIAN_HU[0] < median < SCT_MEDIAN_HU[1] or fat < SCT_MIN_FAT_FRACTION:
+    raise EvaluateError(
+        f'{sct.path}: does not look like Hounsfield units inside the body (median '
+        f'{median:.4g}, {fat:.1%} of it below {SCT_FAT_HU:g}; an sCT in HU has soft tissue near '
+        '0-100 and fat near -100): an MR, or HU rescaled?')
+
+
 def score_patient(files: dict[str, str | None]) -> dict[str, Any]:
   """The row of one patient: its files, mask_voxels and the SynthRAD metrics.
 
@@ -128,8 +148,6 @@ def score_patient(files: dict[str, str | None]) -> dict[str, Any]:
     raise EvaluateError(f'{ct.path}: shape {ct.shape}; the SynthRAD SSIM needs at least '
                         f'{synthrad.SSIM_WIN_SIZE} voxels along every axis')
   sct = volume_lib.read_volume(files['sct'])
-  # An MR or a [0, 1]-scaled sCT would score a number; it must be refused instead.
-  intensity.check_ct_is_hu(sct.array, sct.path)
   _check_grid(sct, ct, 'sCT')
   if files['mask'] is None:
     mask = mask_lib.body_mask(ct.array, modality='ct')
@@ -142,6 +160,7 @@ def score_patient(files: dict[str, str | None]) -> dict[str, Any]:
     mask = mask_vol.array > 0
     if not mask.any():
       raise EvaluateError(f'{mask_vol.path}: empty mask (no voxel > 0)')
+  check_sct_is_hu(sct, mask)
   return {'sct_file': files['sct'], 'ct_file': files['ct'],
           'mask_file': files['mask'] or BODY_MASK, 'mask_voxels': int(mask.sum()),
           **synthrad.synthrad_metrics(ct.array, sct.array, mask)}

@@ -196,8 +196,12 @@ def generate(out_dir: str, num_train_mr: int, num_train_ct: int, num_labeled: in
     with futures.ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
       jobs = [pool.submit(write_subject, tmp, name, subject(seed, index), seed, num_slices)
               for name, indices in splits.items() for index in indices]
-      for job in jobs:
-        job.result()
+      try:
+        for job in jobs:
+          job.result()
+      except BaseException:  # a failure or SIGTERM: do not build the subjects still queued
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     meta = {'seed': int(seed), 'num_slices': int(num_slices),
             'labels': {str(k): v for k, v in LABELS.items()},
             'subjects': {k: [subject_id(i) for i in v] for k, v in splits.items()}}
