@@ -10,6 +10,7 @@ from mr2ct_jax import checkpointing
 from mr2ct_jax import config_checks
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import pipeline
+from mr2ct_jax.data import prepare_volumes
 from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import resolve
 from mr2ct_jax.data import volume
@@ -291,3 +292,18 @@ def test_files_that_are_not_volumes_in_an_evaluation_folder_are_only_warned_abou
   out = writer.prepare(raw['mr'], raw['ct'], str(tmp_path / 'd'), paired_dir=folder, **KW)
   assert list(dataset.load_meta(out)['splits']['test']['patients']) == ['t0']
   assert 't0_mr.json: not a volume' in caplog.text and 'README.txt: not a volume' in caplog.text
+
+
+def test_an_off_grid_paired_ct_says_whether_shape_or_affine_differs():
+  mr = volume.Volume(np.zeros((4, 5, 3), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]),
+                     'mr.nii')
+  shifted = np.diag([2.0, 2.0, 3.0, 1.0])
+  shifted[0, 3] = 5.0
+  cases = [(volume.Volume(np.zeros((4, 5, 2), np.float32), mr.affine, 'ct.nii'),
+            r'ct\.nii: not on the MR grid of mr\.nii \(shape \(4, 5, 2\) vs \(4, 5, 3\)\)'),
+           (volume.Volume(np.zeros((4, 5, 3), np.float32), shifted, 'ct.nii'),
+            r'\(same shape, affines differ by up to 5 \(mm or direction cosines\)\); a paired')]
+  for ct, message in cases:
+    with pytest.raises(prepare_volumes.Skipped, match=message):
+      prepare_volumes.check_same_grid(mr, ct)
+  prepare_volumes.check_same_grid(mr, volume.Volume(mr.array, mr.affine + 1e-5, 'ct.nii'))

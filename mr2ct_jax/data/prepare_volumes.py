@@ -171,12 +171,23 @@ def preprocess_binary(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
   return (grid >= 0.5).astype(np.uint8)
 
 
+def grid_mismatch(reference: volume_lib.Volume, other: volume_lib.Volume) -> str | None:
+  """How `other`'s grid differs from `reference`'s ('shape A vs B' or how far the affines
+  differ), or None when they share shape and affine (to 1e-3)."""
+  if other.array.shape != reference.array.shape:
+    return f'shape {other.array.shape} vs {reference.array.shape}'
+  if not np.allclose(other.affine, reference.affine, atol=1e-3):
+    gap = float(np.max(np.abs(np.asarray(other.affine) - np.asarray(reference.affine))))
+    return f'same shape, affines differ by up to {gap:.4g} (mm or direction cosines)'
+  return None
+
+
 def check_same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> None:
   """Raises Skipped unless `b` has the shape and affine of `a` (the MR)."""
-  if a.array.shape != b.array.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
-    raise Skipped(f'{b.path}: not on the MR grid of {a.path} (shape {b.array.shape} vs '
-                  f'{a.array.shape} or a different affine); a paired CT must be registered '
-                  'and resampled to its MR')
+  mismatch = grid_mismatch(a, b)
+  if mismatch:
+    raise Skipped(f'{b.path}: not on the MR grid of {a.path} ({mismatch}); a paired CT must '
+                  'be registered and resampled to its MR')
 
 
 def ct_fov(ct_slices: np.ndarray, plane: str = 'axial') -> np.ndarray:
@@ -197,10 +208,9 @@ def ct_fov(ct_slices: np.ndarray, plane: str = 'axial') -> np.ndarray:
 
 
 def _check_label_grid(image: volume_lib.Volume, label: volume_lib.Volume) -> None:
-  if label.array.shape != image.array.shape or not np.allclose(
-      label.affine, image.affine, atol=1e-3):
-    raise Skipped(f'{label.path}: label map is not on the grid of {image.path} (shape '
-                  f'{label.array.shape} vs {image.array.shape} or a different affine)')
+  mismatch = grid_mismatch(image, label)
+  if mismatch:
+    raise Skipped(f'{label.path}: label map is not on the grid of {image.path} ({mismatch})')
 
 
 def process_patient(split: str, files: dict[str, str], s: Settings,
