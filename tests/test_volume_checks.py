@@ -5,6 +5,7 @@ import logging
 import os
 import struct
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -162,3 +163,18 @@ def test_a_double_oblique_stack_with_rounded_positions_is_read(tmp_path, slice_m
     path.write_bytes(_set_element(path.read_bytes(), 0x0020, 0x0032, rounded))
   vol = volume.read_volume(str(folder))
   assert vol.shape == (6, 7, 40)
+
+
+def test_a_header_without_orientation_is_read_with_a_warning(tmp_path, caplog):
+  img = nib.Nifti1Image(np.ones((4, 5, 3), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+  img.set_sform(None, code=0)
+  img.set_qform(None, code=0)
+  nib.save(img, str(tmp_path / 'old.nii'))
+  _write(tmp_path / 'fine.nii', np.ones((4, 5, 3)))
+  with caplog.at_level(logging.WARNING):
+    vol = volume.read_volume(str(tmp_path / 'fine.nii'))
+  assert 'no orientation' not in caplog.text
+  with caplog.at_level(logging.WARNING):
+    vol = volume.read_volume(str(tmp_path / 'old.nii'))
+  assert f'{tmp_path / "old.nii"}: its header gives no orientation' in caplog.text
+  np.testing.assert_allclose(vol.spacing, [2.0, 2.0, 3.0])  # pixdim still gives the grid

@@ -391,18 +391,3 @@ def test_list_volumes_missing_and_empty(tmp_path):
   (tmp_path / 'empty' / 'x.txt').write_text('x', encoding='utf-8')
   with pytest.raises(volume.VolumeError, match=r'1 other entries ignored'):
     volume.list_volumes(str(tmp_path / 'empty'))
-
-
-def test_a_header_without_orientation_is_read_with_a_warning(tmp_path, caplog):
-  img = nib.Nifti1Image(np.ones((4, 5, 3), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
-  img.set_sform(None, code=0)
-  img.set_qform(None, code=0)
-  nib.save(img, str(tmp_path / 'old.nii'))
-  _write(tmp_path / 'fine.nii', np.ones((4, 5, 3)))
-  with caplog.at_level(logging.WARNING):
-    vol = volume.read_volume(str(tmp_path / 'fine.nii'))
-  assert 'no orientation' not in caplog.text
-  with caplog.at_level(logging.WARNING):
-    vol = volume.read_volume(str(tmp_path / 'old.nii'))
-  assert f'{tmp_path / "old.nii"}: its header gives no orientation' in caplog.text
-  np.testing.assert_allclose(vol.spacing, [2.0, 2.0, 3.0])  # pixdim still gives the grid

@@ -44,23 +44,28 @@ def mr_threshold(array: np.ndarray) -> float:
                        MR_FRACTION_RANGE[1] * p99))
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-  """The largest face-connected component of a boolean mask (all False if empty)."""
-  labels, count = ndimage.label(mask)
-  if count == 0:
-    return np.zeros(mask.shape, bool)
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(face-connected component label per voxel, voxel count per label; label 0, the
+  background, counts 0)."""
+  labels, _ = ndimage.label(mask)
   sizes = np.bincount(labels.ravel())
   sizes[0] = 0
+  return labels, sizes
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+  """The largest face-connected component of a boolean mask (all False if empty)."""
+  labels, sizes = _components(mask)
+  if not sizes.any():
+    return np.zeros(mask.shape, bool)
   return labels == int(np.argmax(sizes))
 
 
 def components_of_at_least(mask: np.ndarray, fraction: float) -> np.ndarray:
   """The face-connected components of `mask` of at least `fraction` x the largest's size."""
-  labels, count = ndimage.label(mask)
-  if count == 0:
+  labels, sizes = _components(mask)
+  if not sizes.any():
     return np.zeros(mask.shape, bool)
-  sizes = np.bincount(labels.ravel())
-  sizes[0] = 0
   keep = sizes >= fraction * sizes.max()
   keep[0] = False
   return keep[labels]
