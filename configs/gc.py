@@ -119,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Decay of an exponential moving average of the generators' parameters, which translate,
   # evaluate and export then use (0: none, the paper's raw last weights).
   train.ema_decay = 0.0
+  # Run G_ct/G_mr and D_ct/D_mr as one vmapped program per pair (same numbers): for GPUs,
+  # where a batch-1 step is bound by kernel launches. Timings: README, Benchmarks.
+  train.fuse_pairs = False
   train.log_every = 100
   train.image_every = 1000
   train.checkpoint_every = 5000

@@ -1,5 +1,5 @@
 """`python -m mr2ct_jax.bench train|translate` at a tiny size: the JSON reports, bad arguments,
-the PyTorch reference's modes and the CPU's ISA flags."""
+the PyTorch reference's modes, the CPU's ISA flags, the model FLOPs and the MFU."""
 
 import importlib.util
 import json
@@ -8,10 +8,19 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import pytest
 
+from configs import gc
+from mr2ct_jax import parallel
 from mr2ct_jax.bench import common
+from mr2ct_jax.bench import model_flops
+from mr2ct_jax.bench import train as bench_train
 from mr2ct_jax.cli import hugepages
+from mr2ct_jax.training import state as train_state
+from mr2ct_jax.training import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,13 +34,15 @@ def _bench(*args, command='train'):
 def test_bench_train_writes_its_report(tmp_path):
   output = tmp_path / 'bench_train.json'
   # ngf=32: res blocks of 128 channels, wide enough for the CPU's Winograd path to save FLOPs.
+  # Batch 2 with the pairs fused: Winograd's custom gradients vmapped over the two networks.
   result = _bench('--size=32', '--gc', '--config=configs/gc.py:test', '--config.model.ngf=32',
-                  '--config.model.conv_impl=auto',
+                  '--config.model.conv_impl=auto', '--batch=2', '--config.train.fuse_pairs=True',
                   '--steps=2', '--warmup=1', '--nopytorch', f'--output={output}')
   assert result.returncode == 0, result.stderr
   report = json.loads(output.read_text(encoding='utf-8'))
   assert report['benchmark'] == 'train' and report['size'] == 32 and report['gc'] is True
-  assert report['batch_size'] == 1 and report['config']['loss']['gc_weight'] == 0.3
+  assert report['batch_size'] == 2 and report['config']['loss']['gc_weight'] == 0.3
+  assert report['config']['train']['batch_size'] == 2 and report['fuse_pairs'] is True
   assert len(report['step_times_s']) == report['steps_timed'] == 2
   assert report['step_time_s'] > 0 and report['flops_per_step'] > 0
   assert report['matmul_ceiling_gflops'] > 0
@@ -52,13 +63,55 @@ def test_bench_train_writes_its_report(tmp_path):
   assert report['generator_params'] == 482_945 and report['discriminator_params'] == 11389
   assert report['pytorch_measured'] == {'skipped': '--nopytorch'}
   assert report['speedup_vs_pytorch_measured'] is None
-  assert 'train step at 32^2 (gc=True, float32, cpu)' in result.stdout
+  assert 'train step at 32^2, batch 2 (gc=True, float32, fuse_pairs=True, cpu)' in result.stdout
+  # The architecture's FLOPs; no MFU on a CPU (its ratio is to the matmul ceiling).
+  assert report['model_flops_per_step'] == model_flops.train_step_flops(
+      ml_collections.ConfigDict(report['config']))
+  assert report['model_tflops'] == pytest.approx(
+      report['model_flops_per_step'] / report['step_time_s'] / 1e12)
+  assert report['peak_tflops'] is None and report['mfu'] is None
   assert report['dtype'] == 'float32' and report['pytorch_precision'] == 'float32'
   assert report['machine']['cpu_flags'] == common.cpu_flags()
   assert set(report['machine']['cpu_flags']) == {'avx2', 'avx512', 'avx512_bf16', 'amx'}
   # The bench CLI re-executes itself with glibc's huge-page tunable where that is available.
   huge = hugepages.wanted() or 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')
   assert ('glibc.malloc.hugetlb=1' in report['machine']['glibc_tunables']) is huge
+
+
+def test_model_flops_match_xla_on_the_direct_conv_step(test_config):
+  """The architecture's count equals XLA's cost analysis of the step lowered with direct
+  (im2col matmul) convs up to the elementwise work the count leaves out (the norms, the
+  losses, Adam): within 5% at 64 px with the identity term, batch 2."""
+  config = bench_train.bench_config(test_config, 64, True, batch=2)
+  config.model.ngf, config.model.num_res_blocks, config.model.ndf = 16, 2, 8
+  config.model.conv_impl = 'matmul'
+  config.loss.identity_weight = 0.5
+  gan = train_state.build(config)
+  state = jax.eval_shape(lambda: train_state.create(gan, config, jax.random.key(0)))
+  batch = {k: jax.ShapeDtypeStruct((2, 64, 64, 1), jnp.float32) for k in ('mr', 'ct')}
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  counted = bench_train._counted_flops(
+      step_lib.make_train_step(gan, config, mesh).lower(state, batch))
+  modelled = model_flops.train_step_flops(config)
+  assert 0.95 * counted < modelled < counted
+  config.loss.identity_weight = 0.0  # two generator passes fewer, 3 forwards each
+  g = model_flops.generator_forward_flops(64, 16, 2)
+  assert model_flops.train_step_flops(config) == modelled - 2 * 2 * 3 * g
+
+
+def test_peaks_and_mfu():
+  assert model_flops.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4
+  assert model_flops.peak_tflops('NVIDIA H100 PCIe', 'float32') == 378.0
+  assert model_flops.peak_tflops('NVIDIA H200', 'float32') == 494.7
+  assert model_flops.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
+  assert model_flops.peak_tflops('Some New Card', 'bfloat16') is None
+  # The paper's networks at 256^2, batch 1: 12 generator and 16 discriminator forwards.
+  assert model_flops.generator_forward_flops(256, 64, 9) == 97_458_847_744
+  config = bench_train.bench_config(gc.get_config(), 256, True)
+  result = bench_train.utilisation(config, 0.02, peak_tflops=100.0)
+  assert result['model_tflops'] == pytest.approx(result['model_flops_per_step'] / 0.02 / 1e12)
+  assert result['mfu'] == pytest.approx(result['model_tflops'] / 100.0)
+  assert bench_train.utilisation(config, 0.02)['mfu'] is None  # a CPU: no peak
 
 
 def test_bench_train_rejects_bad_size(tmp_path):
@@ -201,8 +254,9 @@ def test_pytorch_reference_parses_bf16_and_inference_mode():
   assert result['precision'] == 'autocast_bfloat16' and result['generator_params'] == 7953
   assert result['activation_dtype'] == 'torch.bfloat16'
   assert result['slices'] == 6 and result['batch'] == 4 and result['slices_per_s'] > 0
-  step = torch_reference.run(32, False, 4, 4, 1, 3, steps=1, warmup=0, bf16=True)
+  step = torch_reference.run(32, False, 4, 4, 1, 3, steps=1, warmup=0, bf16=True, batch=2)
   assert step['precision'] == 'autocast_bfloat16' and step['step_time_s'] > 0
+  assert step['batch'] == 2
   assert step['activation_dtype'] == 'torch.bfloat16'
   assert torch_reference.run(32, False, 4, 4, 1, 3, steps=1, warmup=0)[
       'activation_dtype'] == 'torch.float32'

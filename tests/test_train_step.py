@@ -162,7 +162,7 @@ def test_learning_rate_schedule(test_config):
   assert float(train_state.learning_rate_schedule(config)(200)) == pytest.approx(2e-4, rel=1e-6)
 
 
-def _traced_step(config):
+def _traced_step(config, fuse_pairs: bool = False):
   """The jaxpr and output shapes of the step for `config`, traced without compiling."""
   gen, disc = cyclegan.build(config.model)
   loss = config.loss
@@ -171,7 +171,8 @@ def _traced_step(config):
       tx=train_state.make_optimizers(config.optim, train_state.learning_rate_schedule(config)),
       learning_rate_fn=train_state.learning_rate_schedule(config),
       cycle_weight=loss.cycle_weight, gc_weight=loss.gc_weight,
-      identity_weight=loss.identity_weight, gc_signed=loss.gc_signed, gc_eps=loss.gc_eps)
+      identity_weight=loss.identity_weight, gc_signed=loss.gc_signed, gc_eps=loss.gc_eps,
+      fuse_pairs=fuse_pairs)
   state = jax.eval_shape(
       lambda: train_state.create(train_state.build(config), config, jax.random.PRNGKey(0)))
   size = config.data.image_size
@@ -201,3 +202,46 @@ def test_identity_and_gc_off_variants_trace(test_config):
   assert state.step.shape == ()
   # The identity term costs two extra generator passes and their backward.
   assert _count_convs(jaxpr) > _count_convs(base_jaxpr)
+
+
+def test_fused_pairs_equal_separate_calls(test_config):
+  """`train.fuse_pairs` (each G and D pair as one vmapped program) computes the numbers of
+  the separate calls: every metric, the pools and the generators' outputs after 2 steps on 8
+  devices, with the identity term on so that its pair runs too."""
+  results = {}
+  for fuse in (False, True):
+    config = _config(test_config, identity_weight=0.5)
+    config.train.fuse_pairs = fuse
+    gan = train_state.build(config)
+    mesh = parallel.make_mesh()
+    step = step_lib.make_train_step(gan, config, mesh)
+    state = jax.device_put(jax.jit(lambda rng: train_state.create(gan, config, rng))(
+        jax.random.PRNGKey(0)), parallel.replicated(mesh))
+    rng = np.random.default_rng(0)
+    size = config.data.image_size
+    batch = {k: rng.uniform(-1, 1, (BATCH, size, size, 1)).astype(np.float32)
+             for k in ('mr', 'ct')}
+    history = []
+    for _ in range(2):
+      state, metrics = step(state, parallel.shard_batch(batch, mesh))
+      history.append(jax.device_get(metrics))
+    results[fuse] = state, history, step_lib.make_sample_fn(gan)(state.params, batch)
+  (state0, history0, sample0), (state1, history1, sample1) = results[False], results[True]
+  assert history0[0]['loss/identity'] > 0
+  _assert_trees_equal(history0, history1, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(state0.pools, state1.pools, rtol=0, atol=1e-5)
+  # As across device counts (above): Adam turns rounding differences into ~1e-4 moves.
+  _assert_trees_equal(sample0, sample1, rtol=0, atol=1e-3)
+
+
+def test_fused_pairs_halve_the_traced_convs(test_config):
+  """Fused, each pair's convs are traced once (vmapped over the two networks), not twice."""
+  config = _config(test_config)
+  config.data.image_size = 16
+  config.model.num_res_blocks = 0
+  config.model.num_disc_layers = 1
+  config.model.conv_impl = 'xla'  # lax convs, so the jaxpr names every conv
+  separate, _ = _traced_step(config, fuse_pairs=False)
+  fused, _ = _traced_step(config, fuse_pairs=True)
+  assert _count_convs(fused) > 0
+  assert _count_convs(fused) * 2 == _count_convs(separate)

@@ -54,7 +54,8 @@ def _define_flags() -> flags.FlagValues:
                     'reference runs).', flag_values=fv)
   flags.DEFINE_enum('mode', 'train', ['train', 'inference'], 'Time the training step or '
                     'the generator\'s inference over a volume.', flag_values=fv)
-  flags.DEFINE_integer('batch', 8, 'Inference batch (--mode=inference).', flag_values=fv)
+  flags.DEFINE_integer('batch', None, 'Batch: images per training step (default 1) or slices '
+                       'per generator call (--mode=inference, default 8).', flag_values=fv)
   flags.DEFINE_integer('slices', 32, 'Slices of the volume translated (--mode=inference).',
                        flag_values=fv)
   flags.DEFINE_integer('repeats', 5, 'Timed translations of the volume (--mode=inference).',
@@ -154,8 +155,9 @@ def _about(torch: Any, device: str, bf16: bool, cudnn_benchmark: bool) -> dict[s
 
 def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: int,
         steps: int, warmup: int, threads: int = 0, device: str = 'cpu',
-        cudnn_benchmark: bool = False, bf16: bool = False) -> dict[str, Any]:
-  """Times the reference training step at batch 1; returns the measurements.
+        cudnn_benchmark: bool = False, bf16: bool = False, batch: int = 1) -> dict[str, Any]:
+  """Times the reference training step on `batch` images per domain; returns the
+  measurements.
 
   With `bf16` the forward passes and losses run under bfloat16 autocast.
   """
@@ -171,8 +173,8 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
                            betas=(0.5, 0.999))
   mse, l1 = torch.nn.MSELoss(), torch.nn.L1Loss()
   gan = lambda pred, target: mse(pred, torch.full_like(pred, target))
-  real_a = torch.randn(1, 1, size, size).clamp(-1, 1).to(device)
-  real_b = torch.randn(1, 1, size, size).clamp(-1, 1).to(device)
+  real_a = torch.randn(batch, 1, size, size).clamp(-1, 1).to(device)
+  real_b = torch.randn(batch, 1, size, size).clamp(-1, 1).to(device)
   discriminators = list(itertools.chain(d_a.parameters(), d_b.parameters()))
   seen = {}  # the generators' output dtype: torch.bfloat16 under autocast
 
@@ -211,7 +213,7 @@ def run(size: int, gc: bool, ngf: int, ndf: int, res_blocks: int, disc_layers: i
     step()
     times.append(time.perf_counter() - start)
   return {'step_time_s': statistics.median(times), 'step_times_s': times,
-          **_about(torch, device, bf16, cudnn_benchmark), **seen,
+          **_about(torch, device, bf16, cudnn_benchmark), **seen, 'batch': batch,
           'generator_params': count(g_a), 'discriminator_params': count(d_a)}
 
 
@@ -263,14 +265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ImportError:
     raise SystemExit('error: PyTorch is not installed (pip install torch) - it is only '
                      'needed to time the reference step') from None
+  batch = fv.batch if fv.batch is not None else (8 if fv.mode == 'inference' else 1)
+  if batch < 1:
+    raise SystemExit(f'error: --batch={batch}: must be >= 1')
   if fv.mode == 'inference':
-    if fv.batch < 1 or fv.slices < 1 or fv.repeats < 1:
-      raise SystemExit('error: --batch, --slices and --repeats must be >= 1')
-    result = run_inference(fv.size, fv.batch, fv.slices, fv.repeats, fv.warmup, fv.ngf,
+    if fv.slices < 1 or fv.repeats < 1:
+      raise SystemExit('error: --slices and --repeats must be >= 1')
+    result = run_inference(fv.size, batch, fv.slices, fv.repeats, fv.warmup, fv.ngf,
                            fv.res_blocks, fv.threads, fv.device, fv.cudnn_benchmark, fv.bf16)
   else:
     result = run(fv.size, fv.gc, fv.ngf, fv.ndf, fv.res_blocks, fv.disc_layers, fv.steps,
-                 fv.warmup, fv.threads, fv.device, fv.cudnn_benchmark, fv.bf16)
+                 fv.warmup, fv.threads, fv.device, fv.cudnn_benchmark, fv.bf16, batch)
   print(json.dumps(result))
   return 0
 

@@ -1,10 +1,12 @@
 r"""Time of one CycleGAN (+GC) training step against a matmul ceiling, written as JSON.
 
   python -m mr2ct_jax.bench train --size 128|256 [--gc] [--output=bench_train.json] \
-      [--config=configs/gc.py] [--steps=5] [--warmup=1] [--dtype=float32|bfloat16]
+      [--config=configs/gc.py] [--steps=5] [--warmup=1] [--dtype=float32|bfloat16] \
+      [--batch=1] [--config.train.fuse_pairs=True]
 
 The step is the real one (`training.step.make_train_step` of `configs/gc.py`'s default, i.e.
-ResNet-9 generators, 70x70 PatchGANs, pools, both Adam updates) at batch 1 on one device,
+ResNet-9 generators, 70x70 PatchGANs, pools, both Adam updates) at batch --batch (default 1)
+on one device,
 with `loss.gc_weight` = the config's lambda_GC (`--gc`) or 0 (`--nogc`, the default), in
 the compute dtype `--dtype` (`model.dtype`; default: the config's).
 It reports the median step time after compilation, the step's FLOPs from XLA's cost
@@ -12,7 +14,10 @@ analysis, the achieved GFLOP/s, and their ratio to a float32 matmul timed in the
 (2048^3 on a CPU, 8192^3 on a GPU: the best the machine does on dense arithmetic right now).
 With Winograd convs (`conv_impl` 'winograd', the CPU default) the step executes fewer FLOPs
 than its direct convolutions would, so the report also gives the effective GFLOP/s and ratio:
-the direct-conv FLOPs (the same step lowered with 'matmul') over the same time.
+the direct-conv FLOPs (the same step lowered with 'matmul') over the same time. On an
+accelerator whose peak `model_flops.PEAK_TFLOPS` knows (or --peak_tflops) it reports the
+model FLOPs utilisation (`mfu`: the architecture's FLOPs, `model_flops.train_step_flops`, per
+second over the peak in the compute dtype).
 When PyTorch is installed it then times the reference step on this machine too
 (`torch_reference`: same sizes, batch 1, in a child process, on the GPU when JAX uses one) and
 reports the speedup, in the same precision: with `--dtype=bfloat16` the reference runs under
@@ -32,6 +37,7 @@ import numpy as np
 
 from mr2ct_jax import parallel
 from mr2ct_jax.bench import common
+from mr2ct_jax.bench import model_flops
 from mr2ct_jax.cli import commands
 from mr2ct_jax.models import layers
 from mr2ct_jax.models import options
@@ -56,6 +62,12 @@ def _define_flags() -> flags.FlagValues:
                        flag_values=fv)
   flags.DEFINE_enum('dtype', None, list(options.DTYPE_NAMES), 'Compute dtype (model.dtype; '
                     'default: the config\'s).', flag_values=fv)
+  flags.DEFINE_integer('batch', 1, 'Images per domain per step (train.batch_size).',
+                       flag_values=fv)
+  flags.DEFINE_float('peak_tflops', None, 'The device\'s dense peak TFLOP/s in the compute '
+                     'dtype, for the MFU (default: from model_flops.PEAK_TFLOPS by device kind; '
+                     'none on CPUs, which report the ratio to the matmul ceiling).',
+                     flag_values=fv)
   flags.DEFINE_bool('pytorch', True, 'Also time the PyTorch reference step on this machine '
                     '(mr2ct_jax.bench.torch_reference, same sizes) when PyTorch is installed.',
                     flag_values=fv)
@@ -63,14 +75,14 @@ def _define_flags() -> flags.FlagValues:
 
 
 def bench_config(config: ml_collections.ConfigDict, size: int, gc: bool,
-                 dtype: str | None = None) -> ml_collections.ConfigDict:
-  """`config` at image size `size`, batch 1, with or without the GC term, in `dtype`
+                 dtype: str | None = None, batch: int = 1) -> ml_collections.ConfigDict:
+  """`config` at image size `size` and batch `batch`, with or without the GC term, in `dtype`
   (None: the config's `model.dtype`)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.image_size = int(size)
   if dtype is not None:
     config.model.dtype = dtype
-  config.train.batch_size = 1
+  config.train.batch_size = int(batch)
   if gc:
     if config.loss.gc_weight <= 0:
       config.loss.gc_weight = 0.3  # the paper's lambda_GC
@@ -147,6 +159,20 @@ def _direct_conv_flops(config: ml_collections.ConfigDict, conv_impl: str,
   return (flops, "lowered with conv_impl='matmul'") if flops else (None, 'unavailable')
 
 
+def utilisation(config: ml_collections.ConfigDict, step_time_s: float,
+                peak_tflops: float | None = None) -> dict[str, Any]:
+  """Model FLOPs of the step, their rate, and the MFU against the device's peak (None on a
+  CPU or an unknown device unless `peak_tflops` is given)."""
+  device = jax.devices()[0]
+  flops = model_flops.train_step_flops(config)
+  if peak_tflops is None and device.platform != 'cpu':
+    peak_tflops = model_flops.peak_tflops(device.device_kind, config.model.dtype)
+  tflops = flops / step_time_s / 1e12
+  return {'model_flops_per_step': flops, 'model_tflops': tflops,
+          'device_kind': device.device_kind, 'peak_tflops': peak_tflops,
+          'mfu': tflops / peak_tflops if peak_tflops else None}
+
+
 def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
   """Compiles and times the train step of `config` on one device; returns the measurements."""
   mesh = parallel.make_mesh(jax.devices()[:1])
@@ -159,7 +185,8 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
     state = parallel.create_replicated(lambda rng: state_lib.create(gan, config, rng), mesh,
                                        jax.random.key(config.seed))
   rng = np.random.default_rng(0)
-  batch = {name: np.clip(rng.standard_normal((1, size, size, 1)) * 0.5, -1, 1).astype(np.float32)
+  shape = (int(config.train.batch_size), size, size, 1)
+  batch = {name: np.clip(rng.standard_normal(shape) * 0.5, -1, 1).astype(np.float32)
            for name in ('mr', 'ct')}
   batch = parallel.shard_batch(batch, mesh)
   lower = lambda c, g=None: step_lib.make_train_step(g or state_lib.build(c), c,
@@ -202,6 +229,7 @@ def run(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str,
       'warmup_steps': warmup,
       'compile_s': compile_s,
       'dtype': config.model.dtype,
+      'fuse_pairs': bool(config.train.get('fuse_pairs', False)),
       'conv_impl': requested_impl,
       'conv_impl_resolved': conv_impl,
       # What the timed program computes (with Winograd, fewer FLOPs than direct convs).
@@ -233,6 +261,7 @@ def time_pytorch_reference(config: ml_collections.ConfigDict, steps: int,
       f'--size={config.data.image_size}', f'--gc={bool(config.loss.gc_weight)}',
       f'--ngf={model.ngf}', f'--ndf={model.ndf}', f'--res_blocks={model.num_res_blocks}',
       f'--disc_layers={model.num_disc_layers}', f'--steps={steps}', f'--warmup={warmup}',
+      f'--batch={config.train.batch_size}',
       f'--device={"cuda" if jax.default_backend() == "gpu" else "cpu"}',
       f'--bf16={common.pytorch_bf16(config.model.dtype)}'])
 
@@ -243,10 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   commands.parse(fv, sys.argv if argv is None else argv, 'mr2ct_jax.bench train')
   if fv.size < 16 or fv.size % 4:
     raise SystemExit(f'error: --size={fv.size}: must be >= 16 and divisible by 4')
-  if fv.steps < 1 or fv.warmup < 0:
-    raise SystemExit('error: --steps must be >= 1 and --warmup >= 0')
-  config = bench_config(fv.config, fv.size, fv.gc, fv.dtype)
+  if fv.steps < 1 or fv.warmup < 0 or fv.batch < 1:
+    raise SystemExit('error: --steps and --batch must be >= 1 and --warmup >= 0')
+  if fv.peak_tflops is not None and fv.peak_tflops <= 0:
+    raise SystemExit(f'error: --peak_tflops={fv.peak_tflops}: must be > 0')
+  config = bench_config(fv.config, fv.size, fv.gc, fv.dtype, fv.batch)
   result = run(config, fv.steps, fv.warmup)
+  result.update(utilisation(config, result['step_time_s'], fv.peak_tflops))
   pytorch = (time_pytorch_reference(config, fv.steps, fv.warmup) if fv.pytorch
              else {'skipped': '--nopytorch'})
   measured = pytorch.get('step_time_s')
@@ -255,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit(f'error: the PyTorch reference networks have other parameter counts '
                      f'({pytorch["generator_params"]}, {pytorch["discriminator_params"]}) than '
                      f'ours ({result["generator_params"]}, {result["discriminator_params"]})')
-  report = {'benchmark': 'train', 'size': fv.size, 'gc': fv.gc, 'batch_size': 1, **result,
+  report = {'benchmark': 'train', 'size': fv.size, 'gc': fv.gc, 'batch_size': fv.batch,
+            **result,
             'pytorch_precision': ('autocast_bfloat16' if common.pytorch_bf16(config.model.dtype)
                                   else 'float32'),
             'pytorch_measured': pytorch,
@@ -269,10 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if result['conv_impl_resolved'] == 'winograd' and result['effective_gflops']:
     rate = (f'{result["effective_gflops"]:.1f} effective GFLOP/s (direct-conv FLOPs) = '
             f'{100 * result["effective_ratio"]:.0f}%, {rate}')
-  print(f'train step at {fv.size}^2 (gc={fv.gc}, {config.model.dtype}, '
-        f'{jax.default_backend()}): '
+  mfu = (f', MFU {100 * result["mfu"]:.1f}% of {result["peak_tflops"]:g} TFLOP/s'
+         if result['mfu'] else '')
+  print(f'train step at {fv.size}^2, batch {fv.batch} (gc={fv.gc}, {config.model.dtype}, '
+        f'fuse_pairs={result["fuse_pairs"]}, {jax.default_backend()}): '
         f'{result["step_time_s"]:.4f} s ({here}), {rate}the matmul ceiling '
-        f'{result["matmul_ceiling_gflops"]:.1f} GFLOP/s -> {fv.output}')
+        f'{result["matmul_ceiling_gflops"]:.1f} GFLOP/s{mfu} -> {fv.output}')
   return 0
 
 

@@ -11,6 +11,12 @@ One step, as the CycleGAN reference's `optimize_parameters`:
 The state is replicated and the batch sharded over the 'data' axis; XLA inserts the
 gradient all-reduce. Instance norm makes every example's output independent of the rest of
 the batch, so the numbers do not depend on the device count.
+
+G_ct and G_mr share one architecture, as do D_ct and D_mr, and every pass of the step applies
+both members of a pair to inputs of the same shape. With `fuse_pairs` each such pair runs as
+one program vmapped over the two stacked parameter sets (`pair_apply`): half the kernels, each
+twice as large, which is what a batch-1 step on a GPU, bound by kernel launches, needs. The
+values are those of the separate calls up to float rounding (tests/test_train_step.py).
 """
 
 import functools
@@ -29,15 +35,35 @@ from mr2ct_jax.training import losses
 from mr2ct_jax.training import state as state_lib
 from mr2ct_jax.training.state import CycleGANState
 
+PairFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
 METRIC_KEYS = ('loss/g_total', 'loss/gan_ct', 'loss/gan_mr', 'loss/cycle', 'loss/gc',
                'loss/identity', 'loss/d_ct', 'loss/d_mr', 'lr')
+
+
+def pair_apply(apply: Callable[[Any, jax.Array], jax.Array], fuse: bool) -> PairFn:
+  """fn(params_a, params_b, x_a, x_b) -> (apply(params_a, x_a), apply(params_b, x_b)).
+
+  With `fuse`, one call of `apply` vmapped over the two parameter sets stacked on a new
+  leading axis (same tree and shapes: two networks of one architecture) and the two inputs
+  stacked likewise (same shape); else two separate calls.
+  """
+  if not fuse:
+    return lambda params_a, params_b, x_a, x_b: (apply(params_a, x_a), apply(params_b, x_b))
+
+  def both(params_a, params_b, x_a, x_b):
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params_a, params_b)
+    out = jax.vmap(apply)(stacked, jnp.stack([x_a, x_b]))
+    return out[0], out[1]
+
+  return both
 
 
 def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
                tx: dict[str, optax.GradientTransformation],
                learning_rate_fn: Callable[[jax.Array], jax.Array], cycle_weight: float,
                gc_weight: float, identity_weight: float, gc_signed: bool,
-               gc_eps: float, ema_decay: float = 0.0
+               gc_eps: float, ema_decay: float = 0.0, fuse_pairs: bool = False
                ) -> tuple[CycleGANState, dict[str, jax.Array]]:
   """One CycleGAN update of both generators and both discriminators.
 
@@ -58,6 +84,7 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
     gc_eps: see `losses.normalized_cross_correlation`.
     ema_decay: decay of the generators' parameter averages (`state.ema_update`); used only
       when the state keeps them (params['ema']).
+    fuse_pairs: run each G_ct/G_mr and D_ct/D_mr pair as one vmapped program (`pair_apply`).
 
   Returns:
     (new_state, metrics): scalar float32 metrics named by METRIC_KEYS; the loss terms are
@@ -68,23 +95,24 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
   mr, ct = batch['mr'], batch['ct']
   g_apply = lambda p, x: gen.apply({'params': p}, x)
   d_apply = lambda p, x: disc.apply({'params': p}, x)
+  both_g, both_d = pair_apply(g_apply, fuse_pairs), pair_apply(d_apply, fuse_pairs)
   params = state.params
 
   def generator_loss(g_params):
-    fake_ct = g_apply(g_params['g_ct'], mr)
-    fake_mr = g_apply(g_params['g_mr'], ct)
-    rec_mr = g_apply(g_params['g_mr'], fake_ct)
-    rec_ct = g_apply(g_params['g_ct'], fake_mr)
-    gan_ct = losses.lsgan_generator_loss(d_apply(params['d_ct'], fake_ct))
-    gan_mr = losses.lsgan_generator_loss(d_apply(params['d_mr'], fake_mr))
+    g_ct, g_mr = g_params['g_ct'], g_params['g_mr']
+    fake_ct, fake_mr = both_g(g_ct, g_mr, mr, ct)
+    rec_ct, rec_mr = both_g(g_ct, g_mr, fake_mr, fake_ct)
+    judged_ct, judged_mr = both_d(params['d_ct'], params['d_mr'], fake_ct, fake_mr)
+    gan_ct = losses.lsgan_generator_loss(judged_ct)
+    gan_mr = losses.lsgan_generator_loss(judged_mr)
     cycle = losses.cycle_l1(rec_mr, mr) + losses.cycle_l1(rec_ct, ct)
     gc_args = (ct, fake_mr, mr, fake_ct)
     if gc_weight == 0:
       gc_args = jax.lax.stop_gradient(gc_args)
     gc = losses.gc_loss(*gc_args, signed=gc_signed, eps=gc_eps)
     if identity_weight:
-      identity = (losses.identity_l1(g_apply(g_params['g_ct'], ct), ct) +
-                  losses.identity_l1(g_apply(g_params['g_mr'], mr), mr))
+      same_ct, same_mr = both_g(g_ct, g_mr, ct, mr)
+      identity = losses.identity_l1(same_ct, ct) + losses.identity_l1(same_mr, mr)
     else:
       identity = jnp.zeros((), jnp.float32)
     total = gan_ct + gan_mr + cycle_weight * cycle + identity_weight * identity
@@ -110,10 +138,10 @@ def train_step(state: CycleGANState, batch: Batch, *, gen: Any, disc: Any,
                                         mr_key)
 
   def discriminator_loss(d_params):
-    d_ct = losses.lsgan_discriminator_loss(d_apply(d_params['d_ct'], ct),
-                                           d_apply(d_params['d_ct'], pooled_ct))
-    d_mr = losses.lsgan_discriminator_loss(d_apply(d_params['d_mr'], mr),
-                                           d_apply(d_params['d_mr'], pooled_mr))
+    on_real_ct, on_real_mr = both_d(d_params['d_ct'], d_params['d_mr'], ct, mr)
+    on_fake_ct, on_fake_mr = both_d(d_params['d_ct'], d_params['d_mr'], pooled_ct, pooled_mr)
+    d_ct = losses.lsgan_discriminator_loss(on_real_ct, on_fake_ct)
+    d_mr = losses.lsgan_discriminator_loss(on_real_mr, on_fake_mr)
     return d_ct + d_mr, {'loss/d_ct': d_ct, 'loss/d_mr': d_mr}
 
   d_params = {k: params[k] for k in state_lib.DISCRIMINATORS}
@@ -149,7 +177,8 @@ def make_train_step(gan: state_lib.CycleGAN, config: ml_collections.ConfigDict,
       learning_rate_fn=gan.schedule, cycle_weight=float(loss.cycle_weight),
       gc_weight=float(loss.gc_weight), identity_weight=float(loss.identity_weight),
       gc_signed=bool(loss.gc_signed), gc_eps=float(loss.gc_eps),
-      ema_decay=float(config.train.ema_decay))
+      ema_decay=float(config.train.ema_decay),
+      fuse_pairs=bool(config.train.get('fuse_pairs', False)))
   return jax.jit(step,
                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                  out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
