@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
 from typing import IO, Any, Iterator
@@ -219,25 +221,80 @@ def write_json(path: str, obj: Any, **dumps_kwargs: Any) -> None:
   write_text(path, json.dumps(obj, **dumps_kwargs) + '\n')
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+  """SIGINT and SIGTERM that arrive inside the block are delivered when it ends.
+
+  For the two renames of `replace_dir`, which a signal must not split: between them the old
+  output is only in a hidden sibling. Python runs signal handlers in the main thread whatever
+  thread the signal hits, so the handlers are swapped for recorders there (elsewhere
+  `signal.signal` is not allowed, and the block runs unprotected).
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  caught: list[int] = []
+  handlers = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    handlers[sig] = signal.getsignal(sig)
+    signal.signal(sig, lambda signum, frame: caught.append(signum))
+  try:
+    yield
+  finally:
+    for sig, handler in handlers.items():
+      # None: a handler not installed from Python; the default is the nearest to it.
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    for sig in caught:
+      signal.raise_signal(sig)
+
+
 def replace_dir(completed: str, target: str) -> None:
   """Moves the finished directory `completed` to `target`, replacing what is there.
 
   An existing `target` is first moved aside (one rename), so `target` is never missing its
-  old or its new contents for longer than two renames. A URL `target` is uploaded instead
-  (`storage.upload_tree`: what was there is deleted first, the top folder's files go last).
+  old or its new contents for longer than two renames; SIGINT/SIGTERM wait until the old
+  contents are deleted, and if the second rename fails they are moved back. A URL `target`
+  is uploaded instead (`storage.upload_tree`: what was there is deleted first, the top
+  folder's files go last).
   """
   if storage.is_remote(target):
     storage.upload_tree(completed, target)
     shutil.rmtree(completed, ignore_errors=True)
     return
-  if os.path.exists(target):
-    parent = os.path.dirname(os.path.abspath(target))
+  if not os.path.exists(target):
+    os.replace(completed, target)
+    return
+  parent = os.path.dirname(os.path.abspath(target))
+  with _signals_deferred():
     old = tempfile.mkdtemp(prefix=f'{_temp_stem(target)}.old-', dir=parent)
-    os.replace(target, os.path.join(old, 'previous'))
-    os.replace(completed, target)
+    previous = os.path.join(old, 'previous')
+    try:
+      os.replace(target, previous)
+    except OSError:
+      os.rmdir(old)
+      raise
+    try:
+      os.replace(completed, target)
+    except OSError:
+      os.replace(previous, target)  # if this fails too, the old output stays in `old`
+      os.rmdir(old)
+      raise
     shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(completed, target)
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str) -> Iterator[None]:
+  """Removes the local `folder` if the block fails before anything is written in it, and
+  the folder did not exist before: a run that stops at a bad input leaves no empty workdir
+  behind (one that wrote something, e.g. a built phantom, keeps it for the rerun)."""
+  created = not storage.is_remote(folder) and not os.path.lexists(folder)
+  try:
+    yield
+  except BaseException:
+    if created:
+      with contextlib.suppress(OSError):  # not empty (or gone): nothing to clean up
+        os.rmdir(folder)
+    raise
 
 
 @contextlib.contextmanager

@@ -129,6 +129,10 @@ def plan(input_path: str, output_path: str, overwrite: bool = False,
                            f'(not {output_path}) to translate them all')
     if not volume_lib.is_nifti_path(output_path):
       raise TranslateError(f'{output_path}: output for one volume must end in .nii or .nii.gz')
+    if volume_lib.volume_id(output_path)[:1] in ('', '.'):
+      # '.nii.gz' alone would be a hidden file, which folder listings (ours too) skip.
+      raise TranslateError(f'{output_path}: the output file needs a name before .nii/.nii.gz '
+                           '(a name starting with "." is hidden)')
     if storage.isdir(output_path):
       raise TranslateError(f'{output_path}: is a folder; name the output file')
     jobs = [Job(input_path, output_path)]

@@ -118,6 +118,63 @@ def test_failed_write_names_the_output_not_the_temporary_file(tmp_path):
   assert os.listdir(tmp_path) == ['out.txt']  # the temporary file is gone
 
 
+class _Stopped(Exception):
+  pass
+
+
+def _old_and_new(tmp_path):
+  """(target folder holding old.txt, a completed folder holding new.txt)."""
+  target, completed = tmp_path / 'out', tmp_path / '.out.tmp-1'
+  target.mkdir()
+  (target / 'old.txt').write_text('old', encoding='utf-8')
+  completed.mkdir()
+  (completed / 'new.txt').write_text('new', encoding='utf-8')
+  return target, completed
+
+
+def test_a_sigterm_between_the_two_renames_waits_for_both(tmp_path, monkeypatch):
+  """SIGTERM right after the old output is moved aside is handled once the new one is in
+  place and the old one deleted, not in between (where only a hidden sibling held it)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  target, completed = _old_and_new(tmp_path)
+  real_replace, calls = os.replace, []
+
+  def replace_then_signal(src, dst):
+    real_replace(src, dst)
+    calls.append(dst)
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def stop(signum, frame):
+    raise _Stopped(f'handled after {len(calls)} renames')
+
+  monkeypatch.setattr(os, 'replace', replace_then_signal)
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    with pytest.raises(_Stopped, match='after 2 renames'):
+      atomic.replace_dir(str(completed), str(target))
+    assert signal.getsignal(signal.SIGTERM) is stop  # the handler is back in place
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert os.listdir(tmp_path) == ['out'] and os.listdir(target) == ['new.txt']
+
+
+def test_a_failed_second_rename_puts_the_old_output_back(tmp_path, monkeypatch):
+  target, completed = _old_and_new(tmp_path)
+  real_replace = os.replace
+
+  def fail_onto_target(src, dst):
+    if os.fspath(dst) == str(target) and os.fspath(src) == str(completed):
+      raise OSError(28, 'No space left on device')
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, 'replace', fail_onto_target)
+  with pytest.raises(OSError, match='No space'):
+    atomic.replace_dir(str(completed), str(target))
+  assert sorted(os.listdir(tmp_path)) == ['.out.tmp-1', 'out']
+  assert os.listdir(target) == ['old.txt']
+
+
 def test_a_built_folder_gets_the_umask_mode_not_mkdtemps_0700(tmp_path):
   old = os.umask(0o027)
   try:

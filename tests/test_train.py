@@ -120,6 +120,10 @@ def test_missing_data_dir_is_named(tmp_path):
   result = _run_main(tmp_path / 'run', f'--config.data.dir={missing}', check=False)
   assert result.returncode == 1
   assert str(missing) in result.stderr
+  assert not (tmp_path / 'run').exists()  # no empty workdir left behind
+  (tmp_path / 'mine').mkdir()  # a folder the user made stays, empty or not
+  assert _run_main(tmp_path / 'mine', f'--config.data.dir={missing}', check=False).returncode == 1
+  assert (tmp_path / 'mine').is_dir()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -85,6 +85,8 @@ def bad_setup(run, tmp_path):
     (['--workdir={workdir}', '--input={empty_dir}', '--output={tmp}/o'], 'no NIfTI files'),
     (['--workdir={workdir}', '--input={mr}', '--output={exists}'], 'already exists'),
     (['--workdir={workdir}', '--input={mr}', '--output={tmp}/sct.png'], r'\.nii or \.nii\.gz'),
+    (['--workdir={workdir}', '--input={mr}', '--output={tmp}/.nii.gz'], 'needs a name before'),
+    (['--workdir={workdir}', '--input={mr}', '--output={tmp}/.sct.nii'], 'is hidden'),
     (['--workdir={missing}', '--input={mr}', '--output={out}'], 'no such workdir'),
     (['--workdir={empty}', '--input={mr}', '--output={out}'], 'no checkpoint'),
     (['--workdir={other}', '--input={mr}', '--output={out}'], 'another config'),

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from mr2ct_jax import atomic
 from mr2ct_jax import checkpointing
 from mr2ct_jax import config_checks
 from mr2ct_jax import parallel
@@ -70,7 +71,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     NonFiniteLossError: a loss became NaN/Inf.
     preemption.Preempted: SIGTERM/SIGINT arrived; the step it stopped at is checkpointed.
   """
-  with preemption.StopSignals() as stop:  # from the start: setup can take minutes
+  # StopSignals from the start: setup can take minutes.
+  with preemption.StopSignals() as stop, atomic.removed_if_left_empty(workdir):
     mesh = parallel.make_mesh()
     config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
     storage.makedirs(workdir)  # a gs:// workdir: checks that gcsfs is installed
