@@ -78,6 +78,21 @@ def test_bfloat16_keeps_dtypes_and_bfloat16_accuracy():
     winograd.conv3x3_valid(low(xp), low(kernel), 4)
 
 
+def test_bfloat16_matmuls_take_bf16_inputs_except_the_kernel_gradients():
+  """Forward and input gradient: bf16 x bf16 -> f32 batched matmuls; the kernel gradient,
+  which contracts over every tile (XLA:CPU's slow bf16 shape), f32 x f32."""
+  low = lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda a, k: jnp.sum(winograd.conv3x3_valid(a, k, 2).astype(jnp.float32))
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(low((1, 10, 10, 64)), low((3, 3, 64, 8)))
+  batched = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'dot_general'
+             and e.params['dimension_numbers'][1] == ((0,), (0,))]  # the 16 Winograd matmuls
+  operand_dtypes = sorted(tuple(str(v.aval.dtype) for v in e.invars) for e in batched)
+  assert operand_dtypes == [('bfloat16', 'bfloat16')] * 2 + [('float32', 'float32')]
+  kernel_grad = next(e for e in batched if e.invars[0].aval.dtype == jnp.float32)
+  assert kernel_grad.params['dimension_numbers'][0] == ((1,), (1,))  # over the tiles
+  assert all(e.outvars[0].aval.dtype == jnp.float32 for e in batched)
+
+
 def test_auto_picks_winograd_on_cpu_and_matmul_elsewhere():
   assert layers.check_conv_impl('auto', 'cpu') == 'winograd'
   assert layers.check_conv_impl('auto', 'gpu') == 'matmul'

@@ -18,12 +18,15 @@ Results agree with the direct conv to float32 rounding (relative ~1e-6 for m = 2
 for m = 4: the m = 4 transforms have entries up to 8).
 
 In bfloat16 (m = 2 only) the transformed tiles and kernel are rounded to bfloat16 and the
-batched matmuls, forward and backward, accumulate in float32 (`preferred_element_type`):
+forward matmuls and the input gradient's accumulate in float32 (`preferred_element_type`):
 the matrix units' fast path. Their float32 results go through the output transforms and the
-overlap-add in float32 and are rounded to bfloat16 once.
+overlap-add in float32 and are rounded to bfloat16 once. The kernel gradient's matmuls,
+which contract over every tile, run in float32: XLA:CPU's bfloat16 dot is slower at that
+shape than its float32 one (README, Benchmarks).
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,17 +57,21 @@ def _kron(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return np.kron(bt, bt), np.kron(g, g), np.kron(at, at)
 
 
-def _transform(mat: np.ndarray, stacked: Array) -> Array:
+def _transform(mat: np.ndarray, stacked: Array, dtype: Any = None) -> Array:
   """[J, ...] = `mat` [J, K] applied along the leading axis of `stacked` [K, ...].
 
   One matmul with a small K: a single memory-bound pass that XLA compiles as one op (sums
   of shifted slices would compile to (m + 2)^2 loops and a concatenate per transform, which
-  compile far slower). In float32 whatever the compute dtype, then rounded once to it.
+  compile far slower). In float32, then rounded once to `dtype` (default: `stacked`'s).
   """
   k = stacked.shape[0]
-  out = jnp.dot(jnp.asarray(mat, jnp.float32), stacked.reshape(k, -1),
+  out = jnp.dot(jnp.asarray(mat, jnp.float32), stacked.reshape(k, -1).astype(jnp.float32),
                 precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return out.astype(stacked.dtype).reshape(mat.shape[0], *stacked.shape[1:])
+  dtype = stacked.dtype if dtype is None else dtype
+  if dtype != jnp.float32:
+    # Else XLA:CPU folds the rounding into the dot, whose 16-bit-output kernel is slow.
+    out = lax.optimization_barrier(out)
+  return out.astype(dtype).reshape(mat.shape[0], *stacked.shape[1:])
 
 
 def _batched_matmul(a: Array, b: Array, contract: tuple[int, int]) -> Array:
@@ -92,8 +99,12 @@ def _grid(h: int, w: int, tile: int) -> tuple[int, int]:
   return -(-h // tile), -(-w // tile)
 
 
-def _input_transform(xp: Array, tile: int) -> Array:
-  """V [(m + 2)^2, B * rows * cols, Cin]: every input tile in the Winograd domain."""
+def _input_transform(xp: Array, tile: int, dtype: Any = None) -> Array:
+  """V [(m + 2)^2, B * rows * cols, Cin]: every input tile in the Winograd domain, in `xp`'s
+  dtype (the batched matmuls' input); cut and transformed in float32, which XLA:CPU's
+  elementwise ops run natively (its bfloat16 ones convert around every op)."""
+  dtype = xp.dtype if dtype is None else dtype
+  xp = xp.astype(jnp.float32)
   b, hp, wp, cin = xp.shape
   h, w = hp - 2, wp - 2
   rows, cols = _grid(h, w, tile)
@@ -103,7 +114,7 @@ def _input_transform(xp: Array, tile: int) -> Array:
   tiles = jnp.stack([xpt[:, u:u + tile * (rows - 1) + 1:tile, v:v + tile * (cols - 1) + 1:tile]
                      for u in range(tile + 2) for v in range(tile + 2)])
   bb = _kron(tile)[0]
-  return _transform(bb, tiles).reshape(len(bb), b * rows * cols, cin)
+  return _transform(bb, tiles, dtype).reshape(len(bb), b * rows * cols, cin)
 
 
 def _forward(xp: Array, kernel: Array, tile: int) -> tuple[Array, Array]:
@@ -156,12 +167,17 @@ def _conv3x3_bwd(tile, residuals, dy):
   h, w = hp - 2, wp - 2
   rows, cols = _grid(h, w, tile)
   cout = dy.shape[-1]
-  dy = jnp.pad(dy, ((0, 0), (0, rows * tile - h), (0, cols * tile - w), (0, 0)))
+  dtype = u.dtype  # the compute dtype: the batched matmuls' inputs
+  pad_to_tiles = ((0, 0), (0, rows * tile - h), (0, cols * tile - w), (0, 0))
+  dy = jnp.pad(dy.astype(jnp.float32), pad_to_tiles)
   # dy_tiles[(i, j), b, r, c] = dy[b, m r + i, m c + j].
   dy_tiles = dy.reshape(b, rows, tile, cols, tile, cout).transpose(2, 4, 0, 1, 3, 5)
-  dm = _transform(aa.T, dy_tiles.reshape(tile * tile, -1, cout))      # [a^2, tiles, Cout]
-  dv = _batched_matmul(dm, u, (2, 2))                                  # [a^2, tiles, Cin]
-  du = _batched_matmul(_input_transform(xp, tile), dm, (1, 1))         # [a^2, Cin, Cout]
+  dm = _transform(aa.T, dy_tiles.reshape(tile * tile, -1, cout), jnp.float32)  # [a^2, tiles, Cout]
+  dv = _batched_matmul(dm.astype(dtype), u, (2, 2))                    # [a^2, tiles, Cin]
+  # The kernel gradient contracts over the tiles (K = B * rows * cols, large): XLA:CPU's
+  # bfloat16 dot is slower than its float32 one at that shape (25 against 15 ms for 16
+  # [256, 1024] x [1024, 256] on an AVX512-BF16 EPYC), so it runs in float32.
+  du = _batched_matmul(_input_transform(xp, tile, jnp.float32), dm, (1, 1))  # [a^2, Cin, Cout]
   d_kernel = _transform(gg.T, du).reshape(3, 3, cin, cout)
   d_tiles = _transform(bb.T, dv).reshape(alpha, alpha, b, rows, cols, cin)
   # Overlap-add, the adjoint of cutting the tiles: tile pixel (p, q) of tile (r, c) came
