@@ -114,6 +114,34 @@ def test_peaks_and_mfu():
   assert bench_train.utilisation(config, 0.02)['mfu'] is None  # a CPU: no peak
 
 
+def test_summary_tabulates_train_reports_and_names_a_bad_one(tmp_path, capsys):
+  from mr2ct_jax.bench import summary  # pylint: disable=g-import-not-at-top
+  base = {'benchmark': 'train', 'size': 256, 'step_time_s': 0.024, 'dtype': 'bfloat16',
+          'device_kind': 'NVIDIA H100 80GB HBM3', 'model_tflops': 25.3, 'mfu': 0.0256}
+  reports = [{**base, 'batch_size': 1, 'fuse_pairs': False,
+              'pytorch_measured': {'step_time_s': 0.043}, 'speedup_vs_pytorch_measured': 1.79},
+             {**base, 'batch_size': 16, 'fuse_pairs': True, 'step_time_s': 0.2, 'mfu': None,
+              'pytorch_measured': {'skipped': '--nopytorch'},
+              'speedup_vs_pytorch_measured': None}]
+  paths = []
+  for k, report in enumerate(reports):
+    paths.append(tmp_path / f'r{k}.json')
+    paths[-1].write_text(json.dumps(report), encoding='utf-8')
+  assert summary.main(['summary', f'--output={tmp_path / "t.md"}', *map(str, paths)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == summary.HEADER and len(lines) == 4
+  assert lines[2] == ('| NVIDIA H100 80GB HBM3 | 256 | 1 | bfloat16 | False | 24.00 | 43.00 | '
+                      '1.79 | 25.30 | 2.6% |')
+  assert lines[3] == ('| NVIDIA H100 80GB HBM3 | 256 | 16 | bfloat16 | True | 200.00 | - | - | '
+                      '25.30 | - |')
+  assert (tmp_path / 't.md').read_text(encoding='utf-8').splitlines() == lines
+  (tmp_path / 'layers.json').write_text('{"benchmark": "layers"}', encoding='utf-8')
+  with pytest.raises(SystemExit, match=r"layers.json: not a `bench train` report"):
+    summary.main(['summary', str(tmp_path / 'layers.json')])
+  with pytest.raises(SystemExit, match='give one or more'):
+    summary.main(['summary'])
+
+
 def test_bench_train_rejects_bad_size(tmp_path):
   result = _bench('--size=30', f'--output={tmp_path / "x.json"}')
   assert result.returncode != 0

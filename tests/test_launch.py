@@ -101,3 +101,26 @@ def test_tpu_pod_installs_gcsfs_only_for_gs_urls():
   # The dry run prints the remote command through printf %q: its quotes come escaped.
   assert r"-e \'.\' " in mounted.stdout and '[gcs]' not in mounted.stdout
   assert r"-e \'.[gcs]\' " in bucket.stdout and '--workdir=gs://b/runs/gc' in bucket.stdout
+
+
+def test_gpu_bench_sweeps_batch_dtype_and_fused_pairs_then_tabulates(tmp_path):
+  result = _run('gpu_bench.sh', {'OUT': str(tmp_path / 'b')}, '--dry-run', '--nopytorch')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  trains = [line.split() for line in lines if 'mr2ct_jax.bench train' in line]
+  assert len(trains) == 3 * 2 * 2  # batch 1, 4, 16 x float32, bfloat16 x fused or not
+  settings = {(next(a for a in t if a.startswith('--batch=')),
+               next(a for a in t if a.startswith('--dtype=')),
+               next(a for a in t if a.startswith('--config.train.fuse_pairs='))) for t in trains}
+  assert len(settings) == 12 and ('--batch=16', '--dtype=bfloat16',
+                                  '--config.train.fuse_pairs=True') in settings
+  assert all('--size=256' in t and '--gc' in t and '--nopytorch' in t for t in trains)
+  summary = lines[-1].split()
+  assert summary[:4] == ['python', '-m', 'mr2ct_jax.bench', 'summary']
+  assert len(summary) == 5 + 12 and not (tmp_path / 'b').exists()  # a dry run writes nothing
+  few = _run('gpu_bench.sh', {'BATCHES': '4', 'DTYPES': 'bfloat16', 'FUSE': 'True',
+                              'SIZE': '128'}, '--dry-run')
+  assert [line for line in few.stdout.splitlines() if 'bench train' in line] == [
+      'python -m mr2ct_jax.bench train --size=128 --gc --batch=4 --dtype=bfloat16 '
+      '--config.train.fuse_pairs=True --steps=50 '
+      '--output=bench_gpu/train_128_b4_bfloat16_fuseTrue.json ']
