@@ -237,25 +237,36 @@ def _signals_deferred() -> Iterator[None]:
   handlers = {}
   for sig in (signal.SIGINT, signal.SIGTERM):
     handlers[sig] = signal.getsignal(sig)
-    signal.signal(sig, lambda signum, frame: caught.append(signum))
+    if handlers[sig] is not None:  # None: installed outside Python; left alone
+      signal.signal(sig, lambda signum, frame: caught.append(signum))
   try:
     yield
   finally:
     for sig, handler in handlers.items():
-      # None: a handler not installed from Python; the default is the nearest to it.
-      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    for sig in caught:
-      signal.raise_signal(sig)
+      if handler is not None:
+        signal.signal(sig, handler)
+    _deliver(caught)
+
+
+def _deliver(signals: list[int]) -> None:
+  """Raises each signal in turn; one whose handler raises (KeyboardInterrupt, a stop
+  exception) does not keep the later ones from being delivered."""
+  if signals:
+    try:
+      signal.raise_signal(signals[0])
+    finally:
+      _deliver(signals[1:])
 
 
 def replace_dir(completed: str, target: str) -> None:
   """Moves the finished directory `completed` to `target`, replacing what is there.
 
   An existing `target` is first moved aside (one rename), so `target` is never missing its
-  old or its new contents for longer than two renames; SIGINT/SIGTERM wait until the old
-  contents are deleted, and if the second rename fails they are moved back. A URL `target`
-  is uploaded instead (`storage.upload_tree`: what was there is deleted first, the top
-  folder's files go last).
+  old or its new contents for longer than two renames; SIGINT/SIGTERM wait until both are
+  done and the old contents deleted. If the second rename fails, the old contents are moved
+  back (if that fails too, the error names the hidden folder that keeps them). A URL
+  `target` is uploaded instead (`storage.upload_tree`: what was there is deleted first, the
+  top folder's files go last).
   """
   if storage.is_remote(target):
     storage.upload_tree(completed, target)
@@ -275,25 +286,40 @@ def replace_dir(completed: str, target: str) -> None:
       raise
     try:
       os.replace(completed, target)
-    except OSError:
-      os.replace(previous, target)  # if this fails too, the old output stays in `old`
-      os.rmdir(old)
+    except OSError as e:
+      try:
+        os.replace(previous, target)
+      except OSError as restore_error:
+        raise OSError(e.errno, f'{e.strerror or e}; the previous contents of {target} are kept '
+                      f'in {previous}') from restore_error
+      with contextlib.suppress(OSError):
+        os.rmdir(old)
       raise
+    # Inside the deferral too, so that a signal's default action (the process ends) leaves
+    # no hidden copy of the old output behind.
     shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def removed_if_left_empty(folder: str) -> Iterator[None]:
-  """Removes the local `folder` if the block fails before anything is written in it, and
-  the folder did not exist before: a run that stops at a bad input leaves no empty workdir
-  behind (one that wrote something, e.g. a built phantom, keeps it for the rerun)."""
-  created = not storage.is_remote(folder) and not os.path.lexists(folder)
+  """Removes the local `folder`, and the parent folders created with it, if the block fails
+  before anything is written in them and they did not exist before: a run that stops at a
+  bad input leaves no empty workdir behind (one that wrote something, e.g. a built phantom,
+  keeps it for the rerun)."""
+  missing = []
+  if not storage.is_remote(folder):
+    path = os.path.abspath(folder)  # normalised: 'a/b/../c' is 'a/c'
+    while not os.path.lexists(path):
+      missing.append(path)
+      path = os.path.dirname(path)
   try:
     yield
   except BaseException:
-    if created:
-      with contextlib.suppress(OSError):  # not empty (or gone): nothing to clean up
-        os.rmdir(folder)
+    for path in missing:  # the deepest first; stops at the first that is not empty
+      try:
+        os.rmdir(path)
+      except OSError:
+        break
     raise
 
 

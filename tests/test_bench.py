@@ -135,6 +135,11 @@ def test_summary_tabulates_train_reports_and_names_a_bad_one(tmp_path, capsys):
   assert lines[3] == ('| NVIDIA H100 80GB HBM3 | 256 | 16 | bfloat16 | True | 200.00 | - | - | '
                       '25.30 | - |')
   assert (tmp_path / 't.md').read_text(encoding='utf-8').splitlines() == lines
+  cpu = {**reports[0], 'device_kind': 'cpu', 'machine': {'cpu': 'AMD EPYC'}, 'mfu': None}
+  assert summary.row(cpu).startswith('| AMD EPYC | 256 | 1 |')  # a CPU by its model name
+  (tmp_path / 'list.json').write_text('[1, 2]', encoding='utf-8')
+  with pytest.raises(SystemExit, match=r"list.json: not a `bench train` report \(benchmark='list'"):
+    summary.main(['summary', str(tmp_path / 'list.json')])
   (tmp_path / 'layers.json').write_text('{"benchmark": "layers"}', encoding='utf-8')
   with pytest.raises(SystemExit, match=r"layers.json: not a `bench train` report"):
     summary.main(['summary', str(tmp_path / 'layers.json')])

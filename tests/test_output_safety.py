@@ -175,6 +175,59 @@ def test_a_failed_second_rename_puts_the_old_output_back(tmp_path, monkeypatch):
   assert os.listdir(target) == ['old.txt']
 
 
+def test_a_failed_restore_names_where_the_old_output_is_kept(tmp_path, monkeypatch):
+  target, completed = _old_and_new(tmp_path)
+  real_replace = os.replace
+
+  def full_disk_after_the_first(src, dst):
+    if os.fspath(src) != str(target):  # the old output moves aside; nothing else works
+      raise OSError(28, 'No space left on device')
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, 'replace', full_disk_after_the_first)
+  with pytest.raises(OSError, match=r'No space left on device; the previous contents of '
+                                    r'.*out are kept in .*\.out\.old-.*previous') as info:
+    atomic.replace_dir(str(completed), str(target))
+  kept = info.value.strerror.rsplit(' ', 1)[-1]
+  assert os.listdir(kept) == ['old.txt']
+
+
+def test_signals_held_back_are_all_delivered_even_when_one_raises():
+  import signal  # pylint: disable=g-import-not-at-top
+  seen = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+  previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with atomic._signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert not seen  # held back inside the block
+    assert seen == [signal.SIGTERM]
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_int)
+
+
+def test_a_failed_run_removes_only_the_folders_it_created(tmp_path):
+  (tmp_path / 'a' / 'c').mkdir(parents=True)  # the user's empty folder
+  with pytest.raises(ValueError):
+    with atomic.removed_if_left_empty(str(tmp_path / 'a' / 'b' / '..' / 'c')):
+      raise ValueError('bad input')
+  assert (tmp_path / 'a' / 'c').is_dir()  # 'a/b/../c' is 'a/c', which existed
+  with pytest.raises(ValueError):
+    with atomic.removed_if_left_empty(str(tmp_path / 'runs' / 'x' / 'work')):
+      os.makedirs(tmp_path / 'runs' / 'x' / 'work')
+      raise ValueError('bad input')
+  assert sorted(os.listdir(tmp_path)) == ['a']  # runs/x/work and the parents it needed
+  with pytest.raises(ValueError):
+    with atomic.removed_if_left_empty(str(tmp_path / 'runs' / 'work')):
+      os.makedirs(tmp_path / 'runs' / 'work')
+      (tmp_path / 'runs' / 'work' / 'phantom').write_text('built', encoding='utf-8')
+      raise ValueError('later failure')
+  assert (tmp_path / 'runs' / 'work' / 'phantom').is_file()  # something was written: kept
+
+
 def test_a_built_folder_gets_the_umask_mode_not_mkdtemps_0700(tmp_path):
   old = os.umask(0o027)
   try:

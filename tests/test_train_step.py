@@ -208,7 +208,7 @@ def test_fused_pairs_equal_separate_calls(test_config):
   """`train.fuse_pairs` (each G and D pair as one vmapped program) computes the numbers of
   the separate calls: every metric, the pools and the generators' outputs after 2 steps on 8
   devices, with the identity term on so that its pair runs too."""
-  results = {}
+  results, convs = {}, {}
   for fuse in (False, True):
     config = _config(test_config, identity_weight=0.5)
     config.train.fuse_pairs = fuse
@@ -221,11 +221,15 @@ def test_fused_pairs_equal_separate_calls(test_config):
     size = config.data.image_size
     batch = {k: rng.uniform(-1, 1, (BATCH, size, size, 1)).astype(np.float32)
              for k in ('mr', 'ct')}
+    # The config key reaches the step: the fused program has half the convolutions.
+    convs[fuse] = step.lower(state, parallel.shard_batch(batch, mesh)).as_text().count(
+        'convolution(')
     history = []
     for _ in range(2):
       state, metrics = step(state, parallel.shard_batch(batch, mesh))
       history.append(jax.device_get(metrics))
     results[fuse] = state, history, step_lib.make_sample_fn(gan)(state.params, batch)
+  assert 0 < convs[True] < convs[False], convs
   (state0, history0, sample0), (state1, history1, sample1) = results[False], results[True]
   assert history0[0]['loss/identity'] > 0
   _assert_trees_equal(history0, history1, rtol=1e-5, atol=1e-6)

@@ -2,9 +2,10 @@ r"""One markdown table of `bench train` reports (e.g. a sweep of batch, dtype an
 
   python -m mr2ct_jax.bench summary OUT/train_*.json [--output=OUT/summary.md]
 
-A row per report, in the order given: the device, size, batch, compute dtype, fused pairs,
-our step time, the PyTorch reference's (measured in the same run) and the speedup, the
-model TFLOP/s and the MFU against the device's peak (or the matmul-ceiling ratio on a CPU).
+A row per report, in the order given: the device (a CPU by its model name), size, batch,
+compute dtype, fused pairs, our step time, the PyTorch reference's (measured in the same run)
+and the speedup, the model TFLOP/s, and the MFU against the device's peak (a CPU, which has
+no peak in the table, shows '-').
 """
 
 import json
@@ -26,10 +27,13 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 def row(report: dict[str, Any]) -> str:
   """The table row of one `bench train` report."""
-  if report.get('benchmark') != 'train':
-    raise ValueError(f'not a `bench train` report (benchmark={report.get("benchmark")!r})')
+  if not isinstance(report, dict) or report.get('benchmark') != 'train':
+    kind = report.get('benchmark') if isinstance(report, dict) else type(report).__name__
+    raise ValueError(f'not a `bench train` report (benchmark={kind!r})')
   torch_s = (report.get('pytorch_measured') or {}).get('step_time_s')
-  device = report.get('device_kind') or report.get('machine', {}).get('cpu', '?')
+  device = report.get('device_kind') or '?'
+  if device == 'cpu':
+    device = report.get('machine', {}).get('cpu', device)
   return (f'| {device} | {report["size"]} | {report["batch_size"]} | {report["dtype"]} | '
           f'{report.get("fuse_pairs", False)} | {_fmt(report["step_time_s"], ".2f", 1e3)} | '
           f'{_fmt(torch_s, ".2f", 1e3)} | {_fmt(report.get("speedup_vs_pytorch_measured"), ".2f")}'

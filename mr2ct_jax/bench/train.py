@@ -19,7 +19,7 @@ accelerator whose peak `model_flops.PEAK_TFLOPS` knows (or --peak_tflops) it rep
 model FLOPs utilisation (`mfu`: the architecture's FLOPs, `model_flops.train_step_flops`, per
 second over the peak in the compute dtype).
 When PyTorch is installed it then times the reference step on this machine too
-(`torch_reference`: same sizes, batch 1, in a child process, on the GPU when JAX uses one) and
+(`torch_reference`: same sizes and batch, in a child process, on the GPU when JAX uses one) and
 reports the speedup, in the same precision: with `--dtype=bfloat16` the reference runs under
 `torch.autocast(dtype=torch.bfloat16)` (`--bf16`). On a GPU, time more steps (`--steps=50`).
 """

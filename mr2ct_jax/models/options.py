@@ -18,7 +18,8 @@ DTYPE_NAMES = ('float32', 'bfloat16', 'float16')
 # ceiling at 33-78 GFLOP/s instead of ~300, so only the ordering is meaningful), seconds:
 #   float32:  winograd 8.05, matmul 13.38
 #   bfloat16: winograd 6.34, matmul 10.77, xla 29.34 (XLA's bf16 convolutions)
-# In bfloat16 both matmul paths run bf16 x bf16 -> f32 matmuls; Winograd's 2.25x fewer
+# In bfloat16 both matmul paths run bf16 x bf16 -> f32 matmuls (Winograd's kernel gradient
+# in float32 since 2026-12-08: faster on the CPU at its shape); Winograd's 2.25x fewer
 # multiplications in the res blocks outweigh its float32 tile transforms. At 256^2 only
 # bfloat16 winograd was timed (48.9 s, with a test compiling alongside: no comparison).
 # float16 follows bfloat16 (same code path; untimed).
