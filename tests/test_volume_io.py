@@ -133,6 +133,49 @@ def test_corrupt_gzip_stream(tmp_path):
   _error(path, 'cannot read NIfTI')
 
 
+def _gzip_nifti_bytes(tmp_path):
+  """A stored-deflate (level 0) .nii.gz, so a byte of the voxels can be changed in place."""
+  array = np.arange(16 * 16 * 4, dtype=np.float32).reshape(16, 16, 4)
+  path = _write(tmp_path / 'plain.nii', array)
+  return array, gzip.compress(open(path, 'rb').read(), compresslevel=0)
+
+
+def test_gzip_crc_mismatch_is_refused_not_read_with_changed_voxels(tmp_path):
+  # nibabel reads only the bytes the image needs: without checking the stream to its end a
+  # flipped voxel byte loaded silently (found by a hostile-input sweep).
+  array, data = _gzip_nifti_bytes(tmp_path)
+  flipped = bytearray(data)
+  flipped[-100] ^= 0x40  # inside the last voxels, before the 8-byte trailer
+  path = tmp_path / 'flipped.nii.gz'
+  path.write_bytes(bytes(flipped))
+  assert not np.array_equal(np.asarray(nib.load(path).dataobj), array)  # nibabel: no error
+  _error(path, r'flipped.nii.gz: cannot read NIfTI \(corrupt, truncated or not an image\): '
+         'CRC check failed')
+
+
+def test_gzip_without_its_trailer_is_refused(tmp_path):
+  array, data = _gzip_nifti_bytes(tmp_path)
+  path = tmp_path / 'cut.nii.gz'
+  path.write_bytes(data[:-8])
+  np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), array)  # nibabel: no error
+  _error(path, 'cut.nii.gz: cannot read NIfTI .*ended before the end-of-stream marker')
+
+
+def test_nibabel_header_repairs_become_one_warning_naming_the_file(tmp_path, capfd, caplog):
+  data = bytearray(open(_write(tmp_path / 'plain.nii', np.ones((4, 4, 4))), 'rb').read())
+  data[252:254] = np.int16(7).tobytes()  # qform_code 7 is no NIfTI code: nibabel sets it to 0
+  path = str(tmp_path / 'codes.nii.gz')
+  open(path, 'wb').write(gzip.compress(bytes(data)))
+  capfd.readouterr()
+  with caplog.at_level(logging.WARNING):
+    volume.read_volume(path)
+  assert not capfd.readouterr().err  # nothing printed by nibabel's own handler
+  repaired = [r.getMessage() for r in caplog.records if 'nibabel repaired' in r.getMessage()]
+  assert repaired == [f'{path}: nibabel repaired its header: qform_code 7 not valid; '
+                      'setting to 0']
+  assert not [r for r in caplog.records if r.name.startswith('nibabel')]
+
+
 def test_2d_volume(tmp_path):
   nib.save(nib.Nifti1Image(np.zeros((8, 9), np.float32), np.eye(4)), tmp_path / 'a.nii.gz')
   _error(tmp_path / 'a.nii.gz', r'expected a 3-D volume, got shape \(8, 9\)')
@@ -165,6 +208,22 @@ def test_bad_pixdim_spacing(tmp_path, pixdim):
   nib.save(img, path)
   _patch_header(path, 80, pixdim)  # pixdim[1:4] at byte 80 (little endian)
   _error(path, 'voxel spacing must be finite and > 0')
+
+
+def test_nan_in_the_sform_origin_is_named_as_such(tmp_path):
+  path = _write(tmp_path / 'o.nii', np.zeros((3, 4, 5)))
+  _patch_header(path, 292, [np.nan])  # srow_x[3], the x origin: the spacing stays valid
+  _error(path, 'affine holds NaN or Inf in its origin')
+
+
+def test_nan_in_the_qform_quaternion_is_named_as_such(tmp_path):
+  img = nib.Nifti1Image(np.zeros((3, 4, 5), np.float32), _affine())
+  img.set_qform(_affine(), code=1)
+  img.set_sform(None, code=0)  # the qform defines the affine
+  path = str(tmp_path / 'q.nii')
+  nib.save(img, path)
+  _patch_header(path, 256, [np.nan])  # quatern_b; pixdim (the spacing) is fine
+  _error(path, 'affine holds NaN or Inf in its directions and voxel sizes')
 
 
 def test_zero_column_sform(tmp_path):

@@ -5,6 +5,7 @@ about reading and writing; nothing here depends on it.
 """
 
 import contextlib
+import logging
 from typing import Iterator
 
 import nibabel as nib
@@ -34,20 +35,43 @@ def voxel_type_problem(dtype: np.dtype) -> str | None:
   return None
 
 
-@contextlib.contextmanager
-def without_pixdim_repair_warning() -> Iterator[None]:
-  """Hides nibabel's 'pixdim[1,2,3] should be ...' warning while loading.
+class _Collect(logging.Handler):
+  """Keeps the messages of the records it is handed."""
 
-  `raw_zooms` lets the reader report bad pixdim as its own one-line error, and when the
-  sform defines the affine pixdim is unused, so nibabel's extra line only adds noise.
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.messages: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def nibabel_log_collected() -> Iterator[list[str]]:
+  """Collects what nibabel logs while loading, instead of printing it.
+
+  nibabel prints its header repairs ('qform_code 7 not valid; setting to 0') on its own
+  handler and again through the root logger, two lines without the file's name before our
+  own one-line error. The caller reports the collected messages with the path, or drops
+  them when it raises (the exception says what went wrong). The 'pixdim[1,2,3] should be
+  ...' repair is left out: `raw_zooms` reports bad pixdim as its own error, and when the
+  sform defines the affine pixdim is unused.
   """
-  def keep(record) -> bool:
-    return not record.getMessage().startswith('pixdim[1,2,3]')
-  nib.imageglobals.logger.addFilter(keep)
+  logger = nib.imageglobals.logger
+  handlers, propagate = list(logger.handlers), logger.propagate
+  collect = _Collect()
+  for handler in handlers:
+    logger.removeHandler(handler)
+  logger.addHandler(collect)
+  logger.propagate = False
   try:
-    yield
+    yield collect.messages
   finally:
-    nib.imageglobals.logger.removeFilter(keep)
+    logger.removeHandler(collect)
+    for handler in handlers:
+      logger.addHandler(handler)
+    logger.propagate = propagate
+    collect.messages[:] = [m for m in collect.messages if not m.startswith('pixdim[1,2,3]')]
 
 
 def raw_zooms(path: str, img: nib.Nifti1Image) -> np.ndarray | None:

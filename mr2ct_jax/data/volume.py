@@ -113,12 +113,26 @@ def _float32_voxels(path: str, img: nib.spatialimages.SpatialImage) -> np.ndarra
   return wide.astype(np.float32)
 
 
+def _check_gzip_stream(path: str) -> None:
+  """Decompresses a gzip file to its end, where gzip checks the data's CRC-32 and length.
+
+  nibabel reads only the bytes the image needs, so a flipped byte in the voxels or a file
+  cut short by its 8-byte trailer would otherwise load without complaint (and with changed
+  voxels). Raises what `gzip` raises (BadGzipFile, EOFError, zlib.error).
+  """
+  with gzip.open(path, 'rb') as f:
+    while f.read(1 << 24):
+      pass
+
+
 def _read_nifti(path: str, allow_large: bool) -> Volume:
   try:
-    with nifti_header.without_pixdim_repair_warning():
+    with nifti_header.nibabel_log_collected() as repairs:
       img = nib.load(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
       raise VolumeError(f'{path}: not a NIfTI image ({type(img).__name__})')
+    for repair in repairs:  # e.g. 'qform_code 7 not valid; setting to 0'
+      logging.warning('%s: nibabel repaired its header: %s', path, repair)
     problem = nifti_header.voxel_type_problem(img.get_data_dtype())
     if problem:
       raise VolumeError(f'{path}: {problem}')
@@ -136,6 +150,8 @@ def _read_nifti(path: str, allow_large: bool) -> Volume:
     squeezed, affine = volume_checks.check_geometry(
         path, img.shape, affine, None if zooms is None else zooms * to_mm, allow_large)
     array = _float32_voxels(path, img)
+    if path.lower().endswith('.gz'):
+      _check_gzip_stream(path)
   except VolumeError:
     raise
   except Exception as e:  # nibabel raises many types for corrupt/truncated/non-image files.

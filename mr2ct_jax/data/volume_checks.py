@@ -102,7 +102,18 @@ def check_geometry(path: str, shape: tuple[int, ...], affine: np.ndarray,
   spacing = np.linalg.norm(affine[:3, :3], axis=0)
   if zooms is not None:
     spacing = np.concatenate([np.asarray(zooms, np.float64)[:3], spacing])
-  if not np.all(np.isfinite(affine)) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+  bad_spacing = not np.all(np.isfinite(spacing)) or np.any(spacing <= 0)
+  bad_zooms = zooms is not None and (not np.all(np.isfinite(spacing[:3])) or
+                                     np.any(spacing[:3] <= 0))
+  if not np.all(np.isfinite(affine[:3])) and not bad_zooms:  # a NaN pixdim is a bad spacing
+    # A NaN origin or direction (e.g. a NaN in srow_x or the qform quaternion) can leave the
+    # spacing finite: name the part of the geometry that is broken.
+    part = ('its directions and voxel sizes' if not np.all(np.isfinite(affine[:3, :3]))
+            else 'its origin')
+    raise VolumeError(f'{path}: the voxel-to-world affine holds NaN or Inf in {part} '
+                      f'(sform/qform of a NIfTI, position/orientation tags of a DICOM): '
+                      f'{np.round(affine[:3], 6).tolist()}')
+  if bad_spacing:
     raise VolumeError(f'{path}: voxel spacing must be finite and > 0, got '
                       f'{np.round(spacing[:3], 6).tolist()} mm')
   if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
