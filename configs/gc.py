@@ -139,8 +139,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.gc_weight = 0.0
   elif variant == 'quick':
     # The whole pipeline on a 2-core CPU in a few minutes; learns visibly on the phantom.
-    prep.image_size = 64
-    prep.spacing_mm = 5.0
+    # 96 px at 3.33 mm (the paper's 320 mm field of view) with 2 slices per step, not 64 px
+    # at 5 mm with 4: as many pixels per step, and on the AMD EPYC (2026-12-08, two seeds)
+    # 88.5 -> 80.2 and 89.8 -> 86.4 HU inside the body (README, Quality).
+    prep.image_size = 96
+    prep.spacing_mm = 320.0 / 96
     # 24 + 24 training volumes, not 6 + 6: a supervised G trained on one subject's slices fit
     # them (51 HU) but scored 119-123 HU on the others, and 4x the volumes took the CycleGAN
     # from 112.8 to 105.9 HU at 800 steps (on other test subjects: the phantom numbers its
@@ -170,7 +173,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # weaker cycle term asks the sCT to carry less of the MR (bias field, texture) for the way
     # back. README, Quality.
     loss.cycle_weight = 1.0
-    train.batch_size = 4
+    train.batch_size = 2
     # The short schedule learns faster with a higher rate (measured: README, Benchmarks).
     optim.lr = 8e-4
     train.pool_size = 20

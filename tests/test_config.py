@@ -47,6 +47,18 @@ def test_quick_weakens_the_cycle_term_and_the_cpu_small_study_keeps_the_papers()
   assert study.train.ema_decay == gc.get_config('quick').train.ema_decay
 
 
+def test_quick_trains_on_96_px_and_the_cpu_small_study_keeps_its_64_px_grid():
+  from mr2ct_jax.experiments import presets  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.data import writer  # pylint: disable=g-import-not-at-top
+  quick = gc.get_config('quick')
+  assert writer.preparation_settings(quick)['image_size'] == 96
+  assert writer.preparation_settings(quick)['spacing_mm'] == pytest.approx(320 / 96)
+  assert quick.train.batch_size == 2
+  study = presets.cell_config(presets.get_preset('cpu_small'), presets.BY_NAME['gc_large'], '/d')
+  settings = writer.preparation_settings(study)
+  assert (settings['image_size'], settings['spacing_mm'], study.train.batch_size) == (64, 5.0, 4)
+
+
 def test_unknown_variant():
   with pytest.raises(ValueError, match='unknown variant'):
     gc.get_config('bogus')

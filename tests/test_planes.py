@@ -387,7 +387,7 @@ def test_phantom_and_prepare_use_the_defaults_for_unset_fields(test_config):
   sys.path.insert(0, REPO)
   from configs import gc  # pylint: disable=g-import-not-at-top
   assert writer.preparation_settings(gc.get_config('quick')) == {
-      'spacing_mm': 5.0, 'image_size': 64, 'mr_percentile': 99.5, 'n4': False,
+      'spacing_mm': 320.0 / 96, 'image_size': 96, 'mr_percentile': 99.5, 'n4': False,
       'plane': 'axial'}
   assert writer.preparation_settings(gc.get_config())['image_size'] == 256
   config = test_config.copy_and_resolve_references()
