@@ -19,6 +19,7 @@ from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.evaluation import fingerprint
 from mr2ct_jax.evaluation import native
 from mr2ct_jax.evaluation import synthrad
+from mr2ct_jax.data import checksums
 from mr2ct_jax.inference import volumes as inference_volumes
 from mr2ct_jax.evaluation import paired
 from mr2ct_jax.evaluation import scoring
@@ -231,11 +232,29 @@ def test_evaluate_end_to_end_on_phantom(tmp_path, test_config, monkeypatch, caps
   assert row['synthrad_psnr'] == pytest.approx(synthrad.psnr(ct.array, sct, mask), abs=1e-6)
   if min(ct.shape) >= 7:
     assert row['synthrad_ssim'] == pytest.approx(synthrad.ssim(ct.array, sct, mask), abs=1e-6)
-  else:  # the tiny phantom has fewer slices than SSIM's 7-voxel window
+  else:  # the tiny phantom has fewer slices than SSIM's 7-voxel window, and says so
     assert math.isnan(row['synthrad_ssim'])
+    assert 'SSIM (SynthRAD2023) NaN for 1 volume(s) with fewer than 7 voxels along an axis' in (
+        open(os.path.join(out, 'summary.md'), encoding='utf-8').read())
   assert summary['fingerprint'] == fingerprint.fingerprint(meta, 'test', [row['patient_id']])
   with pytest.raises(reports.ReportError, match='--overwrite'):
     paired.evaluate(str(tmp_path), data_dir, out)
+  # prepare recorded each evaluation source file's hash; the fingerprint covers them.
+  recorded = meta['splits']['test']['patients'][row['patient_id']]
+  assert recorded['sha256'] == {r: checksums.source_sha256(p) for r, p in files.items()}
+  # A source MR edited after prepare (same grid, other voxels): its SynthRAD metrics are NaN
+  # rather than the scores of another volume, and the summary says why.
+  original = open(files['mr'], 'rb').read()
+  mr = volume_lib.read_volume(files['mr'])
+  volume_lib.write_nifti(files['mr'], mr.array[::-1], mr.affine, np.float32, overwrite=True)
+  try:
+    paired.evaluate(str(tmp_path), data_dir, out, overwrite=True, progress=False)
+  finally:
+    open(files['mr'], 'wb').write(original)
+  (edited,) = reports.read_rows_json(os.path.join(out, 'per_volume.json'))
+  assert math.isnan(edited['synthrad_mae']) and edited['mae_255'] == row['mae_255']
+  assert 'gone or changed since the data were prepared' in open(
+      os.path.join(out, 'summary.md'), encoding='utf-8').read()
   # Source files gone: NaN SynthRAD metrics, and the summary says so.
   monkeypatch.setattr(native, 'recorded_files', lambda *args: {})
   paired.evaluate(str(tmp_path), data_dir, out, overwrite=True, progress=False)

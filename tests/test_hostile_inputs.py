@@ -139,6 +139,7 @@ def _make(case, tmp):
       'symbolic-link loop': lambda: os.symlink(tmp / 'loop', tmp / 'loop') or str(tmp / 'loop'),
       'mm voxels labelled microns': lambda: _with_units(_nifti(tmp / 'um.nii.gz', body), 'micron'),
       'constant MR': lambda: _nifti(tmp / 'const.nii.gz', np.full(body.shape, 100.0)),
+      'all-zero MR': lambda: _nifti(tmp / 'zeros.nii.gz', np.zeros(body.shape)),
       'values beyond float32': lambda: _nifti(tmp / 'big.nii.gz', body.astype(np.float64) * 1e300,
                                               dtype=np.float64),
   }
@@ -191,6 +192,7 @@ CASES = [
     ('symbolic-link loop', 'no such input'),
     ('mm voxels labelled microns', r'under 2 mm along every axis'),
     ('constant MR', 'a constant volume holds no MR image'),
+    ('all-zero MR', 'every voxel is 0; a constant volume holds no MR image'),
     ('values beyond float32', 'voxel values up to 8e+302 exceed float32'),
 ]
 

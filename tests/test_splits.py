@@ -300,10 +300,27 @@ def test_an_off_grid_paired_ct_says_whether_shape_or_affine_differs():
   shifted = np.diag([2.0, 2.0, 3.0, 1.0])
   shifted[0, 3] = 5.0
   cases = [(volume.Volume(np.zeros((4, 5, 2), np.float32), mr.affine, 'ct.nii'),
-            r'ct\.nii: not on the MR grid of mr\.nii \(shape \(4, 5, 2\) vs \(4, 5, 3\)\)'),
+            r'ct\.nii: not on the grid of mr\.nii \(shape \(4, 5, 2\) vs \(4, 5, 3\)\)'),
            (volume.Volume(np.zeros((4, 5, 3), np.float32), shifted, 'ct.nii'),
             r'\(same shape, affines differ by up to 5 \(mm or direction cosines\)\); a paired')]
   for ct, message in cases:
     with pytest.raises(prepare_volumes.Skipped, match=message):
       prepare_volumes.check_same_grid(mr, ct)
   prepare_volumes.check_same_grid(mr, volume.Volume(mr.array, mr.affine + 1e-5, 'ct.nii'))
+
+
+def test_a_paired_ct_of_the_mr_grid_in_another_voxel_order_is_reordered_onto_it():
+  mr = volume.Volume(np.zeros((4, 5, 3), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]), 'mr.nii')
+  ct_on_mr = np.arange(60, dtype=np.float32).reshape(4, 5, 3)
+  # Stored LPS (x and y reversed) and with the S axis first: the same world grid.
+  lps_s_first = np.diag([2.0, 2.0, 3.0, 1.0]) @ np.array(
+      [[0, -1, 0, 3], [0, 0, -1, 4], [1, 0, 0, 0], [0, 0, 0, 1]], np.float64)
+  stored = np.ascontiguousarray(ct_on_mr[::-1, ::-1].transpose(2, 0, 1))
+  ct = prepare_volumes.check_same_grid(mr, volume.Volume(stored, lps_s_first, 'ct.nii'))
+  np.testing.assert_array_equal(ct.array, ct_on_mr)
+  np.testing.assert_array_equal(ct.affine, mr.affine)
+  assert ct.path == 'ct.nii'
+  # One voxel larger along x in the world: another grid, refused as before.
+  with pytest.raises(prepare_volumes.Skipped, match='not on the grid of mr.nii'):
+    prepare_volumes.check_same_grid(mr, volume.Volume(stored, lps_s_first * [[1.1], [1], [1],
+                                                                             [1]], 'ct.nii'))

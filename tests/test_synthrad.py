@@ -155,6 +155,25 @@ def test_sct_folder_end_to_end(tmp_path, capsys):
   assert _main('--compare', out, out2, f'--output={tmp_path / "cmp"}') == 0
 
 
+def test_an_sct_stored_in_another_voxel_order_is_scored_on_its_cts_grid(tmp_path):
+  # The CT's grid written LPS with x and z swapped: the same voxels at the same world points.
+  dirs, data = _folders(tmp_path)
+  ct, sct, _ = data['p1']
+  swapped = AFFINE @ np.array([[0, 0, -1, SHAPE[0] - 1], [0, -1, 0, SHAPE[1] - 1],
+                               [1, 0, 0, 0], [0, 0, 0, 1]], np.float64)
+  other = tmp_path / 'other'
+  _write(str(other), 'p1.nii.gz', np.ascontiguousarray(sct[::-1, ::-1].transpose(2, 1, 0)),
+         swapped)
+  _write(str(other), 'p2.nii.gz', data['p2'][1])
+  summary = sct_folder.evaluate_folder(str(other), dirs['ct'], None, str(tmp_path / 'out'),
+                                       progress=False)
+  row = reports.read_rows_json(str(tmp_path / 'out' / 'per_volume.json'))[0]
+  assert summary['num_volumes'] == 2 and row['patient_id'] == 'p1'
+  ref = _challenge(ct, sct, mask_lib.body_mask(ct, modality='ct'))
+  for key in synthrad.METRIC_KEYS:
+    assert row[key] == pytest.approx(ref[key], abs=1e-6)
+
+
 def test_sct_folder_bad_inputs(tmp_path):
   dirs, data = _folders(tmp_path)
   ct, sct, mask = data['p1']
@@ -183,7 +202,8 @@ def test_sct_folder_bad_inputs(tmp_path):
       (dict(sct=str(extra_sct)), "p3_sct.nii.gz: no CT for patient 'p3'.*without CT: \\['p3'\\]"),
       (dict(sct=str(few_sct)), "p2.nii: no sCT for patient 'p2'.*without sCT: \\['p2'\\]"),
       (dict(sct=variant('shape', p1=(sct[:, :, :12], AFFINE))), 'p1.nii.gz: sCT has shape'),
-      (dict(sct=variant('affine', p1=(sct, shifted))), 'p1.nii.gz: sCT affine differs'),
+      (dict(sct=variant('affine', p1=(sct, shifted))),
+       'p1.nii.gz: sCT is not on the grid of its CT .*even after reordering the axes'),
       (dict(sct=variant('nan', p1=(nan, AFFINE))), 'p1.nii.gz: 1 of .* voxels are NaN'),
       # An sCT saved as (HU + 1024) / 4096 would otherwise score a plausible-looking MAE.
       (dict(sct=variant('unitless', p1=((sct + 1024) / 4096, AFFINE))),

@@ -126,6 +126,19 @@ def test_missing_data_dir_is_named(tmp_path):
   assert (tmp_path / 'mine').is_dir()
 
 
+def test_a_workdir_that_is_a_file_or_lies_under_one_is_a_one_line_config_error(
+    tmp_path, test_config):
+  from mr2ct_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.training import loop as train  # pylint: disable=g-import-not-at-top
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('mine', encoding='utf-8')
+  for workdir, message in [(a_file, 'notes.txt: a file, not a folder'),
+                           (a_file / 'run', 'notes.txt/run: cannot create it: Not a directory')]:
+    with pytest.raises(config_checks.ConfigError, match=message):
+      train.train(test_config, str(workdir))
+  assert a_file.read_text(encoding='utf-8') == 'mine'  # the user's file is untouched
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   """A NaN loss at step 3 stops the run naming the step and the term; step 2's checkpoint
   (the last good one) stays and no checkpoint of the bad step is written."""

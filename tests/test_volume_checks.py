@@ -97,6 +97,49 @@ def test_a_dicom_file_gdcm_cannot_parse_is_not_silently_left_out(tmp_path):
                  's003.dcm')
 
 
+def _element(group: int, elem: int, vr: str, value: bytes | str) -> bytes:
+  """One explicit-VR little-endian data element."""
+  value = value.encode() if isinstance(value, str) else value
+  value += (b'\0' if vr == 'UI' else b' ') * (len(value) % 2)
+  if vr in ('OB', 'SQ'):
+    return struct.pack('<HH2sHI', group, elem, vr.encode(), 0, len(value)) + value
+  return struct.pack('<HH2sH', group, elem, vr.encode(), len(value)) + value
+
+
+def _part10(sop_class: str, body: bytes) -> bytes:
+  """A Part-10 DICOM file (explicit VR little endian) of `sop_class` holding `body`."""
+  meta = (_element(2, 1, 'OB', b'\0\1') + _element(2, 2, 'UI', sop_class) +
+          _element(2, 3, 'UI', '1.2.3.4.5') + _element(2, 0x10, 'UI', '1.2.840.10008.1.2.1'))
+  return (b'\0' * 128 + b'DICM' + _element(2, 0, 'UL', struct.pack('<I', len(meta))) + meta +
+          body)
+
+
+_DICOMDIR_BODY = (_element(4, 0x1130, 'CS', '') + _element(4, 0x1200, 'UL', bytes(4)) +
+                  _element(4, 0x1202, 'UL', bytes(4)) + _element(4, 0x1212, 'US', bytes(2)) +
+                  _element(4, 0x1220, 'SQ', b''))
+_SR_BODY = (_element(8, 0x16, 'UI', '1.2.840.10008.5.1.4.1.1.88.11') +
+            _element(8, 0x18, 'UI', '1.2.3.4.6') + _element(8, 0x60, 'CS', 'SR') +
+            _element(0x20, 0xd, 'UI', '1.2.3.9') + _element(0x20, 0xe, 'UI', '1.2.3.10'))
+
+
+@pytest.mark.parametrize('name, sop_class, body', [
+    ('DICOMDIR', '1.2.840.10008.1.3.10', _DICOMDIR_BODY),          # Media Storage Directory
+    ('report.dcm', '1.2.840.10008.5.1.4.1.1.88.11', _SR_BODY)])    # Basic Text SR
+def test_a_dicom_object_without_an_image_beside_the_series_is_ignored_with_a_warning(
+    tmp_path, caplog, name, sop_class, body):
+  folder = tmp_path / 'series'
+  write_dicom_series(str(folder), _sitk_image(), '1.2.826.0.1.3680043.2.1125.32')
+  expected = volume.read_volume(str(folder))
+  (folder / name).write_bytes(_part10(sop_class, body))
+  with caplog.at_level(logging.WARNING):
+    got = volume.read_volume(str(folder))
+  np.testing.assert_array_equal(got.array, expected.array)
+  np.testing.assert_array_equal(got.affine, expected.affine)
+  assert [r.getMessage() for r in caplog.records if 'without an image' in r.getMessage()] == [
+      f'{folder / name}: a DICOM object without an image (SOP class {sop_class}, e.g. a '
+      'DICOMDIR or a report) beside the series; ignored']
+
+
 def test_pixel_values_that_spell_the_pixel_data_tag_are_not_mistaken_for_it(tmp_path):
   """Voxels 32736, 16 are the bytes e0 7f 10 00 of the PixelData tag: still a valid file."""
   array = (np.arange(5 * 7 * 6).reshape(5, 7, 6) % 50).astype(np.int16)

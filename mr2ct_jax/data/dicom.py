@@ -8,14 +8,16 @@ pixel spacings, duplicate or irregular slice positions, positions that drift in-
 than half a pixel over the stack (a gantry tilt, which an affine built from the slice normal
 would drop), a slice whose PixelData is shorter than Rows x Columns x BitsAllocated (its
 voxels would be read as garbage), a file GDCM cannot parse (it would be left out of the
-series silently), or a declared size over the voxel budget (checked before the voxels are
-read; the field of view and the 2-voxel rule of `volume_checks` follow once the series is
-read).
+series silently; a DICOM object whose SOP class holds no image beside the slices, a DICOMDIR
+or a report, is ignored with a warning instead), or a declared size over the voxel budget
+(checked before the voxels are read; the field of view and the 2-voxel rule of
+`volume_checks` follow once the series is read).
 """
 
 import os
 import struct
 
+from absl import logging
 import numpy as np
 import SimpleITK as sitk
 
@@ -103,6 +105,57 @@ def _pixel_data_length(path: str) -> tuple[int, int]:
     found.append((length, available))
     at = data.find(_PIXEL_DATA_TAG, at + 1)
   return found[0] if found else (0, 0)
+
+
+# SOP classes of DICOM objects that hold no image (DICOM PS3.4 Annex B): a DICOMDIR, structured
+# reports and key-object selections, presentation states, encapsulated documents, raw data and
+# registrations, RT structure sets and plans. A prefix ending in '.' covers a family.
+_NON_IMAGE_SOP_CLASSES = ('1.2.840.10008.1.3.10', '1.2.840.10008.5.1.4.1.1.88.',
+                          '1.2.840.10008.5.1.4.1.1.11.', '1.2.840.10008.5.1.4.1.1.104.',
+                          '1.2.840.10008.5.1.4.1.1.66', '1.2.840.10008.5.1.4.1.1.66.',
+                          '1.2.840.10008.5.1.4.1.1.481.3', '1.2.840.10008.5.1.4.1.1.481.5')
+_LONG_LENGTH_VRS = (b'OB', b'OD', b'OF', b'OL', b'OV', b'OW', b'SQ', b'SV', b'UC', b'UN',
+                    b'UR', b'UT', b'UV')
+
+
+def _media_storage_sop_class(path: str) -> str | None:
+  """MediaStorageSOPClassUID (0002,0002) of a Part-10 file's meta header (None: none found).
+
+  The meta group is always explicit VR little endian, whatever the data set's syntax.
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read(4096)
+  except OSError:
+    return None
+  if data[128:132] != b'DICM':
+    return None
+  at = 132
+  while at + 8 <= len(data):
+    group, element = struct.unpack('<HH', data[at:at + 4])
+    if group != 0x0002:
+      return None
+    vr = data[at + 4:at + 6]
+    if vr in _LONG_LENGTH_VRS:
+      length, start = struct.unpack('<I', data[at + 8:at + 12])[0], at + 12
+    else:
+      length, start = struct.unpack('<H', data[at + 6:at + 8])[0], at + 8
+    if element == 0x0002:
+      return data[start:start + length].decode('ascii', 'replace').strip(' \0')
+    at = start + length
+  return None
+
+
+def _is_non_image_object(path: str) -> bool:
+  """True for a DICOM object that holds no image by its SOP class (a DICOMDIR, a report...).
+
+  A damaged image keeps its image SOP class and is refused as damaged, even when the cut
+  removed its pixel data.
+  """
+  sop_class = _media_storage_sop_class(path)
+  return sop_class is not None and any(
+      sop_class == uid or (uid.endswith('.') and sop_class.startswith(uid))
+      for uid in _NON_IMAGE_SOP_CLASSES)
 
 
 def _slice_info(path: str) -> dict:
@@ -224,6 +277,12 @@ def read_series(folder: str, allow_large: bool = False) -> tuple[np.ndarray, np.
   present = [entry.path for entry in os.scandir(folder) if entry.is_file()
              and not entry.name.startswith('.') and looks_like_dicom_file(entry.path)]
   left_out = sorted(set(map(os.path.abspath, present)) - set(map(os.path.abspath, files)))
+  for path in [p for p in left_out if _is_non_image_object(p)]:
+    # A DICOMDIR, a structured report or a presentation state beside the slices is a valid
+    # DICOM object without an image: not a slice that went missing.
+    logging.warning('%s: a DICOM object without an image (SOP class %s, e.g. a DICOMDIR or a '
+                    'report) beside the series; ignored', path, _media_storage_sop_class(path))
+    left_out.remove(path)
   if left_out:
     names = ', '.join(os.path.basename(p) for p in left_out[:3])
     raise VolumeError(f'{folder}: {len(left_out)} DICOM file(s) are not part of the series '

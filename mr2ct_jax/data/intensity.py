@@ -143,10 +143,7 @@ def normalise_mr(array: np.ndarray, mask: np.ndarray | None, percentile: float =
   array = np.asarray(array, np.float32)
   if not 0 < percentile <= 100:
     raise ValueError(f'percentile must be in (0, 100], got {percentile}')
-  if array.size and float(np.min(array)) == float(np.max(array)):
-    # Its threshold mask would be all body (or none): nothing to anchor or to translate.
-    raise volume_lib.VolumeError(f'{path}: every voxel is {float(array.flat[0]):g}; a '
-                                 'constant volume holds no MR image')
+  check_not_constant(array, path, 'MR')
   if mask is None:
     mask = array > 0
   mask = np.asarray(mask, bool)
@@ -160,6 +157,16 @@ def normalise_mr(array: np.ndarray, mask: np.ndarray | None, percentile: float =
     raise volume_lib.VolumeError(f'{path}: the {percentile} percentile of the body is '
                                  f'{anchor:.4g}; expected a positive MR intensity')
   return (array * np.float32(target / anchor)).astype(np.float32)
+
+
+def check_not_constant(array: np.ndarray, path: str, modality: str) -> None:
+  """Raises VolumeError when every voxel has one value (an all-zero export, a blank volume).
+
+  Its threshold mask would be all body or none: nothing to anchor or to translate.
+  """
+  if array.size and float(np.min(array)) == float(np.max(array)):
+    raise volume_lib.VolumeError(f'{path}: every voxel is {float(array.flat[0]):g}; a '
+                                 f'constant volume holds no {modality} image')
 
 
 def check_ct_is_hu(array: np.ndarray, path: str) -> None:

@@ -68,3 +68,24 @@ def from_canonical_affine(affine_ras: np.ndarray, ornt_transform: np.ndarray,
   """The stored-order affine from the canonical one (inverse of to_canonical's affine)."""
   inverse = invert_transform(ornt_transform)
   return np.asarray(affine_ras, np.float64) @ orientations.inv_ornt_aff(inverse, shape_ras[:3])
+
+
+def onto_grid_of(reference: volume_lib.Volume, other: volume_lib.Volume,
+                 atol: float) -> volume_lib.Volume | None:
+  """`other` in `reference`'s voxel order, when both are one world grid stored differently.
+
+  A CT exported LPS beside its RAS MR, or a label map written with its axes swapped, holds
+  the same voxels at the same world positions as an image on the reference grid; only the
+  order of the axes and their directions differ. Then the voxels are permuted / flipped
+  (no resampling) and the result carries `reference`'s affine. None when the grids differ
+  in the world (shape or, beyond `atol` in mm or direction cosines, affine) after
+  reorientation.
+  """
+  ref_ras, ref_affine, ref_ornt = to_canonical((np.empty(reference.shape, np.bool_),
+                                                reference.affine))
+  other_ras, other_affine, _ = to_canonical(other)
+  if other_ras.shape != ref_ras.shape or not np.allclose(other_affine, ref_affine, atol=atol):
+    return None
+  return volume_lib.Volume(from_canonical(other_ras, ref_ornt),
+                           np.asarray(reference.affine, np.float64), other.path, other.squeezed,
+                           other.allow_large)

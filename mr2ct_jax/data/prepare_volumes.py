@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Callable
 
+from absl import logging
 import numpy as np
 
 from mr2ct_jax.data import intensity
@@ -19,8 +20,12 @@ from mr2ct_jax.data import mask as mask_lib
 from mr2ct_jax.data import preprocess
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import dicom
+from mr2ct_jax.data import orientation
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.data.dataset import DatasetError
+
+# Two grids are one when their affines agree to this (mm, or direction cosines).
+GRID_ATOL = 1e-3
 
 # Order in which splits are listed and prepared: evaluation splits first (dataset.EVAL_SPLITS),
 # then the training splits.
@@ -173,21 +178,40 @@ def preprocess_binary(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
 
 def grid_mismatch(reference: volume_lib.Volume, other: volume_lib.Volume) -> str | None:
   """How `other`'s grid differs from `reference`'s ('shape A vs B' or how far the affines
-  differ), or None when they share shape and affine (to 1e-3)."""
+  differ), or None when they share shape and affine (to GRID_ATOL)."""
   if other.array.shape != reference.array.shape:
     return f'shape {other.array.shape} vs {reference.array.shape}'
-  if not np.allclose(other.affine, reference.affine, atol=1e-3):
+  if not np.allclose(other.affine, reference.affine, atol=GRID_ATOL):
     gap = float(np.max(np.abs(np.asarray(other.affine) - np.asarray(reference.affine))))
     return f'same shape, affines differ by up to {gap:.4g} (mm or direction cosines)'
   return None
 
 
-def check_same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> None:
-  """Raises Skipped unless `b` has the shape and affine of `a` (the MR)."""
-  mismatch = grid_mismatch(a, b)
-  if mismatch:
-    raise Skipped(f'{b.path}: not on the MR grid of {a.path} ({mismatch}); a paired CT must '
-                  'be registered and resampled to its MR')
+def on_grid_of(reference: volume_lib.Volume, other: volume_lib.Volume, needs: str,
+               what: str = '') -> volume_lib.Volume:
+  """`other` on `reference`'s grid: itself, or its voxels reordered when it is the same world
+  grid stored in another axis order (e.g. an LPS CT beside its RAS MR; logged).
+
+  Raises:
+    Skipped: a grid that differs in the world, naming `other` as `what` (e.g. 'label map')
+      and saying what it `needs`.
+  """
+  mismatch = grid_mismatch(reference, other)
+  if not mismatch:
+    return other
+  reordered = orientation.onto_grid_of(reference, other, GRID_ATOL)
+  if reordered is None:
+    raise Skipped(f'{other.path}: {what + " is " if what else ""}not on the grid of '
+                  f'{reference.path} ({mismatch}); {needs}')
+  logging.info('%s: the grid of %s stored in another voxel order (%s vs %s); reordered',
+               other.path, reference.path, orientation.axcodes(other.affine),
+               orientation.axcodes(reference.affine))
+  return reordered
+
+
+def check_same_grid(a: volume_lib.Volume, b: volume_lib.Volume) -> volume_lib.Volume:
+  """`b` on the grid of `a` (the MR): see `on_grid_of`; Skipped if it is not."""
+  return on_grid_of(a, b, 'a paired CT must be registered and resampled to its MR')
 
 
 def ct_fov(ct_slices: np.ndarray, plane: str = 'axial') -> np.ndarray:
@@ -207,12 +231,6 @@ def ct_fov(ct_slices: np.ndarray, plane: str = 'axial') -> np.ndarray:
   return tissue.reshape(shape)
 
 
-def _check_label_grid(image: volume_lib.Volume, label: volume_lib.Volume) -> None:
-  mismatch = grid_mismatch(image, label)
-  if mismatch:
-    raise Skipped(f'{label.path}: label map is not on the grid of {image.path} ({mismatch})')
-
-
 def process_patient(split: str, files: dict[str, str], s: Settings,
                     allow_large: bool = False) -> tuple[
     dict[str, np.ndarray], preprocess.SliceGeometry]:
@@ -227,19 +245,20 @@ def process_patient(split: str, files: dict[str, str], s: Settings,
   if split in ('labeled', 'labeled_mr'):
     role = 'ct' if split == 'labeled' else 'mr'
     image_vol, label_vol = read(files[role], allow_large), read(files['label'], allow_large)
-    _check_label_grid(image_vol, label_vol)
+    label_vol = on_grid_of(image_vol, label_vol, 'resample it to its image',
+                           'label map')
     process = preprocess_ct if split == 'labeled' else preprocess_mr
     image, body, geom = process(image_vol, s)
     return {'image': image, 'mask': body, 'label': preprocess_labels(label_vol, s)}, geom
   # test / val: MR + registered CT (+ body mask, labels) on the MR grid.
   mr_vol, ct_vol = read(files['mr'], allow_large), read(files['ct'], allow_large)
-  check_same_grid(mr_vol, ct_vol)
+  ct_vol = check_same_grid(mr_vol, ct_vol)
   image, body, geom = preprocess_mr(mr_vol, s)
   paired, _, _ = preprocess_ct(ct_vol, s)
   arrays = {'image': image, 'paired': paired}
   if 'mask' in files:
     mask_vol = read(files['mask'], allow_large)
-    check_same_grid(mr_vol, mask_vol)
+    mask_vol = on_grid_of(mr_vol, mask_vol, 'resample it to its MR', 'body mask')
     body = preprocess_binary(mask_vol, s)
   arrays['mask'] = (body.astype(bool) & ct_fov(paired, s.plane)).astype(np.uint8)
   if not arrays['mask'].any():
@@ -247,7 +266,7 @@ def process_patient(split: str, files: dict[str, str], s: Settings,
                   'body inside the CT\'s field of view)')
   if 'label' in files:
     label_vol = read(files['label'], allow_large)
-    check_same_grid(mr_vol, label_vol)
+    label_vol = on_grid_of(mr_vol, label_vol, 'resample it to its MR', 'label map')
     arrays['label'] = preprocess_labels(label_vol, s)
   return arrays, geom
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from mr2ct_jax import atomic
 from mr2ct_jax import storage
+from mr2ct_jax.data import checksums
 from mr2ct_jax.data import dataset
 from mr2ct_jax.data import prepare_volumes
 from mr2ct_jax.data import preprocess
@@ -76,6 +77,8 @@ def _build(tmp: str, inputs: prepare_volumes.Inputs, s: prepare_volumes.Settings
       sources.setdefault(split, {})[pid] = {
           'files': {r: os.path.abspath(p) for r, p in files.items()},
           'num_slices': int(arrays['image'].shape[0])}
+      if split in dataset.EVAL_SPLITS:  # re-read by the evaluation: notice later edits
+        sources[split][pid]['sha256'] = {r: checksums.source_sha256(p) for r, p in files.items()}
   for split, flag in (('train_mr', 'mr_dir'), ('train_ct', 'ct_dir')):
     if not prepared.get(split):
       modality = split[-2:].upper()

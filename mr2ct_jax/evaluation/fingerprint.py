@@ -9,6 +9,8 @@ import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from mr2ct_jax.data import checksums
+
 PREPROCESSING_KEYS = ('spacing_mm', 'image_size', 'mr_percentile', 'n4', 'plane')
 
 
@@ -28,7 +30,8 @@ def fingerprint(meta: Mapping[str, Any] | None, split: str,
 
   Returns:
     {'split', 'patients' (sorted), 'preprocessing' (the meta's values), 'sha256'}: the hash
-    covers the other three and the per-patient input files' names and slice counts.
+    covers the other three and the per-patient input files' names, slice counts and (where
+    `prepare` recorded them) content hashes.
   """
   meta = dict(meta or {})
   pids = sorted(str(p) for p in patients)
@@ -38,18 +41,12 @@ def fingerprint(meta: Mapping[str, Any] | None, split: str,
                   'files': sorted(str(f).rsplit('/', 1)[-1]
                                   for f in recorded[pid].get('files', {}).values())}
             for pid in pids if pid in recorded}
+  for pid, info in inputs.items():
+    if recorded[pid].get('sha256'):  # datasets prepared before hashes were recorded have none
+      info['sha256'] = dict(recorded[pid]['sha256'])
   body = {'split': split, 'patients': pids, 'preprocessing': preprocessing, 'inputs': inputs}
   digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode('utf-8')).hexdigest()
   return {'split': split, 'patients': pids, 'preprocessing': preprocessing, 'sha256': digest}
-
-
-def file_sha256(path: str) -> str:
-  """sha256 of a file's bytes (read in 1 MiB blocks)."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def files_fingerprint(split: str, files: Mapping[str, Sequence[str]],
@@ -68,7 +65,8 @@ def files_fingerprint(split: str, files: Mapping[str, Sequence[str]],
   """
   pids = sorted(str(p) for p in files)
   preprocessing = dict(preprocessing or {})
-  inputs = {pid: sorted([os.path.basename(str(f)), file_sha256(str(f))] for f in files[pid])
+  inputs = {pid: sorted([os.path.basename(str(f)), checksums.file_sha256(str(f))]
+                        for f in files[pid])
             for pid in pids}
   body = {'split': split, 'patients': pids, 'preprocessing': preprocessing, 'inputs': inputs}
   digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode('utf-8')).hexdigest()

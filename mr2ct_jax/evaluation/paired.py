@@ -8,6 +8,7 @@ summaries and figures are written into an output folder that appears complete or
 `mr2ct_jax.evaluate`.
 """
 
+import math
 import os
 from typing import Any
 
@@ -23,6 +24,7 @@ from mr2ct_jax.evaluation import fingerprint as fingerprint_lib
 from mr2ct_jax.evaluation import native
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.evaluation import scoring
+from mr2ct_jax.evaluation import synthrad
 from mr2ct_jax.evaluation import unpaired
 from mr2ct_jax.inference import generators
 
@@ -72,7 +74,14 @@ def write_outputs(out_dir: str, per_volume: list[dict[str, Any]],
                  'of the sCT that `translate` makes from each recorded MR file, on the CT\'s '
                  'own grid, inside the recorded mask file or the CT\'s body mask'
                  + (f"; {meta['synthrad_missing']} patient(s) NaN: their source files are "
-                    'gone' if meta.get('synthrad_missing') else '') + '.')
+                    'gone or changed since the data were prepared (see the log)'
+                    if meta.get('synthrad_missing') else '') + '.')
+    thin = sum(1 for r in per_volume
+               if math.isnan(r['synthrad_ssim']) and not math.isnan(r['synthrad_mae']))
+    if thin:
+      notes.append(f'SSIM (SynthRAD2023) NaN for {thin} volume(s) with fewer than '
+                   f'{synthrad.SSIM_WIN_SIZE} voxels along an axis: the challenge\'s SSIM '
+                   'window does not fit them.')
   if 'mi_ct_smr' not in keys:
     notes.append('MI(real CT, sMR) not computed: the source has no CT->MR generator.')
   title = f"Evaluation of {meta['source']}" + (f" (step {meta['step']})"

@@ -29,12 +29,14 @@ mask source), so `--compare` pairs only results of the same reference data.
 import os
 from typing import Any
 
+from absl import logging
 import numpy as np
 import tqdm
 
 from mr2ct_jax import atomic
 from mr2ct_jax.data import intensity
 from mr2ct_jax.data import mask as mask_lib
+from mr2ct_jax.data import orientation
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.evaluation import fingerprint as fingerprint_lib
 from mr2ct_jax.evaluation import reports
@@ -107,13 +109,24 @@ def match(sct_dir: str, ct_dir: str, mask_dir: str | None
   return {pid: {'sct': scts[pid], 'ct': cts[pid], 'mask': masks.get(pid)} for pid in cts}
 
 
-def _check_grid(vol: volume_lib.Volume, ct: volume_lib.Volume, what: str) -> None:
-  if vol.shape != ct.shape:
+def _on_ct_grid(vol: volume_lib.Volume, ct: volume_lib.Volume, what: str) -> volume_lib.Volume:
+  """`vol` on its CT's grid: itself, or its voxels reordered when it is the CT's grid stored
+  in another voxel order (e.g. an sCT written LPS beside a RAS CT); EvaluateError if not."""
+  if vol.shape == ct.shape and np.allclose(vol.affine, ct.affine, atol=AFFINE_ATOL_MM):
+    return vol
+  reordered = orientation.onto_grid_of(ct, vol, AFFINE_ATOL_MM)
+  if reordered is not None:
+    logging.info('%s: the grid of its CT %s stored in another voxel order (%s vs %s); '
+                 'reordered', vol.path, ct.path, orientation.axcodes(vol.affine),
+                 orientation.axcodes(ct.affine))
+    return reordered
+  if vol.shape != ct.shape and sorted(vol.shape) != sorted(ct.shape):
     raise EvaluateError(f'{vol.path}: {what} has shape {vol.shape}, its CT {ct.path} has '
                         f'{ct.shape}; resample it to the CT\'s grid')
-  if not np.allclose(vol.affine, ct.affine, atol=AFFINE_ATOL_MM):
-    raise EvaluateError(f'{vol.path}: {what} affine differs from its CT {ct.path}\'s; write '
-                        'it in the CT\'s geometry')
+  raise EvaluateError(f'{vol.path}: {what} is not on the grid of its CT {ct.path} (shape '
+                      f'{vol.shape} vs {ct.shape}, orientation {orientation.axcodes(vol.affine)}'
+                      f' vs {orientation.axcodes(ct.affine)}, even after reordering the axes); '
+                      'write it in the CT\'s geometry')
 
 
 # Inside the body an sCT in HU has its median in soft tissue and some fat below -20 HU; an MR
@@ -148,7 +161,7 @@ def score_patient(files: dict[str, str | None]) -> dict[str, Any]:
     raise EvaluateError(f'{ct.path}: shape {ct.shape}; the SynthRAD SSIM needs at least '
                         f'{synthrad.SSIM_WIN_SIZE} voxels along every axis')
   sct = volume_lib.read_volume(files['sct'])
-  _check_grid(sct, ct, 'sCT')
+  sct = _on_ct_grid(sct, ct, 'sCT')
   if files['mask'] is None:
     mask = mask_lib.body_mask(ct.array, modality='ct')
     if not mask.any():
@@ -156,7 +169,7 @@ def score_patient(files: dict[str, str | None]) -> dict[str, Any]:
                           f'{mask_lib.CT_BODY_THRESHOLD_HU} HU); pass --mask_dir')
   else:
     mask_vol = volume_lib.read_volume(files['mask'])
-    _check_grid(mask_vol, ct, 'mask')
+    mask_vol = _on_ct_grid(mask_vol, ct, 'mask')
     mask = mask_vol.array > 0
     if not mask.any():
       raise EvaluateError(f'{mask_vol.path}: empty mask (no voxel > 0)')

@@ -99,6 +99,8 @@ def translate_volume(vol: volume_lib.Volume, apply_fn: ApplyFn,
   """
   data = config.data
   batch_size = int(batch_size or config.eval.batch_size)
+  if direction in ('mr2ct', 'ct2mr'):
+    intensity.check_not_constant(vol.array, vol.path, direction[:2].upper())
   if direction == 'mr2ct':
     intensity.check_mr_is_not_hu(vol.array, vol.path)
     if data.n4:

@@ -75,7 +75,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   with preemption.StopSignals() as stop, atomic.removed_if_left_empty(workdir):
     mesh = parallel.make_mesh()
     config_checks.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
-    storage.makedirs(workdir)  # a gs:// workdir: checks that gcsfs is installed
+    if storage.exists(workdir) and not storage.isdir(workdir):
+      raise config_checks.ConfigError(f'--workdir={workdir}: a file, not a folder')
+    try:
+      storage.makedirs(workdir)  # a gs:// workdir: checks that gcsfs is installed
+    except OSError as e:  # a file where a parent folder should be, a read-only disk...
+      raise config_checks.ConfigError(
+          f'--workdir={workdir}: cannot create it: {e.strerror or e}') from e
     data_dir = resolve.resolve_data_dir(config, workdir)
     # Preprocessing fields left None are the dataset's: the run records (and resumes with)
     # the filled config, which translate and evaluate apply to new volumes.
