@@ -266,7 +266,7 @@ def _translate(source: str, input_path: str, output_path: str, direction: str,
     else:
       # file_shape: the input's own shape, trailing singleton axes ([X, Y, Z, 1]) included.
       volume_lib.write_nifti(job.output_path, result.reshape(vol.file_shape), vol.affine,
-                             dtype=dtype, overwrite=overwrite)
+                             dtype=dtype, overwrite=overwrite, xform_code=vol.xform_code)
     written.append(job.output_path)
   if skipped:
     raise TranslateError(f'{shown(input_path)}: {len(skipped)} of {len(jobs)} volumes skipped '

@@ -234,7 +234,7 @@ def test_evaluate_end_to_end_on_phantom(tmp_path, test_config, monkeypatch, caps
     assert row['synthrad_ssim'] == pytest.approx(synthrad.ssim(ct.array, sct, mask), abs=1e-6)
   else:  # the tiny phantom has fewer slices than SSIM's 7-voxel window, and says so
     assert math.isnan(row['synthrad_ssim'])
-    assert 'SSIM (SynthRAD2023) NaN for 1 volume(s) with fewer than 7 voxels along an axis' in (
+    assert 'SSIM (SynthRAD2023) NaN for 1 volume(s): fewer than 7 voxels along an axis' in (
         open(os.path.join(out, 'summary.md'), encoding='utf-8').read())
   assert summary['fingerprint'] == fingerprint.fingerprint(meta, 'test', [row['patient_id']])
   with pytest.raises(reports.ReportError, match='--overwrite'):

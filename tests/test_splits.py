@@ -309,6 +309,39 @@ def test_an_off_grid_paired_ct_says_whether_shape_or_affine_differs():
   prepare_volumes.check_same_grid(mr, volume.Volume(mr.array, mr.affine + 1e-5, 'ct.nii'))
 
 
+def _stored_otherwise(path, out):
+  """`path` rewritten on the same world grid with x reversed and the S axis first."""
+  vol = volume.read_volume(path)
+  flip_s_first = np.array([[0, -1, 0, vol.shape[0] - 1], [0, 0, 1, 0], [1, 0, 0, 0],
+                           [0, 0, 0, 1]], np.float64)
+  stored = np.ascontiguousarray(vol.array[::-1].transpose(2, 0, 1))
+  return volume.write_nifti(out, stored, vol.affine @ flip_s_first, np.float32)
+
+
+def test_a_paired_ct_and_mask_in_another_voxel_order_prepare_and_score_as_the_originals(
+    raw, tmp_path):
+  # The test subject t0's CT and body mask stored otherwise: the same prepared arrays, and
+  # the evaluation's native-grid metrics (which re-read the source files) the same numbers.
+  from mr2ct_jax.evaluation import native  # pylint: disable=g-import-not-at-top
+  folder = _link(raw['paired'], ['t0_mr.nii.gz', 't0_label.nii.gz'], tmp_path / 'paired')
+  for role in ('ct', 'mask'):
+    _stored_otherwise(os.path.join(raw['paired'], f't0_{role}.nii.gz'),
+                      os.path.join(folder, f't0_{role}.nii.gz'))
+  original = _link(raw['paired'], [n for n in os.listdir(raw['paired']) if n.startswith('t0_')],
+                   tmp_path / 'original')
+  dirs = [writer.prepare(raw['mr'], raw['ct'], str(tmp_path / name), paired_dir=paired, **KW)
+          for name, paired in (('d_other', folder), ('d_original', original))]
+  splits = [dataset.load_split(d, 'test') for d in dirs]
+  assert len(splits[0]) == len(splits[1]) > 0
+  for a, b in zip(*([s[i] for i in range(len(s))] for s in splits)):
+    for key in ('image', 'paired', 'mask', 'label'):
+      np.testing.assert_array_equal(a[key], b[key])
+  metrics = [native.patient_metrics(native.recorded_files(dataset.load_meta(d), 'test', 't0'),
+                                    lambda x: -np.asarray(x), tiny_config()) for d in dirs]
+  assert metrics[0] == pytest.approx(metrics[1], nan_ok=True)
+  assert not np.isnan(metrics[0]['synthrad_mae'])
+
+
 def test_a_paired_ct_of_the_mr_grid_in_another_voxel_order_is_reordered_onto_it():
   mr = volume.Volume(np.zeros((4, 5, 3), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]), 'mr.nii')
   ct_on_mr = np.arange(60, dtype=np.float32).reshape(4, 5, 3)

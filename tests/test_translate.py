@@ -170,6 +170,24 @@ def test_translate_file_writes_int16_hu_with_input_affine(run, tmp_path):
   assert np.all(data[~ndimage.binary_dilation(body, iterations=3)] == AIR)
   assert dice(data != AIR, body) > 0.92
   assert [f for f in os.listdir(tmp_path) if f.endswith('.tmp') or f.startswith('.tmp')] == []
+  # The space the input's affine maps to (nibabel's default for a new image: 2, aligned)
+  # labels the sCT too; this affine is sheared (a rotation of anisotropic voxels), so it has
+  # no qform.
+  assert int(nib.load(src).header['sform_code']) == 2
+  assert (int(img.header['sform_code']), int(img.header['qform_code'])) == (2, 0)
+
+
+def test_an_sct_keeps_the_mni_label_of_a_registered_mr(run, tmp_path):
+  workdir, _ = run
+  arr, aff, _ = make_volume('RAS', (7.0, 7.0, 7.0), (41, 39, 6))
+  img = nib.Nifti1Image(arr, aff)
+  img.set_sform(aff, code=4)  # MNI152
+  img.set_qform(aff, code=4)
+  nib.save(img, tmp_path / 'mni.nii.gz')
+  out = translate.translate(workdir, str(tmp_path / 'mni.nii.gz'), str(tmp_path / 's.nii.gz'),
+                            progress=False)[0]
+  header = nib.load(out).header
+  assert (int(header['sform_code']), int(header['qform_code'])) == (4, 4)
 
 
 def _rotation(angle):

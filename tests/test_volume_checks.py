@@ -140,6 +140,17 @@ def test_a_dicom_object_without_an_image_beside_the_series_is_ignored_with_a_war
       'DICOMDIR or a report) beside the series; ignored']
 
 
+@pytest.mark.parametrize('cut', [150, 154, 160])
+def test_a_slice_cut_inside_its_meta_header_is_named_as_damaged(tmp_path, cut):
+  # Cut inside a long-length element's header of the file meta: reading the SOP class must
+  # not fail on the short buffer (a struct.error traceback before this was fixed).
+  folder = tmp_path / 'series'
+  write_dicom_series(str(folder), _sitk_image(), '1.2.826.0.1.3680043.2.1125.33')
+  (folder / 'cut.dcm').write_bytes(_part10('1.2.840.10008.5.1.4.1.1.4', b'')[:cut])
+  _error(folder, r'1 DICOM file\(s\) are not part of the series \(unreadable or damaged\): '
+                 'cut.dcm')
+
+
 def test_pixel_values_that_spell_the_pixel_data_tag_are_not_mistaken_for_it(tmp_path):
   """Voxels 32736, 16 are the bytes e0 7f 10 00 of the PixelData tag: still a valid file."""
   array = (np.arange(5 * 7 * 6).reshape(5, 7, 6) % 50).astype(np.int16)

@@ -137,6 +137,8 @@ def _media_storage_sop_class(path: str) -> str | None:
       return None
     vr = data[at + 4:at + 6]
     if vr in _LONG_LENGTH_VRS:
+      if at + 12 > len(data):  # cut inside the element's header: a damaged file
+        return None
       length, start = struct.unpack('<I', data[at + 8:at + 12])[0], at + 12
     else:
       length, start = struct.unpack('<H', data[at + 6:at + 8])[0], at + 8
@@ -146,16 +148,18 @@ def _media_storage_sop_class(path: str) -> str | None:
   return None
 
 
-def _is_non_image_object(path: str) -> bool:
-  """True for a DICOM object that holds no image by its SOP class (a DICOMDIR, a report...).
+def _non_image_sop_class(path: str) -> str | None:
+  """The SOP class of a DICOM object that holds no image (a DICOMDIR, a report...), else None.
 
   A damaged image keeps its image SOP class and is refused as damaged, even when the cut
   removed its pixel data.
   """
   sop_class = _media_storage_sop_class(path)
-  return sop_class is not None and any(
+  if sop_class is not None and any(
       sop_class == uid or (uid.endswith('.') and sop_class.startswith(uid))
-      for uid in _NON_IMAGE_SOP_CLASSES)
+      for uid in _NON_IMAGE_SOP_CLASSES):
+    return sop_class
+  return None
 
 
 def _slice_info(path: str) -> dict:
@@ -277,12 +281,14 @@ def read_series(folder: str, allow_large: bool = False) -> tuple[np.ndarray, np.
   present = [entry.path for entry in os.scandir(folder) if entry.is_file()
              and not entry.name.startswith('.') and looks_like_dicom_file(entry.path)]
   left_out = sorted(set(map(os.path.abspath, present)) - set(map(os.path.abspath, files)))
-  for path in [p for p in left_out if _is_non_image_object(p)]:
+  for path in list(left_out):
     # A DICOMDIR, a structured report or a presentation state beside the slices is a valid
     # DICOM object without an image: not a slice that went missing.
-    logging.warning('%s: a DICOM object without an image (SOP class %s, e.g. a DICOMDIR or a '
-                    'report) beside the series; ignored', path, _media_storage_sop_class(path))
-    left_out.remove(path)
+    sop_class = _non_image_sop_class(path)
+    if sop_class:
+      logging.warning('%s: a DICOM object without an image (SOP class %s, e.g. a DICOMDIR or '
+                      'a report) beside the series; ignored', path, sop_class)
+      left_out.remove(path)
   if left_out:
     names = ', '.join(os.path.basename(p) for p in left_out[:3])
     raise VolumeError(f'{folder}: {len(left_out)} DICOM file(s) are not part of the series '

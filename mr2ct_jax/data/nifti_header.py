@@ -6,6 +6,7 @@ about reading and writing; nothing here depends on it.
 
 import contextlib
 import logging
+import threading
 from typing import Iterator
 
 import nibabel as nib
@@ -36,42 +37,49 @@ def voxel_type_problem(dtype: np.dtype) -> str | None:
 
 
 class _Collect(logging.Handler):
-  """Keeps the messages of the records it is handed."""
+  """Keeps the records it is handed."""
 
-  def __init__(self):
+  def __init__(self) -> None:
     super().__init__(logging.DEBUG)
-    self.messages: list[str] = []
+    self.records: list[logging.LogRecord] = []
 
   def emit(self, record: logging.LogRecord) -> None:
-    self.messages.append(record.getMessage())
+    self.records.append(record)
+
+
+# nibabel's logger is process-wide: one load at a time swaps its handlers.
+_NIBABEL_LOG_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def nibabel_log_collected() -> Iterator[list[str]]:
+def nibabel_log_collected() -> Iterator[list[logging.LogRecord]]:
   """Collects what nibabel logs while loading, instead of printing it.
 
   nibabel prints its header repairs ('qform_code 7 not valid; setting to 0') on its own
   handler and again through the root logger, two lines without the file's name before our
-  own one-line error. The caller reports the collected messages with the path, or drops
-  them when it raises (the exception says what went wrong). The 'pixdim[1,2,3] should be
-  ...' repair is left out: `raw_zooms` reports bad pixdim as its own error, and when the
-  sform defines the affine pixdim is unused.
+  own one-line error. The caller reports the collected records with the path (at their own
+  level), or drops them when it raises (the exception says what went wrong). The
+  'pixdim[1,2,3] should be ...' repair is left out: `raw_zooms` reports bad pixdim as its
+  own error, and when the sform defines the affine pixdim is unused. The list is complete
+  once the block has ended.
   """
   logger = nib.imageglobals.logger
-  handlers, propagate = list(logger.handlers), logger.propagate
   collect = _Collect()
-  for handler in handlers:
-    logger.removeHandler(handler)
-  logger.addHandler(collect)
-  logger.propagate = False
-  try:
-    yield collect.messages
-  finally:
-    logger.removeHandler(collect)
+  with _NIBABEL_LOG_LOCK:
+    handlers, propagate = list(logger.handlers), logger.propagate
     for handler in handlers:
-      logger.addHandler(handler)
-    logger.propagate = propagate
-    collect.messages[:] = [m for m in collect.messages if not m.startswith('pixdim[1,2,3]')]
+      logger.removeHandler(handler)
+    logger.addHandler(collect)
+    logger.propagate = False
+    try:
+      yield collect.records
+    finally:
+      logger.removeHandler(collect)
+      for handler in handlers:
+        logger.addHandler(handler)
+      logger.propagate = propagate
+      collect.records[:] = [r for r in collect.records
+                            if not r.getMessage().startswith('pixdim[1,2,3]')]
 
 
 def raw_zooms(path: str, img: nib.Nifti1Image) -> np.ndarray | None:

@@ -7,6 +7,7 @@ affine. Axial slices of a canonical array are `array[:, :, k]` (axis 2 = superio
 
 from typing import Union
 
+from absl import logging
 import numpy as np
 from nibabel import orientations
 
@@ -70,9 +71,30 @@ def from_canonical_affine(affine_ras: np.ndarray, ornt_transform: np.ndarray,
   return np.asarray(affine_ras, np.float64) @ orientations.inv_ornt_aff(inverse, shape_ras[:3])
 
 
+# Two grids are one when their affines agree to this (mm, or direction cosines).
+GRID_ATOL_MM = 1e-3
+
+
+def _canonical_grid(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, ...],
+                                                                         np.ndarray]:
+  """The RAS+ shape and affine of a grid (what `to_canonical` gives, without the voxels)."""
+  ornt = canonical_transform(affine)
+  shape_ras = [0, 0, 0]
+  for axis, (target, _) in enumerate(ornt):
+    shape_ras[int(target)] = shape[axis]
+  return tuple(shape_ras), np.asarray(affine, np.float64) @ orientations.inv_ornt_aff(
+      ornt, shape[:3])
+
+
+def same_grid(a: volume_lib.Volume, b: volume_lib.Volume, atol: float = GRID_ATOL_MM) -> bool:
+  """True when `a` and `b` have one shape and one affine (to `atol`) as stored."""
+  return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol)
+
+
 def onto_grid_of(reference: volume_lib.Volume, other: volume_lib.Volume,
-                 atol: float) -> volume_lib.Volume | None:
-  """`other` in `reference`'s voxel order, when both are one world grid stored differently.
+                 atol: float = GRID_ATOL_MM) -> volume_lib.Volume | None:
+  """`other` on `reference`'s grid: itself when stored alike, its voxels reordered when it is
+  the same world grid stored in another voxel order, None when the grids differ.
 
   A CT exported LPS beside its RAS MR, or a label map written with its axes swapped, holds
   the same voxels at the same world positions as an image on the reference grid; only the
@@ -81,11 +103,17 @@ def onto_grid_of(reference: volume_lib.Volume, other: volume_lib.Volume,
   in the world (shape or, beyond `atol` in mm or direction cosines, affine) after
   reorientation.
   """
-  ref_ras, ref_affine, ref_ornt = to_canonical((np.empty(reference.shape, np.bool_),
-                                                reference.affine))
-  other_ras, other_affine, _ = to_canonical(other)
-  if other_ras.shape != ref_ras.shape or not np.allclose(other_affine, ref_affine, atol=atol):
+  if same_grid(reference, other, atol):
+    return other
+  if len(reference.shape) != 3 or len(other.shape) != 3:
     return None
-  return volume_lib.Volume(from_canonical(other_ras, ref_ornt),
+  ref_shape, ref_affine = _canonical_grid(reference.shape, reference.affine)
+  other_shape, other_affine = _canonical_grid(other.shape, other.affine)
+  if other_shape != ref_shape or not np.allclose(other_affine, ref_affine, atol=atol):
+    return None
+  logging.info('%s: the grid of %s stored in another voxel order (%s vs %s); reordered',
+               other.path, reference.path, axcodes(other.affine), axcodes(reference.affine))
+  other_ras, _, _ = to_canonical(other)
+  return volume_lib.Volume(from_canonical(other_ras, canonical_transform(reference.affine)),
                            np.asarray(reference.affine, np.float64), other.path, other.squeezed,
-                           other.allow_large)
+                           other.allow_large, reference.xform_code)

@@ -12,7 +12,6 @@ import dataclasses
 import os
 from typing import Callable
 
-from absl import logging
 import numpy as np
 
 from mr2ct_jax.data import intensity
@@ -23,9 +22,6 @@ from mr2ct_jax.data import dicom
 from mr2ct_jax.data import orientation
 from mr2ct_jax.data import volume as volume_lib
 from mr2ct_jax.data.dataset import DatasetError
-
-# Two grids are one when their affines agree to this (mm, or direction cosines).
-GRID_ATOL = 1e-3
 
 # Order in which splits are listed and prepared: evaluation splits first (dataset.EVAL_SPLITS),
 # then the training splits.
@@ -178,10 +174,10 @@ def preprocess_binary(vol: volume_lib.Volume, s: Settings) -> np.ndarray:
 
 def grid_mismatch(reference: volume_lib.Volume, other: volume_lib.Volume) -> str | None:
   """How `other`'s grid differs from `reference`'s ('shape A vs B' or how far the affines
-  differ), or None when they share shape and affine (to GRID_ATOL)."""
+  differ), or None when they share shape and affine (to `orientation.GRID_ATOL_MM`)."""
   if other.array.shape != reference.array.shape:
     return f'shape {other.array.shape} vs {reference.array.shape}'
-  if not np.allclose(other.affine, reference.affine, atol=GRID_ATOL):
+  if not np.allclose(other.affine, reference.affine, atol=orientation.GRID_ATOL_MM):
     gap = float(np.max(np.abs(np.asarray(other.affine) - np.asarray(reference.affine))))
     return f'same shape, affines differ by up to {gap:.4g} (mm or direction cosines)'
   return None
@@ -196,16 +192,10 @@ def on_grid_of(reference: volume_lib.Volume, other: volume_lib.Volume, needs: st
     Skipped: a grid that differs in the world, naming `other` as `what` (e.g. 'label map')
       and saying what it `needs`.
   """
-  mismatch = grid_mismatch(reference, other)
-  if not mismatch:
-    return other
-  reordered = orientation.onto_grid_of(reference, other, GRID_ATOL)
+  reordered = orientation.onto_grid_of(reference, other)
   if reordered is None:
     raise Skipped(f'{other.path}: {what + " is " if what else ""}not on the grid of '
-                  f'{reference.path} ({mismatch}); {needs}')
-  logging.info('%s: the grid of %s stored in another voxel order (%s vs %s); reordered',
-               other.path, reference.path, orientation.axcodes(other.affine),
-               orientation.axcodes(reference.affine))
+                  f'{reference.path} ({grid_mismatch(reference, other)}); {needs}')
   return reordered
 
 

@@ -14,6 +14,7 @@ import gzip
 import os
 
 from absl import logging
+from absl.logging import converter
 import nibabel as nib
 import numpy as np
 
@@ -39,12 +40,16 @@ class Volume:
       outputs are reshaped to `file_shape` to keep the input's shape.
     allow_large: the user lifted the size bounds for it (`volume_checks`), which later
       processing honours too.
+    xform_code: the NIfTI code of the space the affine maps to (1 scanner, 2 aligned to
+      another scan, 3 Talairach, 4 MNI, 5 a template): a NIfTI input's sform (else qform)
+      code, 1 for DICOM; outputs made on its grid keep it.
   """
   array: np.ndarray
   affine: np.ndarray
   path: str = ''
   squeezed: int = 0
   allow_large: bool = False
+  xform_code: int = 1
 
   @property
   def spacing(self) -> np.ndarray:
@@ -76,9 +81,18 @@ def volume_id(path: str) -> str:
 
 
 def _volume(path: str, array: np.ndarray, affine: np.ndarray, squeezed: int,
-            allow_large: bool) -> Volume:
+            allow_large: bool, xform_code: int = 1) -> Volume:
   return Volume(volume_checks.checked_voxels(path, array, squeezed), affine, path, squeezed,
-                allow_large)
+                allow_large, xform_code)
+
+
+def _xform_code(header: nib.Nifti1Header) -> int:
+  """The code of the space nibabel's affine maps to: the sform's if set, else the qform's,
+  else 1 (scanner, what outputs of a header without orientation are labelled)."""
+  for key in ('sform_code', 'qform_code'):
+    if int(header[key]) > 0:
+      return int(header[key])
+  return 1
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -131,8 +145,9 @@ def _read_nifti(path: str, allow_large: bool) -> Volume:
       img = nib.load(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
       raise VolumeError(f'{path}: not a NIfTI image ({type(img).__name__})')
-    for repair in repairs:  # e.g. 'qform_code 7 not valid; setting to 0'
-      logging.warning('%s: nibabel repaired its header: %s', path, repair)
+    for record in repairs:  # e.g. 'qform_code 7 not valid; setting to 0', at its own level
+      logging.log(converter.standard_to_absl(record.levelno),
+                  '%s: nibabel repaired its header: %s', path, record.getMessage())
     problem = nifti_header.voxel_type_problem(img.get_data_dtype())
     if problem:
       raise VolumeError(f'{path}: {problem}')
@@ -161,7 +176,7 @@ def _read_nifti(path: str, allow_large: bool) -> Volume:
     msg = ' '.join(str(e).replace(path, os.path.basename(path)).split()) or type(e).__name__
     raise VolumeError(f'{path}: cannot read NIfTI (corrupt, truncated or not an image): '
                       f'{msg}') from e
-  return _volume(path, array, affine, squeezed, allow_large)
+  return _volume(path, array, affine, squeezed, allow_large, _xform_code(img.header))
 
 
 def _read_dicom_dir(path: str, allow_large: bool) -> Volume:
@@ -266,14 +281,15 @@ def _cast(path: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16,
-                overwrite: bool = False) -> str:
+                overwrite: bool = False, xform_code: int = 1) -> str:
   """Writes `array` as NIfTI atomically (temporary name in the same folder, then rename; a
   gs:// URL is written locally and uploaded whole).
 
   Float data written to an integer dtype is rounded and clipped to the dtype's range. The file
   is labelled in mm with `affine` as sform and, unless the affine is sheared (a qform cannot
-  hold a shear), also as qform; otherwise qform_code is 0. A volume read from a file in metres
-  or microns therefore comes back in mm with the scaled affine: same physical geometry.
+  hold a shear), also as qform, both with `xform_code`; otherwise qform_code is 0. A volume
+  read from a file in metres or microns therefore comes back in mm with the scaled affine:
+  same physical geometry.
 
   Args:
     path: destination (.nii or .nii.gz); its folder is created if needed.
@@ -281,6 +297,8 @@ def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16
     affine: [4, 4] voxel -> RAS+ world (mm), e.g. `Volume.affine`.
     dtype: on-disk data type (int16 for CT in HU, uint8 for masks/labels, float32 ...).
     overwrite: replace an existing file; otherwise an existing path is an error.
+    xform_code: the sform/qform code, the space the affine maps to (1 scanner; an output on
+      an input's grid passes its `Volume.xform_code`, e.g. 4 for an MR registered to MNI).
 
   Returns:
     `path`.
@@ -298,10 +316,10 @@ def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, dtype=np.int16
   img.header.set_data_dtype(data.dtype)
   img.header.set_xyzt_units('mm', 'sec')
   if nifti_header.qform_representable(affine):
-    img.set_qform(affine, code=1)  # scanner coordinates
+    img.set_qform(affine, code=int(xform_code))
   else:  # nibabel would store an orthogonal approximation that disagrees with the sform
     img.set_qform(None, code=0)
-  img.set_sform(affine, code=1)
+  img.set_sform(affine, code=int(xform_code))
   if not storage.is_remote(path):  # a URL is uploaded whole by atomic.writing
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with atomic.writing(path, 'wb') as f:

@@ -9,7 +9,7 @@ file, else the body mask of the CT (`mask.body_mask(ct, modality='ct')`, as `pre
 `evaluate --sct_dir` compute it). The paired CT of a prepared test split lies on its MR's grid
 (`prepare` checks it), so the MR's geometry is the CT's.
 
-A patient whose recorded MR or CT file no longer exists, or one of whose files changed since
+A patient whose recorded MR, CT or mask file no longer exists, or one of them changed since
 `prepare` (its sha256 differs from the one recorded), gets NaN for these metrics (logged; the
 summary says how many); a volume with an axis shorter than SSIM's 7-voxel window gets NaN
 SSIM.
@@ -21,7 +21,6 @@ from typing import Any
 
 from absl import logging
 import ml_collections
-import numpy as np
 
 from mr2ct_jax.data import checksums
 from mr2ct_jax.data import mask as mask_lib
@@ -32,7 +31,6 @@ from mr2ct_jax.evaluation import synthrad
 from mr2ct_jax.inference import volumes as volumes_lib
 
 NAN_ROW = {k: float('nan') for k in synthrad.METRIC_KEYS}
-GRID_ATOL_MM = 1e-3  # as `prepare` compares a paired CT's grid with its MR's
 
 
 def recorded_files(meta: Mapping[str, Any], split: str, pid: str) -> dict[str, str]:
@@ -47,20 +45,23 @@ def recorded_hashes(meta: Mapping[str, Any], split: str, pid: str) -> dict[str, 
   return dict(patients.get(pid, {}).get('sha256', {}))
 
 
+SCORED_ROLES = ('mr', 'ct', 'mask')  # the recorded files these metrics read
+
+
 def unusable_sources(files: Mapping[str, str],
                      hashes: Mapping[str, str] | None = None) -> list[str]:
-  """Why a patient's recorded files cannot be scored (empty: they can): its MR or CT file
-  is gone, or a file's content changed since `prepare` (its sha256 differs from the one
-  recorded), which would score the sCT of another volume than the prepared one."""
-  problems = [f'{files.get(role) or role}: gone' for role in ('mr', 'ct')
+  """Why a patient's recorded files cannot be scored (empty: they can): its MR or CT file,
+  or a recorded mask, is gone, or one of them changed since `prepare` (its sha256 differs
+  from the one recorded), which would score another volume than the prepared one. Other
+  recorded files (a label map) are not read here and not checked."""
+  recorded = [role for role in SCORED_ROLES if files.get(role) or role in ('mr', 'ct')]
+  problems = [f'{files.get(role) or role}: gone' for role in recorded
               if not (files.get(role) and os.path.exists(files[role]))]
   if problems:
     return problems
-  for role, digest in (hashes or {}).items():
-    path = files.get(role)
-    if path and os.path.exists(path) and checksums.source_sha256(path) != digest:
-      problems.append(f'{path}: changed since the data were prepared')
-  return problems
+  hashes = hashes or {}
+  return [f'{files[role]}: changed since the data were prepared' for role in recorded
+          if role in hashes and checksums.source_sha256(files[role]) != hashes[role]]
 
 
 def patient_metrics(files: Mapping[str, str], sct_fn: scoring.ApplyFn,
@@ -82,7 +83,7 @@ def patient_metrics(files: Mapping[str, str], sct_fn: scoring.ApplyFn,
   # `prepare` accepted a CT of the MR's grid stored in another voxel order: score it on the
   # MR's voxels, as the sCT is written.
   ct = _on_grid_of_mr(ct, mr)
-  if files.get('mask') and os.path.exists(files['mask']):
+  if files.get('mask'):
     mask = _on_grid_of_mr(volume_lib.read_volume(files['mask']), mr).array > 0
   else:
     mask = mask_lib.body_mask(ct.array, modality='ct')
@@ -96,11 +97,9 @@ def patient_metrics(files: Mapping[str, str], sct_fn: scoring.ApplyFn,
 
 
 def _on_grid_of_mr(vol: volume_lib.Volume, mr: volume_lib.Volume) -> volume_lib.Volume:
-  """`vol` on `mr`'s voxels (reordered if stored in another voxel order); EvaluateError
-  when its grid is no longer the MR's."""
-  if vol.shape == mr.shape and np.allclose(vol.affine, mr.affine, atol=GRID_ATOL_MM):
-    return vol
-  reordered = orientation.onto_grid_of(mr, vol, GRID_ATOL_MM)
+  """`vol` on `mr`'s voxels (reordered if stored in another voxel order, as `prepare`
+  accepts); EvaluateError when its grid is no longer the MR's."""
+  reordered = orientation.onto_grid_of(mr, vol)
   if reordered is None:
     raise scoring.EvaluateError(f'{vol.path}: no longer on the grid of its MR {mr.path}; '
                                 'prepare the data again')

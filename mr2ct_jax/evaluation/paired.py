@@ -79,9 +79,9 @@ def write_outputs(out_dir: str, per_volume: list[dict[str, Any]],
     thin = sum(1 for r in per_volume
                if math.isnan(r['synthrad_ssim']) and not math.isnan(r['synthrad_mae']))
     if thin:
-      notes.append(f'SSIM (SynthRAD2023) NaN for {thin} volume(s) with fewer than '
-                   f'{synthrad.SSIM_WIN_SIZE} voxels along an axis: the challenge\'s SSIM '
-                   'window does not fit them.')
+      notes.append(f'SSIM (SynthRAD2023) NaN for {thin} volume(s): fewer than '
+                   f'{synthrad.SSIM_WIN_SIZE} voxels along an axis (the challenge\'s SSIM '
+                   'window does not fit), or no mask voxel left inside its 3-voxel crop.')
   if 'mi_ct_smr' not in keys:
     notes.append('MI(real CT, sMR) not computed: the source has no CT->MR generator.')
   title = f"Evaluation of {meta['source']}" + (f" (step {meta['step']})"

@@ -29,7 +29,6 @@ mask source), so `--compare` pairs only results of the same reference data.
 import os
 from typing import Any
 
-from absl import logging
 import numpy as np
 import tqdm
 
@@ -49,7 +48,6 @@ OWN_FILE = 'per_volume.json'
 PER_VOLUME_FIELDS = ('patient_id', 'sct_file', 'ct_file', 'mask_file', 'mask_voxels'
                      ) + synthrad.METRIC_KEYS
 BODY_MASK = 'ct_body_mask'  # mask_file of a row whose mask was computed from its CT
-AFFINE_ATOL_MM = 1e-3
 
 
 def patient_id(path: str) -> str:
@@ -112,15 +110,10 @@ def match(sct_dir: str, ct_dir: str, mask_dir: str | None
 def _on_ct_grid(vol: volume_lib.Volume, ct: volume_lib.Volume, what: str) -> volume_lib.Volume:
   """`vol` on its CT's grid: itself, or its voxels reordered when it is the CT's grid stored
   in another voxel order (e.g. an sCT written LPS beside a RAS CT); EvaluateError if not."""
-  if vol.shape == ct.shape and np.allclose(vol.affine, ct.affine, atol=AFFINE_ATOL_MM):
-    return vol
-  reordered = orientation.onto_grid_of(ct, vol, AFFINE_ATOL_MM)
+  reordered = orientation.onto_grid_of(ct, vol)
   if reordered is not None:
-    logging.info('%s: the grid of its CT %s stored in another voxel order (%s vs %s); '
-                 'reordered', vol.path, ct.path, orientation.axcodes(vol.affine),
-                 orientation.axcodes(ct.affine))
     return reordered
-  if vol.shape != ct.shape and sorted(vol.shape) != sorted(ct.shape):
+  if sorted(vol.shape) != sorted(ct.shape):
     raise EvaluateError(f'{vol.path}: {what} has shape {vol.shape}, its CT {ct.path} has '
                         f'{ct.shape}; resample it to the CT\'s grid')
   raise EvaluateError(f'{vol.path}: {what} is not on the grid of its CT {ct.path} (shape '
