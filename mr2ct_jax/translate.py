@@ -167,7 +167,7 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
               step: int | None = None, overwrite: bool = False, skip_existing: bool = False,
               batch_size: int | None = None, backend: str = 'jax',
               progress: bool = True, allow_large: bool = False,
-              output_format: str = 'nifti') -> list[str]:
+              output_format: str = 'nifti', flip_average: bool | None = None) -> list[str]:
   """Translates a volume or a folder of volumes with a trained generator.
 
   In a folder, an input that cannot be read or used (`volume_lib.VolumeError`) is reported on
@@ -189,6 +189,8 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
     progress: progress bars over volumes and slices.
     allow_large: accept volumes over the size bounds of `mr2ct_jax.data.volume_checks`.
     output_format: 'nifti' or 'dicom' (a CT DICOM series per volume; mr2ct only).
+    flip_average: average each slice's output with that of its left-right mirror (None: as
+      the run's config.eval.flip_average says; `inference.slices.flip_averaged`).
 
   Returns:
     The written output paths (files, or series folders for DICOM).
@@ -218,13 +220,14 @@ def translate(source: str, input_path: str, output_path: str, *, direction: str 
       shown_input = storage.absolute(input_path)
     return _translate(source, local_input, output_path, direction, step, overwrite,
                       skip_existing, batch_size, backend, progress, allow_large, output_format,
-                      shown_input=shown_input)
+                      flip_average, shown_input=shown_input)
 
 
 def _translate(source: str, input_path: str, output_path: str, direction: str,
                step: int | None, overwrite: bool, skip_existing: bool,
                batch_size: int | None, backend: str, progress: bool, allow_large: bool,
-               output_format: str, shown_input: str | None = None) -> list[str]:
+               output_format: str, flip_average: bool | None,
+               shown_input: str | None = None) -> list[str]:
   """`translate` of a local input; messages say `shown_input` (a URL) for `input_path`."""
   # Imported here, as in `translate`: JAX takes seconds to load.
   from mr2ct_jax.inference import generators  # pylint: disable=g-import-not-at-top
@@ -236,7 +239,8 @@ def _translate(source: str, input_path: str, output_path: str, direction: str,
     raise type(e)(shown(str(e))) from e
   if not jobs:  # --skip_existing and every output exists
     return []
-  apply_fn, config, _ = generators.load_generator(source, direction, step, backend)
+  apply_fn, config, _ = generators.load_generator(source, direction, step, backend,
+                                                  flip_average)
   dtype = np.int16 if direction == 'mr2ct' else np.float32
   if output_format == 'dicom':
     folder = not (os.path.isfile(input_path) or dicom.is_dicom_dir(input_path))
@@ -317,6 +321,9 @@ def _define_flags() -> flags.FlagValues:
   flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.', flag_values=fv)
   flags.DEFINE_bool('skip_existing', False, 'Folder input: leave out volumes whose output '
                     'exists (finish an interrupted run).', flag_values=fv)
+  flags.DEFINE_bool('flip_average', None, 'Average each slice\'s output with that of its '
+                    'left-right mirror (test-time augmentation, twice the generator time); '
+                    'unset: as the run\'s config.eval.flip_average says.', flag_values=fv)
   flags.DEFINE_bool('progress', True, 'Show progress bars.', flag_values=fv)
   flags.DEFINE_bool('allow_large_volumes', False, 'Accept volumes whose field of view or voxel '
                     'count exceeds the bounds for a body scan (they are refused by default).',
@@ -333,7 +340,8 @@ def _run(fv: flags.FlagValues) -> None:
                       direction=fv.direction, step=fv.step, overwrite=fv.overwrite,
                       skip_existing=fv.skip_existing, batch_size=fv.batch_size,
                       backend=fv.backend, progress=fv.progress,
-                      allow_large=fv.allow_large_volumes, output_format=fv.output_format)
+                      allow_large=fv.allow_large_volumes, output_format=fv.output_format,
+                      flip_average=fv.flip_average)
   if not written:
     print(f'nothing to do: every output in {fv.output} exists (--skip_existing)')
     return

@@ -57,6 +57,9 @@ def test_quick_trains_on_96_px_and_the_cpu_small_study_keeps_its_64_px_grid():
   study = presets.cell_config(presets.get_preset('cpu_small'), presets.BY_NAME['gc_large'], '/d')
   settings = writer.preparation_settings(study)
   assert (settings['image_size'], settings['spacing_mm'], study.train.batch_size) == (64, 5.0, 4)
+  # The mirror average: quick's sCT, not the paper's, nor the study's (measured without it).
+  assert quick.eval.flip_average and not gc.get_config().eval.flip_average
+  assert not study.eval.flip_average
 
 
 def test_unknown_variant():

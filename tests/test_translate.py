@@ -302,3 +302,43 @@ def test_cli_subprocess(run, tmp_path):
       cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert nib.load(out).shape == arr.shape
+
+
+def test_flip_averaged_is_the_mean_of_g_and_its_mirrored_output():
+  ramp = np.arange(4, dtype=np.float32)[None, :, None, None]  # along image axis 0 (L-R)
+  lopsided = lambda x: x + ramp  # not mirror-symmetric: G(x) != flip(G(flip(x)))
+  x = np.random.default_rng(0).uniform(-1, 1, (3, 4, 5, 1)).astype(np.float32)
+  np.testing.assert_allclose(slices.flip_averaged(lopsided)(x), x + 1.5, atol=1e-6)
+  symmetric = lambda x: 2 * x
+  np.testing.assert_allclose(slices.flip_averaged(symmetric)(x), 2 * x, atol=1e-6)
+
+
+def test_the_mirror_planes_are_those_with_a_left_right_axis():
+  from mr2ct_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  assert slices.LEFT_RIGHT_PLANES == tuple(
+      p for p in preprocess.PLANES if preprocess.has_left_right_axis(p))
+
+
+def test_load_generator_follows_eval_flip_average_and_translate_overrides_it(run, tmp_path):
+  workdir, npz = run
+  plain, config, info = generators.load_generator(npz, 'mr2ct', backend='numpy')
+  assert not config.eval.flip_average and not info.flip_average
+  mirrored, _, info = generators.load_generator(npz, 'mr2ct', backend='numpy',
+                                                flip_average=True)
+  assert info.flip_average
+  x = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 1)).astype(np.float32)
+  expected = (plain(x) + plain(x[:, ::-1].copy())[:, ::-1]) / 2
+  np.testing.assert_allclose(mirrored(x), expected, atol=1e-6)
+  assert np.abs(mirrored(x) - plain(x)).max() > 1e-3  # the mirror changes the output
+  config.eval.flip_average = True  # as quick sets it: on unless the slices are sagittal
+  assert slices.flip_average_wanted(config, 'axial') and slices.flip_average_wanted(
+      config, 'coronal') and not slices.flip_average_wanted(config, 'sagittal')
+  # translate: --flip_average on a run whose config says off.
+  arr, aff, _ = make_volume('RAS', (7.0, 7.0, 7.0), (41, 39, 6))
+  src = write(tmp_path / 'mr.nii.gz', arr, aff)
+  outs = {flag: str(tmp_path / f'{flag}.nii.gz') for flag in ('flip_average', 'noflip_average')}
+  for flag, out in outs.items():
+    assert translate.main(['translate', f'--npz={npz}', f'--input={src}', f'--output={out}',
+                           '--backend=numpy', f'--{flag}', '--noprogress']) in (0, None)
+  a, b = (np.asarray(nib.load(o).dataobj) for o in outs.values())
+  assert a.shape == b.shape and np.abs(a.astype(int) - b).max() > 0

@@ -82,6 +82,10 @@ def write_outputs(out_dir: str, per_volume: list[dict[str, Any]],
       notes.append(f'SSIM (SynthRAD2023) NaN for {thin} volume(s): fewer than '
                    f'{synthrad.SSIM_WIN_SIZE} voxels along an axis (the challenge\'s SSIM '
                    'window does not fit), or no mask voxel left inside its 3-voxel crop.')
+  if meta.get('flip_average'):
+    notes.append('Each sCT and sMR slice is the average of G(x) and the mirror of '
+                 'G(mirrored x), the left-right flip of the training augmentation '
+                 '(config.eval.flip_average).')
   if 'mi_ct_smr' not in keys:
     notes.append('MI(real CT, sMR) not computed: the source has no CT->MR generator.')
   title = f"Evaluation of {meta['source']}" + (f" (step {meta['step']})"
@@ -218,6 +222,7 @@ def evaluate(source: str, data_dir: str | None, output_dir: str, *, step: int | 
   _check_data_matches(data_dir, config)
   data_meta = dataset.load_meta(data_dir)
   meta = {'source': source, 'kind': info.kind, 'step': info.step, 'data_dir': data_dir,
+          'flip_average': info.flip_average,
           'output_dir': output_dir, 'ct_window': list(config.data.ct_window),
           'mr_window': list(config.data.mr_window),
           'metric_ct_window': list(scoring.PAPER_CT_WINDOW),

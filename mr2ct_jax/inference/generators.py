@@ -48,6 +48,7 @@ class GeneratorInfo:
     network: 'g_ct' or 'g_mr'.
     step: the training step of the weights (None if an export does not record it).
     backend: 'jax' or 'numpy' (what runs the forward pass).
+    flip_average: whether apply_fn averages the output with its left-right mirror's.
   """
   source: str
   kind: str
@@ -55,6 +56,7 @@ class GeneratorInfo:
   network: str
   step: int | None
   backend: str
+  flip_average: bool = False
 
 
 def network_for(direction: str) -> str:
@@ -288,8 +290,8 @@ def make_apply_fn(params: Any, generator: Any) -> ApplyFn:
 
 
 def load_generator(source: str, direction: str = 'mr2ct', step: int | None = None,
-                   backend: str = 'jax') -> tuple[ApplyFn, ml_collections.ConfigDict,
-                                                  GeneratorInfo]:
+                   backend: str = 'jax', flip_average: bool | None = None
+                   ) -> tuple[ApplyFn, ml_collections.ConfigDict, GeneratorInfo]:
   """Loads a generator ready to run, from a workdir (latest or `step`) or an exported .npz.
 
   Args:
@@ -299,6 +301,9 @@ def load_generator(source: str, direction: str = 'mr2ct', step: int | None = Non
       the exported step.
     backend: 'jax' (jitted flax apply) or 'numpy' (the pure-NumPy forward of
       `numpy_generator`; same numbers within 1e-4, slower).
+    flip_average: average each batch's output with that of its left-right mirror
+      (`slices.flip_averaged`); None: as the run's config.eval.flip_average says (off for
+      sagittal slices, which have no left-right axis).
 
   Returns:
     (apply_fn, config, info): apply_fn maps float32 [B, H, W, 1] in [-1, 1] (H, W divisible
@@ -319,7 +324,12 @@ def load_generator(source: str, direction: str = 'mr2ct', step: int | None = Non
     apply_fn = net
   else:
     apply_fn = make_apply_fn(params, build_generator(config, source))
-  return apply_fn, config, dataclasses.replace(info, backend=backend)
+  if flip_average is None:
+    flip_average = slices.flip_average_wanted(config, config.data.get('plane'))
+  if flip_average:
+    apply_fn = slices.flip_averaged(apply_fn)
+  return apply_fn, config, dataclasses.replace(info, backend=backend,
+                                               flip_average=bool(flip_average))
 
 
 # The preprocessing a run records from its dataset (mr2ct_jax.data.dataset.PREPROCESSING_KEYS;

@@ -72,3 +72,31 @@ def translate_slices(apply_fn: ApplyFn, slices: np.ndarray, batch_size: int, *,
     return result[..., 0]
 
   return run_batched(one_batch, slices, batch_size, progress=progress, desc=desc)
+
+
+# Slice planes whose in-plane axis 0 is the patient's right->left axis (the axis the training
+# augmentation mirrors; `mr2ct_jax.data.preprocess.has_left_right_axis`, not imported here:
+# the data modules pull in SciPy and SimpleITK).
+LEFT_RIGHT_PLANES = ('axial', 'coronal')
+
+
+def flip_averaged(apply_fn: ApplyFn) -> ApplyFn:
+  """`apply_fn` averaged with its left-right mirror: (G(x) + flip(G(flip(x)))) / 2.
+
+  Test-time augmentation with the flip the training augmentation draws (`data.flip_lr`):
+  image axis 0 (axis 1 of NHWC), the patient's left-right axis of axial and coronal slices.
+  A CycleGAN's output carries noise-like texture that differs between an image and its
+  mirror, so the average is smoother and closer to the CT (README, Quality); it costs a
+  second generator call per batch.
+  """
+  def averaged(batch: np.ndarray) -> np.ndarray:
+    batch = np.asarray(batch, np.float32)
+    mirrored = np.asarray(apply_fn(np.ascontiguousarray(batch[:, ::-1])), np.float32)
+    return (np.asarray(apply_fn(batch), np.float32) + mirrored[:, ::-1]) / 2
+  return averaged
+
+
+def flip_average_wanted(config, plane: str | None) -> bool:
+  """Whether a run's config asks for `flip_averaged` outputs (`eval.flip_average`) and its
+  slice plane has a left-right axis to mirror (sagittal slices have none: off)."""
+  return bool(config.eval.get('flip_average', False)) and (plane or 'axial') in LEFT_RIGHT_PLANES

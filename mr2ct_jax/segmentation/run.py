@@ -11,7 +11,8 @@ Layout of the segmentation directory (default WORKDIR/seg):
   run.json                  the generator step the U-Net is built on, the data dir and the
                             seg config (a resumed run keeps the generator step; changing the
                             U-Net architecture in the same directory is refused)
-  cache/labeled_g<STEP>.npz CT, sMR = G_mr(CT) and labels of the labeled split (model range)
+  cache/labeled_g<STEP>[_mirror_averaged].npz
+                            CT, sMR = G_mr(CT) and labels of the labeled split (model range)
   checkpoints/<N>/          Orbax checkpoints of the U-Net train state (resumed automatically)
   tb/                       TensorBoard scalars
   eval/                     the evaluation (atomic; an existing one needs overwrite=True)
@@ -138,7 +139,9 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
   seg_data.check_data_dir(data_dir, config, split)
   data_meta = dataset.load_meta(data_dir)
   source = lambda pid: labels_lib.source_file(data_meta, split, pid)
-  step_tag = 'none' if info.step is None else str(info.step)
+  # The cached sMR of the labeled CT are of this step and of this averaging (eval.flip_average).
+  step_tag = ('none' if info.step is None else str(info.step)) + (
+      '_mirror_averaged' if info.flip_average else '')
   is_main = jax.process_index() == 0
   labeled = seg_data.load_labeled_set(
       data_dir, config, smr_fn, cache_path=os.path.join(output, 'cache',

@@ -98,6 +98,8 @@ class Validator:
     g_ct = jax.device_put(jax.tree.map(np.asarray, params['g_ct']), jax.local_devices()[0])
     apply_fn = lambda batch: np.asarray(self._forward(g_ct, batch), np.float32)
     data = self._config.data
+    if slices_lib.flip_average_wanted(self._config, data.get('plane')):  # as the evaluation
+      apply_fn = slices_lib.flip_averaged(apply_fn)
     batch_size = int(self._config.eval.batch_size)
     per_volume, panel = [], None
     for volume in self._volumes:
