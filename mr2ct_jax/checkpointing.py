@@ -62,6 +62,31 @@ _LEGACY_FIELDS = {'data': {'plane': 'axial', 'num_train_mr': 0, 'num_train_ct': 
 _EVAL_ONLY_PHANTOM = ('num_val', 'num_test_mr', 'num_test_ct', 'num_labeled_mr')
 
 
+# Loop settings that are part of the run, beyond the compared sections: with another value a
+# resumed run would not continue the same run (the seed draws the batches and the pool's
+# choices; the batch size and pool size shape the train state; the checkpoints hold the
+# generators' averages only when ema_decay > 0, and the decay weighs them).
+_RUN_FIELDS = (('seed',), ('train', 'batch_size'), ('train', 'pool_size'),
+               ('train', 'ema_decay'))
+
+
+def _lookup(config: dict[str, Any], keys: tuple[str, ...]) -> Any:
+  """config[k0][k1]... (None where a level is missing)."""
+  value: Any = config
+  for key in keys:
+    if not isinstance(value, dict):
+      return None
+    value = value.get(key)
+  return value
+
+
+def _differ(a: Any, b: Any) -> bool:
+  """Whether two recorded values differ (numbers by value: 0 and 0.0 are one)."""
+  if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+    return float(a) != float(b)
+  return a != b
+
+
 def _with_legacy_fields(config: dict[str, Any]) -> dict[str, Any]:
   for section, fields in _LEGACY_FIELDS.items():
     if isinstance(config.get(section), dict):
@@ -86,7 +111,8 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes WORKDIR/config.json; on resume, refuses a config that changes the model or data.
 
   Raises:
-    CheckpointError: the workdir already holds a run whose model/data/loss differ.
+    CheckpointError: the workdir already holds a run whose model/data/loss/optim differ, or
+      whose seed, batch size, pool size or weight-average decay (`_RUN_FIELDS`) do.
   """
   storage.makedirs(workdir)
   path = storage.join(workdir, CONFIG_FILE)
@@ -103,16 +129,16 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         raise CheckpointError(
             f'{path}: this workdir holds a run with a different config.{section} '
             f'({old.get(section)} vs {new.get(section)}); use another --workdir')
-    # The checkpoints hold the generators' averages only when ema_decay > 0; the decay
-    # itself is part of the run.
-    old_decay = _with_legacy_fields(json.loads(json.dumps(old))).get('train', {}).get(
-        'ema_decay')
-    if old_decay is not None and float(old_decay) != float(config.train.ema_decay):
-      raise CheckpointError(
-          f'{path}: this workdir holds a run with config.train.ema_decay={old_decay}, not '
-          f'{config.train.ema_decay}; pass --config.train.ema_decay={old_decay} to continue '
-          'it, or use another --workdir')
-    # Other loop settings (num_steps, logging cadence) may change on resume: record them.
+    old = _with_legacy_fields(json.loads(json.dumps(old)))
+    for keys in _RUN_FIELDS:
+      old_value, new_value = _lookup(old, keys), _lookup(new, keys)
+      if old_value is not None and _differ(old_value, new_value):
+        name = 'config.' + '.'.join(keys)
+        raise CheckpointError(
+            f'{path}: this workdir holds a run with {name}={old_value}, not {new_value}; '
+            f'pass --{name}={old_value} to continue it, or use another --workdir')
+    # Other loop settings (num_steps, logging cadence, fuse_pairs) may change on resume:
+    # record them.
   atomic.write_json(path, new, indent=2, sort_keys=True)
 
 

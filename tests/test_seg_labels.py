@@ -99,9 +99,15 @@ def test_label_tables(tmp_path):
   text.write_text('# value name\n0 background\n1 pelvis\n\n2 femur\n22 sacrum bone\n')
   table = labels.parse_label_table(str(text))
   assert table == {1: 'pelvis', 2: 'femur', 22: 'sacrum bone'}
+  # Saved with a byte-order mark and CRLF line ends, as Windows Notepad writes it.
+  notepad = tmp_path / 'notepad.txt'
+  notepad.write_bytes(b'\xef\xbb\xbf10 pelvis\r\n20 femur\r\n')
+  assert labels.parse_label_table(str(notepad)) == {10: 'pelvis', 20: 'femur'}
   as_json = tmp_path / 'labels.json'
   as_json.write_text(json.dumps({'1': 'pelvis', '3': 'gluteus_medius'}))
   assert labels.parse_label_table(str(as_json)) == {1: 'pelvis', 3: 'gluteus_medius'}
+  as_json.write_bytes(b'\xef\xbb\xbf' + json.dumps({'4': 'sacrum'}).encode())
+  assert labels.parse_label_table(str(as_json)) == {4: 'sacrum'}
   names = labels.structure_names(4, {1: 'pelvis', 3: 'gmed'})
   assert names == {1: 'pelvis', 2: 'label_2', 3: 'gmed'}
   assert labels.structure_names(5) == NAMES

@@ -19,6 +19,7 @@ from mr2ct_jax import config_checks
 from mr2ct_jax.evaluation import reports
 from mr2ct_jax.models import unet
 from mr2ct_jax.segmentation import __main__ as seg_cli
+from mr2ct_jax.segmentation import run as seg_run
 from mr2ct_jax.segmentation import data as seg_data
 from mr2ct_jax.segmentation import dice
 from mr2ct_jax.segmentation import losses
@@ -259,6 +260,28 @@ def test_cli_end_to_end_and_resume(setup, capsys):
                resumed, straight)
   assert sorted(os.listdir(os.path.join(out, 'checkpoints'))) == ['2', '4']
   assert not [n for n in os.listdir(out) if n.startswith('.eval')]  # no temp dirs left
+
+
+def test_an_output_is_not_resumed_with_another_workdir_or_training_setting(setup, test_config):
+  # Before: accepted silently, the cached sMR of the first workdir's G_mr reused for the
+  # second's run and the evaluation labelled with the second workdir.
+  workdir, data_dir, root = setup
+  out = str(root / 'seg_reuse')
+  args = [PROG, f'--data={data_dir}', f'--output={out}', '--steps=2']
+  assert seg_cli.main([*args, f'--workdir={workdir}']) == 0
+  other = str(root / 'other_run')
+  tiny_run.make_workdir(other, test_config, step=2)
+  before = open(os.path.join(out, 'run.json'), encoding='utf-8').read()
+  with pytest.raises(SystemExit, match=re.escape(
+      f"this segmentation run has workdir='{workdir}', not '{other}'")) as exc:
+    seg_cli.main([*args, f'--workdir={other}', '--overwrite'])
+  assert str(exc.value).startswith('error: ') and '\n' not in str(exc.value)
+  faster = test_config.seg.copy_and_resolve_references()
+  faster.lr = 0.5
+  with pytest.raises(seg_run.SegmentationError,
+                     match=re.escape('this segmentation run has seg.lr=0.01, not 0.5')):
+    seg_run.run(workdir, data_dir, out, steps=2, overwrite=True, seg_config=faster)
+  assert open(os.path.join(out, 'run.json'), encoding='utf-8').read() == before
 
 
 def test_sigterm_stops_training_with_a_checkpoint_and_resume_continues(

@@ -201,7 +201,9 @@ def test_seed_selection_runs_seed_by_seed():
                                  'number >= 0 and 0 for mr_baseline (it runs once)'),
                                 ('gc_small@x', 2, "'gc_small@x': the seed must be a number"),
                                 ('gc_small@\u00b2', 2, "the seed must be a number"),
-                                ('gc_small', 0, '--seeds=0: must be at least 1')):
+                                ('gc_small', 0, '--seeds=0: must be at least 1'),
+                                (',', 1, "--cells=',': names no cell"),
+                                (' , ', 1, "--cells=' , ': names no cell")):
     with pytest.raises(presets.PresetError, match=re.escape(message)):
       presets.select_runs(names, seeds)
   config = presets.cell_config(presets.get_preset('tiny'), presets.BY_NAME['gc_small'], '/d', 2)
@@ -269,6 +271,32 @@ def test_verdict_rule():
   result = stats.compare({'a': 1.0, 'b': 2.0, 'c': 4.0}, {'a': 2.0, 'b': 2.5, 'c': 6.0})
   assert result['diff'] == pytest.approx(3.5 / 3) and result['n'] == 3
   assert result['p'] == pytest.approx(scipy_stats.ttest_rel([2, 2.5, 6], [1, 2, 4]).pvalue)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'not a number', 'deleted', 'bad samples'])
+def test_a_finished_cell_with_unreadable_outputs_says_how_to_redo_it(tmp_path, damage):
+  # A finished cell is never run again: without this, every rerun failed the same way (some
+  # damage with a traceback) and nothing said what to do.
+  from mr2ct_jax.experiments import collect  # pylint: disable=g-import-not-at-top
+  from mr2ct_jax.experiments import figures as study_figures  # pylint: disable=g-import-not-at-top
+  _fake_run(tmp_path, 'gc_small', {'mae_hu': {'p1': 10.0, 'p2': 20.0}})
+  cell = tmp_path / 'cells' / 'gc_small'
+  rows = cell / 'eval' / 'per_volume.json'
+  message = re.escape(f'{cell}: a finished cell whose outputs cannot be read (') + '.*' + (
+      re.escape('); remove this folder and rerun to run the cell again'))
+  if damage == 'bad samples':
+    (cell / 'samples.npz').write_bytes(b'PK\x03\x04 cut short')
+    with pytest.raises(layout.StudyError, match=message):
+      study_figures._load(str(cell / 'samples.npz'))  # pylint: disable=protected-access
+    return
+  if damage == 'truncated':
+    rows.write_text(rows.read_text()[:20])
+  elif damage == 'not a number':
+    rows.write_text(rows.read_text().replace('10.0', '"abc"'))
+  else:
+    rows.unlink()
+  with pytest.raises(layout.StudyError, match=message):
+    collect.collect(str(tmp_path))
 
 
 def test_unknown_cell_and_paper_without_data_are_one_line_errors(tmp_path):

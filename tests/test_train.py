@@ -115,6 +115,29 @@ def test_resume_refuses_a_different_model(trained_run, tmp_path):
   assert 'different config.model' in result.stderr
 
 
+@pytest.mark.parametrize('key, value', [('seed', 1), ('train.batch_size', 16),
+                                        ('train.pool_size', 8)])
+def test_resume_refuses_another_seed_batch_or_pool_and_leaves_config_json(
+    tmp_path, test_config, key, value):
+  # Each would not continue the run: another pool size failed in the checkpoint restore
+  # (blamed on the files), another seed or batch size resumed silently as another run.
+  from mr2ct_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  checkpointing.save_config(str(tmp_path), test_config)
+  before = (tmp_path / 'config.json').read_text(encoding='utf-8')
+  changed = test_config.copy_and_resolve_references()
+  section, _, field = key.rpartition('.')
+  setattr(changed[section] if section else changed, field, value)
+  old = test_config[section][field] if section else test_config[field]
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=rf'config.{key}={old}, not {value}; pass --config.{key}={old} to '
+                           'continue it, or use another --workdir'):
+    checkpointing.save_config(str(tmp_path), changed)
+  assert (tmp_path / 'config.json').read_text(encoding='utf-8') == before
+  longer = test_config.copy_and_resolve_references()
+  longer.train.num_steps = 10  # the schedule's length may change on resume
+  checkpointing.save_config(str(tmp_path), longer)
+
+
 def test_missing_data_dir_is_named(tmp_path):
   missing = tmp_path / 'no_such_data'
   result = _run_main(tmp_path / 'run', f'--config.data.dir={missing}', check=False)

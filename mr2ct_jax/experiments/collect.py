@@ -115,7 +115,8 @@ def _collect_synthesis(workdir: str, cell: presets.Cell, results: dict[str, Any]
     if done is None:
       continue
     first_done = first_done or (name, done)
-    by_seed[seed], structures = _synthesis_numbers(layout.cell_dir(workdir, name), done)
+    with layout.finished_outputs(layout.cell_dir(workdir, name)):
+      by_seed[seed], structures = _synthesis_numbers(layout.cell_dir(workdir, name), done)
     found += [s for s in structures if s not in found]
   info = results['cells'][cell.name]
   info['seeds'] = seeds
@@ -148,9 +149,10 @@ def collect(workdir: str) -> dict[str, Any]:
     if done is None:
       continue
     out = layout.cell_dir(workdir, cell.name)
-    results['dice'][cell.name], found = _dice(os.path.join(out, done['eval']))
-    if cell.kind == 'real_ct':
-      results['dice'][REAL_SCT], _ = _dice(os.path.join(out, done['eval_sct']))
+    with layout.finished_outputs(out):
+      results['dice'][cell.name], found = _dice(os.path.join(out, done['eval']))
+      if cell.kind == 'real_ct':
+        results['dice'][REAL_SCT], _ = _dice(os.path.join(out, done['eval_sct']))
     structures += [s for s in found if s not in structures]
   results['structures'] = structures
   return results

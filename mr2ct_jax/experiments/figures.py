@@ -13,6 +13,7 @@ from matplotlib import pyplot as plt  # pylint: disable=g-bad-import-order
 
 from mr2ct_jax.data import intensity
 from mr2ct_jax.experiments import analysis
+from mr2ct_jax.experiments import layout
 
 _CT_WINDOW = intensity.PAPER_CT_WINDOW
 
@@ -79,7 +80,8 @@ def dice_boxplots(path: str, results: Mapping[str, Any]) -> bool:
 
 
 def _load(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as npz:
+  """A finished cell's samples.npz (StudyError naming the cell if it cannot be read)."""
+  with layout.finished_outputs(os.path.dirname(path)), np.load(path) as npz:
     return {k: npz[k] for k in npz.files}
 
 

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,3 +114,19 @@ def check_study_file(workdir: str, preset: str, data: str | None) -> None:
       raise StudyError(f'{path}: this study was started with preset {recorded.get("preset")!r} '
                        f'and data {recorded.get("data")!r}, not {preset!r} and {info["data"]!r}; '
                        'use another --workdir')
+
+
+@contextlib.contextmanager
+def finished_outputs(out: str) -> Iterator[None]:
+  """Turns an unreadable output of a finished cell (deleted, truncated, edited) into one
+  StudyError line that says how to redo the cell, instead of a traceback or a bare
+  'cannot read' that every rerun repeats (a finished cell is never run again)."""
+  try:
+    yield
+  except StudyError:
+    raise
+  except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+    # (reports.ReportError is a ValueError: a JSON that cannot be read or is not a table.)
+    detail = ' '.join(str(e).split()) or type(e).__name__
+    raise StudyError(f'{out}: a finished cell whose outputs cannot be read ({detail}); '
+                     'remove this folder and rerun to run the cell again') from e

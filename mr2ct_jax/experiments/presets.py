@@ -118,6 +118,9 @@ def select_runs(names: str | None, num_seeds: int = 1) -> list[Run]:
   if num_seeds < 1:
     raise PresetError(f'--seeds={num_seeds}: must be at least 1')
   tokens = [n.strip() for n in (names or ','.join(CELL_NAMES)).split(',') if n.strip()]
+  if not tokens:  # e.g. --cells=, : not "all cells", and not a job with nothing to do
+    raise PresetError(f'--cells={names!r}: names no cell; choose from {", ".join(CELL_NAMES)} '
+                      '(or leave it out for all)')
   wanted: set[tuple[str, int]] = set()
   for token in tokens:
     name, at, seed_text = token.partition('@')

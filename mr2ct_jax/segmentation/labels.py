@@ -62,7 +62,8 @@ def parse_label_table(path: str) -> dict[int, str]:
   """
   where = f'config.seg.label_table={path}'
   try:
-    with open(path, encoding='utf-8') as f:
+    # utf-8-sig: a leading byte-order mark (Windows Notepad writes one) is not part of line 1.
+    with open(path, encoding='utf-8-sig') as f:
       text = f.read()
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f'{where}: cannot read ({getattr(e, "strerror", None) or e})') from e

@@ -43,6 +43,21 @@ RUN_FILE = 'run.json'
 EVAL_OWN_FILE = 'per_volume.json'  # written by seg_eval.write_outputs into every eval/
 EVAL_DIR = 'eval'
 _ARCH_KEYS = ('base_filters', 'depth', 'num_classes')
+# The rest of what makes a resumed U-Net run the same run (num_steps may grow).
+_RUN_KEYS = ('lr', 'batch_size', 'dice_loss_weight', 'dtype')
+
+
+def _check_same_run(run_path: str, previous: dict[str, Any], now: dict[str, Any]) -> None:
+  """Refuses to resume a segmentation run with another CycleGAN workdir, dataset, sMR
+  averaging or U-Net training setting: its checkpoints and cached sMR belong to the recorded
+  ones (a run.json from before a key was recorded is not checked on it)."""
+  for key, value in now.items():
+    section, _, field = key.rpartition('.')
+    recorded = (previous.get(section) or {}).get(field) if section else previous.get(key)
+    if recorded is not None and recorded != value:
+      raise SegmentationError(
+          f'{run_path}: this segmentation run has {key}={recorded!r}, not {value!r}; use '
+          'another --output (or the recorded one)')
 
 
 class SegmentationError(ValueError):
@@ -134,6 +149,11 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
   table = labels_lib.label_table(config.seg)
 
   data_dir = storage.absolute(resolve.resolve_data_dir(config, workdir, data_dir))
+  if previous:  # before the cached sMR are read: they belong to the recorded run
+    _check_same_run(run_path, previous, {
+        'workdir': storage.absolute(workdir), 'data_dir': data_dir,
+        'flip_average': info.flip_average,
+        **{f'seg.{k}': config.seg[k] for k in _RUN_KEYS}})
   seg_data.check_data_dir(data_dir, config, seg_data.LABELED_SPLIT)
   split = seg_data.eval_split(data_dir)
   seg_data.check_data_dir(data_dir, config, split)
@@ -160,7 +180,8 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
             f'the config asks for {config.seg[key]!r}; use another --output')
   if is_main:
     _write_run_file(run_path, {'workdir': storage.absolute(workdir), 'data_dir': data_dir,
-                               'generator_step': info.step, 'seg': config.seg.to_dict()})
+                               'generator_step': info.step, 'flip_average': info.flip_average,
+                               'seg': config.seg.to_dict()})
   tb_logging.log_line(f'Segmentation in {output}: generators of {workdir} at step {info.step}, '
                       f'data {data_dir}, tested on its {split!r} split.')
   tb_logging.log_line(f'Segmentation: {labeled.num_slices} labeled CT slices with sMR, '
