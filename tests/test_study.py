@@ -299,6 +299,16 @@ def test_a_finished_cell_with_unreadable_outputs_says_how_to_redo_it(tmp_path, d
     collect.collect(str(tmp_path))
 
 
+def test_a_cell_whose_dependency_has_not_finished_exits_75_not_0(tmp_path):
+  # A scheduler running one job per cell took the real_ct job, which ran nothing, as done.
+  waiting = _driver(tmp_path / 'w', '--cells=real_ct')
+  assert waiting.returncode == 75, waiting.stderr
+  assert waiting.stderr.strip().splitlines()[-1] == (
+      'waiting: real_ct (needs gc_large) not run: what it needs has not finished; run the same '
+      'command again once it has')
+  assert (tmp_path / 'w' / 'report' / 'report.md').is_file()  # the report of what exists
+
+
 def test_unknown_cell_and_paper_without_data_are_one_line_errors(tmp_path):
   bad = _driver(tmp_path / 'a', '--cells=gc_tiny')
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(

@@ -116,6 +116,11 @@ def check_study_file(workdir: str, preset: str, data: str | None) -> None:
                        'use another --workdir')
 
 
+class CellsWaiting(Exception):
+  """Selected cells were left out because a cell they need has not finished (not an error:
+  the command exits 75, EX_TEMPFAIL, so a scheduler runs it again)."""
+
+
 @contextlib.contextmanager
 def finished_outputs(out: str) -> Iterator[None]:
   """Turns an unreadable output of a finished cell (deleted, truncated, edited) into one

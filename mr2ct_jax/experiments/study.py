@@ -46,6 +46,8 @@ def run(preset_name: str, workdir: str, data: str | None = None, cells: str | No
       directory, so a study run with one seed gains seeds when rerun with more).
 
   Raises:
+    CellsWaiting: a selected cell was left out because a cell it needs has not finished
+      (the report is written first).
     PresetError, StudyError and the errors of training, evaluation and segmentation.
   """
   preset = presets.get_preset(preset_name)
@@ -63,6 +65,7 @@ def run(preset_name: str, workdir: str, data: str | None = None, cells: str | No
     data_dir = prepare_data(preset, workdir, data)
     # Imported only when cells run: --report_only and --help stay JAX-free.
     from mr2ct_jax.experiments import cell as cell_lib  # pylint: disable=g-import-not-at-top
+    waiting = []
     for run_ in selected:
       name, needs = run_.name, run_.cell.needs
       if layout.done_info(workdir, name) is not None:
@@ -71,6 +74,7 @@ def run(preset_name: str, workdir: str, data: str | None = None, cells: str | No
       if needs and layout.done_info(workdir, needs) is None:
         tb_logging.log_line(f'Cell {name}: needs {needs} (its seed 0), which has not '
                             'finished; skipped (run it, then this one).')
+        waiting.append(f'{name} (needs {needs})')
         continue
       with layout.locked(workdir, name, wait=False) as mine:
         if not mine:
@@ -81,4 +85,8 @@ def run(preset_name: str, workdir: str, data: str | None = None, cells: str | No
           cell_lib.run_cell(preset, run_, workdir, data_dir)
   path = report.build(workdir, preset.name, data_label(workdir, data))
   tb_logging.log_line(f'Report written to {path}')
+  if not report_only and waiting:
+    # Not done: a job scheduler must not count this job as finished (see paper.main).
+    raise layout.CellsWaiting(f'{", ".join(waiting)} not run: what it needs has not '
+                              'finished; run the same command again once it has')
   return path
