@@ -284,6 +284,24 @@ def test_an_output_is_not_resumed_with_another_workdir_or_training_setting(setup
   assert open(os.path.join(out, 'run.json'), encoding='utf-8').read() == before
 
 
+def test_a_run_refused_on_its_labels_leaves_no_output_folder(setup, test_config):
+  # The labeled CT hold labels 1..4: two classes cannot hold them. The sMR cache written
+  # before that check used to stay behind in the new output folder.
+  from mr2ct_jax import config_checks  # pylint: disable=g-import-not-at-top
+  workdir, data_dir, root = setup
+  out = root / 'seg_refused'
+  too_few = test_config.seg.copy_and_resolve_references()
+  too_few.num_classes = 2
+  with pytest.raises(config_checks.ConfigError, match='num_classes'):
+    seg_run.run(workdir, data_dir, str(out), steps=2, seg_config=too_few)
+  assert not out.exists()
+  out.mkdir()  # a folder the user made stays, whatever this run wrote in it
+  (out / 'mine.txt').write_text('x')
+  with pytest.raises(config_checks.ConfigError, match='num_classes'):
+    seg_run.run(workdir, data_dir, str(out), steps=2, seg_config=too_few)
+  assert (out / 'mine.txt').exists()
+
+
 def test_sigterm_stops_training_with_a_checkpoint_and_resume_continues(
     setup, tmp_path, monkeypatch):
   workdir, _, _ = setup

@@ -163,14 +163,22 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
   step_tag = ('none' if info.step is None else str(info.step)) + (
       '_mirror_averaged' if info.flip_average else '')
   is_main = jax.process_index() == 0
-  labeled = seg_data.load_labeled_set(
-      data_dir, config, smr_fn, cache_path=os.path.join(output, 'cache',
-                                                        f'labeled_g{step_tag}.npz'),
-      generator_step=info.step, write_cache=is_main)
-  config.seg.num_classes = labels_lib.resolve_num_classes(config.seg.get('num_classes'),
-                                                          labeled.maxima)
-  num_classes = int(config.seg.num_classes)
-  seg_eval.check_eval_labels(dataset.iterate_volumes(data_dir, split), num_classes, source)
+  created = not storage.exists(output)
+  try:
+    labeled = seg_data.load_labeled_set(
+        data_dir, config, smr_fn, cache_path=os.path.join(output, 'cache',
+                                                          f'labeled_g{step_tag}.npz'),
+        generator_step=info.step, write_cache=is_main)
+    config.seg.num_classes = labels_lib.resolve_num_classes(config.seg.get('num_classes'),
+                                                            labeled.maxima)
+    num_classes = int(config.seg.num_classes)
+    seg_eval.check_eval_labels(dataset.iterate_volumes(data_dir, split), num_classes, source)
+  except BaseException:
+    # Refused before training (e.g. a label the labeled CT lack): an output folder this call
+    # created holds only the sMR cache; leave nothing behind.
+    if created and is_main and storage.exists(output):
+      storage.rmtree(output)
+    raise
 
   if previous:
     for key in _ARCH_KEYS:
