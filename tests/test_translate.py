@@ -333,6 +333,8 @@ def test_load_generator_follows_eval_flip_average_and_translate_overrides_it(run
   config.eval.flip_average = True  # as quick sets it: on unless the slices are sagittal
   assert slices.flip_average_wanted(config, 'axial') and slices.flip_average_wanted(
       config, 'coronal') and not slices.flip_average_wanted(config, 'sagittal')
+  config.data.flip_lr = False  # never trained on mirrored slices: no mirrored inputs either
+  assert not slices.flip_average_wanted(config, 'axial')
   # translate: --flip_average on a run whose config says off.
   arr, aff, _ = make_volume('RAS', (7.0, 7.0, 7.0), (41, 39, 6))
   src = write(tmp_path / 'mr.nii.gz', arr, aff)

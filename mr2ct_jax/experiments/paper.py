@@ -27,6 +27,10 @@ Reruns skip finished cells and resume interrupted ones. Several processes (or ho
 the filesystem) may run different --cells into one workdir: each cell is locked by the
 process running it, the phantom is built once under a lock (or pass --data). Every run ends
 by rebuilding WORKDIR/report/report.md from whatever cells have finished.
+
+Exit status: 0 when every selected cell has finished; 75 (EX_TEMPFAIL) when a selected cell
+waits for one it needs that has not finished (real_ct before gc_large: rerun once gc_large is
+done, e.g. by the job that runs it); 1 with one `error:` line for bad input.
 """
 
 import sys

@@ -97,6 +97,9 @@ def flip_averaged(apply_fn: ApplyFn) -> ApplyFn:
 
 
 def flip_average_wanted(config, plane: str | None) -> bool:
-  """Whether a run's config asks for `flip_averaged` outputs (`eval.flip_average`) and its
-  slice plane has a left-right axis to mirror (sagittal slices have none: off)."""
-  return bool(config.eval.get('flip_average', False)) and (plane or 'axial') in LEFT_RIGHT_PLANES
+  """Whether a run's config asks for `flip_averaged` outputs (`eval.flip_average`), it was
+  trained on mirrored slices too (`data.flip_lr`: otherwise a mirrored input is one the
+  generator never saw), and its slice plane has a left-right axis (sagittal slices: off)."""
+  evaluation = config.get('eval') or {}
+  return (bool(evaluation.get('flip_average', False)) and
+          bool(config.data.get('flip_lr', True)) and (plane or 'axial') in LEFT_RIGHT_PLANES)

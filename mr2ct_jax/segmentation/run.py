@@ -47,6 +47,16 @@ _ARCH_KEYS = ('base_filters', 'depth', 'num_classes')
 _RUN_KEYS = ('lr', 'batch_size', 'dice_loss_weight', 'dtype')
 
 
+def _same_path(a: str, b: str) -> bool:
+  """Whether two recorded paths name one folder (URLs: as written)."""
+  if storage.is_remote(a) or storage.is_remote(b):
+    return a == b
+  try:
+    return os.path.samefile(a, b)
+  except OSError:  # one of them is gone: compare the names
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _check_same_run(run_path: str, previous: dict[str, Any], now: dict[str, Any]) -> None:
   """Refuses to resume a segmentation run with another CycleGAN workdir, dataset, sMR
   averaging or U-Net training setting: its checkpoints and cached sMR belong to the recorded
@@ -54,6 +64,10 @@ def _check_same_run(run_path: str, previous: dict[str, Any], now: dict[str, Any]
   for key, value in now.items():
     section, _, field = key.rpartition('.')
     recorded = (previous.get(section) or {}).get(field) if section else previous.get(key)
+    if key == 'flip_average' and recorded is None:
+      recorded = False  # a run.json from before the option: its sMR were not averaged
+    if key in ('workdir', 'data_dir') and recorded is not None and _same_path(recorded, value):
+      continue  # the same folder by another name (a symlink, another mount of the share)
     if recorded is not None and recorded != value:
       raise SegmentationError(
           f'{run_path}: this segmentation run has {key}={recorded!r}, not {value!r}; use '
@@ -173,7 +187,7 @@ def run(workdir: str, data_dir: str | None = None, output: str | None = None, *,
                                                             labeled.maxima)
     num_classes = int(config.seg.num_classes)
     seg_eval.check_eval_labels(dataset.iterate_volumes(data_dir, split), num_classes, source)
-  except BaseException:
+  except Exception:  # a signal (Ctrl-C, SIGTERM) keeps the costly cache for the rerun
     # Refused before training (e.g. a label the labeled CT lack): an output folder this call
     # created holds only the sMR cache; leave nothing behind.
     if created and is_main and storage.exists(output):
