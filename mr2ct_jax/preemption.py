@@ -21,7 +21,9 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL
+from mr2ct_jax.cli import commands
+
+EXIT_PREEMPTED = commands.EXIT_NOT_FINISHED  # os.EX_TEMPFAIL
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

@@ -22,6 +22,11 @@ from absl import flags
 
 from mr2ct_jax import atomic
 
+# Exit status of a command that stopped before its work was done and should simply be run
+# again (EX_TEMPFAIL, so job schedulers requeue it): training stopped by a signal after its
+# checkpoint, a study cell waiting for one it needs.
+EXIT_NOT_FINISHED = 75
+
 HELP_ARGS = ('-h', '--help', '-help', '--helpfull')
 # Exception types whose message is a one-line explanation for the user, or a function giving
 # them (called only after a failure, so a command need not import heavy modules to name them).

@@ -42,10 +42,6 @@ from mr2ct_jax.cli import commands
 from mr2ct_jax.experiments import layout
 from mr2ct_jax.experiments import presets
 
-# A selected cell waits for one it needs: not finished, run again (EX_TEMPFAIL, as
-# `mr2ct_jax.preemption.EXIT_PREEMPTED`; not imported: it loads JAX, and --help must not).
-EXIT_WAITING = 75
-
 COMMAND = 'mr2ct_jax.experiments.paper'
 
 
@@ -90,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       study.run(fv.preset, fv.workdir, fv.data, fv.cells, fv.report_only, fv.seeds)
     except layout.CellsWaiting as e:
       print(f'waiting: {e}', file=sys.stderr)
-      raise SystemExit(EXIT_WAITING) from e
+      raise SystemExit(commands.EXIT_NOT_FINISHED) from e
 
   return commands.run(fv, argv, COMMAND, body, errors=_known_errors,
                       required=('preset', 'workdir'), doc=__doc__)
